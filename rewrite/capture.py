@@ -1,0 +1,81 @@
+"""Capture through Dynamo: a torch.compile backend that rewrites every graph it is given.
+
+``Backend(rules)`` is what ``longfx.backend(recipe)`` returns. Dynamo hands it each graph it
+captured (torch-level ops, ``nn_module_stack`` metadata, real example inputs); the backend
+rewrites a copy (:func:`longfx.rewrite.engine.rewrite_graph`), keeps the report, and returns
+the rewritten graph's forward — run eagerly by default, or through Inductor with
+``inner="inductor"``. When rewriting fails the original graph runs unchanged and a
+:class:`RewriteWarning` says why: never a silently wrong model. Graph breaks are read from
+Dynamo's counters and reported, naming what was not captured.
+
+The export path (``torch.export(strict=False)`` with explicit KV state) is in
+``capture_export.py``.
+"""
+from __future__ import annotations
+
+import traceback
+from collections import Counter
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+
+from longfx.rewrite.engine import rewrite_graph, warn
+from longfx.rewrite.report import RewriteReport
+from longfx.rewrite.rule import Rule
+
+
+class Backend:
+    """A Dynamo backend: ``torch.compile(model, backend=Backend(rules))``."""
+
+    def __init__(self, rules: list[Rule] | None = None, *, recipe: str = "", inner: str = "eager",
+                 canonicalize: bool = True, keep_graphs: bool = False):
+        self.rules = list(rules or [])
+        self.inner = inner
+        self.canonicalize = canonicalize
+        self.keep_graphs = keep_graphs
+        self.report = RewriteReport(recipe=recipe)
+        self.graphs: list[tuple[fx.GraphModule, fx.GraphModule]] = []   # (original, rewritten)
+
+    def __call__(self, gm: fx.GraphModule, example_inputs: list[Any]) -> Callable:
+        name = f"graph {len(self.report.graphs)}"
+        try:
+            new, graph_report = rewrite_graph(gm, example_inputs, self.rules, name=name,
+                                              canonicalize=self.canonicalize)
+        except Exception as e:  # noqa: BLE001 - any failure leaves the graph unrewritten
+            detail = "".join(traceback.format_exception_only(type(e), e)).strip()
+            msg = f"longfx: {name} left unrewritten: {detail}"
+            warn(msg)
+            self.report.warnings.append(msg)
+            return self._lower(gm, example_inputs)
+        self.report.graphs.append(graph_report)
+        if self.keep_graphs:
+            self.graphs.append((gm, new))
+        return self._lower(new, example_inputs)
+
+    def _lower(self, gm: fx.GraphModule, example_inputs: list[Any]) -> Callable:
+        if self.inner == "inductor":
+            from torch._inductor.compile_fx import compile_fx
+
+            return compile_fx(gm, example_inputs)
+        return gm.forward
+
+
+def graph_breaks() -> Counter:
+    """Dynamo's graph-break reasons counted so far in this process."""
+    from torch._dynamo.utils import counters
+
+    return Counter(dict(counters["graph_break"]))
+
+
+def new_graph_breaks(before: Counter) -> list[str]:
+    """Reasons of graph breaks that happened since ``before`` (a :func:`graph_breaks` snapshot)."""
+    after = graph_breaks()
+    return [f"{reason} (x{n - before.get(reason, 0)})" for reason, n in after.items()
+            if n > before.get(reason, 0)]
+
+
+def recompile_limit(n: int = 256):
+    """A context raising Dynamo's per-code recompile limit (each model instance, input
+    rank or cache kind costs one; tests and ``inspect`` compile many)."""
+    return torch._dynamo.config.patch(recompile_limit=n, accumulated_recompile_limit=max(n, 4096))

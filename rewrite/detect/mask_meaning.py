@@ -1,0 +1,123 @@
+"""Name what an attention site's mask means by evaluating it once on example inputs.
+
+HF 5 builds masks through vmapped predicate functions, SDPA-style index comparisons or
+cached tensors; nanoGPT slices a registered ``tril`` buffer. Rather than pattern-match every
+builder, the analysis runs the graph once (an ``fx.Interpreter``) and classifies the mask
+tensor it produced: ``causal``, ``sliding_window(w)``, ``full``, ``padding``,
+``causal+padding``, ``bias`` (a float additive bias such as T5's relative positions) or
+``custom``. A window wider than the example's sequence is indistinguishable from causal; the
+name describes what the example showed (``facts["mask_seen_len"]`` says how long it was).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+_NEG = -1e4
+
+
+class _Recorder(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule, wanted: set[fx.Node]):
+        super().__init__(gm)
+        self.wanted = wanted
+        self.values: dict[fx.Node, Any] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        if n in self.wanted:
+            self.values[n] = out
+        return out
+
+
+def _mask_nodes(site) -> list:
+    parts = site.nodes.get("mask_parts") or []
+    nodes = [p[0] for p in parts]
+    if site.nodes.get("mask") is not None:
+        nodes.append(site.nodes["mask"])
+    return [n for n in nodes if isinstance(n, fx.Node)]
+
+
+def keep_matrix(site, values: dict) -> torch.Tensor | None:
+    """The boolean keep-matrix [B, H|1, S, Skv] a site's mask(s) produce, or None if no mask."""
+    keep = None
+    bias = False
+    parts = list(site.nodes.get("mask_parts") or [])
+    if site.nodes.get("mask") is not None:
+        parts.append((site.nodes["mask"], "keep_or_add", 1.0))
+    for node, kind, _factor in parts:
+        m = values.get(node) if isinstance(node, fx.Node) else None
+        if not isinstance(m, torch.Tensor):
+            return None
+        if m.dtype == torch.bool:
+            k = ~m if kind == "drop" else m
+        else:
+            k = m > _NEG
+            finite = m[k]
+            if finite.numel() and finite.abs().max() > 0:
+                bias = True
+        keep = k if keep is None else keep & k
+    if keep is not None and bias:
+        keep = keep.clone()
+        keep.bias = True  # type: ignore[attr-defined]
+    return keep
+
+
+def classify(keep: torch.Tensor | None, is_causal: bool, s: int | None, skv: int | None) -> str:
+    if keep is None:
+        return "causal" if is_causal else "full"
+    bias = getattr(keep, "bias", False)
+    while keep.dim() < 4:
+        keep = keep.unsqueeze(0)
+    s = s or keep.shape[-2]
+    skv = skv or keep.shape[-1]
+    keep = keep.expand(*keep.shape[:-2], s, skv)
+    if is_causal:
+        keep = keep & torch.ones(s, skv, dtype=torch.bool, device=keep.device).tril()
+    first = keep.reshape(-1, s, skv)
+    same = bool((first == first[:1]).all())
+    ref = first[0]
+    i = torch.arange(s, device=keep.device)[:, None] + (skv - s)
+    j = torch.arange(skv, device=keep.device)[None, :]
+    causal = j <= i
+    if not same:
+        name = "causal+padding" if bool((first & ~causal).sum() == 0) else "padding"
+    elif bool(ref.all()):
+        name = "full"
+    elif bool((ref == causal).all()):
+        name = "causal"
+    else:
+        width = int(ref.sum(-1).max())
+        band = causal & (i - j < width)
+        name = f"sliding_window({width})" if bool((ref == band).all()) else "custom"
+    return f"{name}+bias" if bias else name
+
+
+def name_masks(gm: fx.GraphModule, sites: list, example_inputs: Any) -> None:
+    """Set ``facts["mask_kind"]`` on every attention site of ``gm``."""
+    wanted = {n for site in sites for n in _mask_nodes(site)}
+    values: dict = {}
+    if wanted:
+        try:
+            rec = _Recorder(gm, wanted)
+            with torch.no_grad():
+                rec.run(*example_inputs)
+            values = rec.values
+        except Exception as e:  # noqa: BLE001 - analysis must not break on exotic graphs
+            for site in sites:
+                site.facts["mask_kind"] = f"unknown ({type(e).__name__})"
+            return
+    for site in sites:
+        q = site.nodes.get("q")
+        k = site.nodes.get("k")
+        qv = q.meta.get("example_value", q.meta.get("val")) if isinstance(q, fx.Node) else None
+        kv = k.meta.get("example_value", k.meta.get("val")) if isinstance(k, fx.Node) else None
+        s = int(qv.shape[-2]) if isinstance(qv, torch.Tensor) else None
+        skv = int(kv.shape[-2]) if isinstance(kv, torch.Tensor) else None
+        try:
+            keep = keep_matrix(site, values)
+            site.facts["mask_kind"] = classify(keep, site.facts.get("is_causal", False), s, skv)
+            site.facts["mask_seen_len"] = skv
+        except Exception as e:  # noqa: BLE001
+            site.facts["mask_kind"] = f"unknown ({type(e).__name__})"
