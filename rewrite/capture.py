@@ -75,7 +75,14 @@ def new_graph_breaks(before: Counter) -> list[str]:
             if n > before.get(reason, 0)]
 
 
-def recompile_limit(n: int = 256):
-    """A context raising Dynamo's per-code recompile limit (each model instance, input
-    rank or cache kind costs one; tests and ``inspect`` compile many)."""
-    return torch._dynamo.config.patch(recompile_limit=n, accumulated_recompile_limit=max(n, 4096))
+def capture_config(recompiles: int = 256):
+    """Dynamo settings for capture, as a context (nothing is changed globally).
+
+    * a higher per-code recompile limit: each model instance, input rank or cache kind
+      costs one, and tests and ``inspect`` compile many models;
+    * ``specialize_float``: Python floats (the attention scale, RoPE scaling) become
+      guarded constants instead of graph inputs, so the analysis reads them as constants.
+    """
+    return torch._dynamo.config.patch(recompile_limit=recompiles,
+                                      accumulated_recompile_limit=max(recompiles, 4096),
+                                      specialize_float=True)

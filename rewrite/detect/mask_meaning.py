@@ -15,6 +15,8 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from longfx.rewrite import graph as G
+
 _NEG = -1e4
 
 
@@ -101,20 +103,22 @@ def name_masks(gm: fx.GraphModule, sites: list, example_inputs: Any) -> None:
     if wanted:
         try:
             rec = _Recorder(gm, wanted)
+            concrete = [G.as_int(x) if isinstance(x, torch.SymInt) else x for x in example_inputs]
             with torch.no_grad():
-                rec.run(*example_inputs)
+                rec.run(*concrete)
             values = rec.values
         except Exception as e:  # noqa: BLE001 - analysis must not break on exotic graphs
             for site in sites:
-                site.facts["mask_kind"] = f"unknown ({type(e).__name__})"
+                site.facts["mask_kind"] = f"unknown ({type(e).__name__}: {str(e)[:200]})"
             return
     for site in sites:
         q = site.nodes.get("q")
         k = site.nodes.get("k")
         qv = q.meta.get("example_value", q.meta.get("val")) if isinstance(q, fx.Node) else None
         kv = k.meta.get("example_value", k.meta.get("val")) if isinstance(k, fx.Node) else None
-        s = int(qv.shape[-2]) if isinstance(qv, torch.Tensor) else None
-        skv = int(kv.shape[-2]) if isinstance(kv, torch.Tensor) else None
+        # hints, not int(): int() on a SymInt adds a guard that specializes the graph
+        s = G.as_int(qv.shape[-2]) if isinstance(qv, torch.Tensor) else None
+        skv = G.as_int(kv.shape[-2]) if isinstance(kv, torch.Tensor) else None
         try:
             keep = keep_matrix(site, values)
             site.facts["mask_kind"] = classify(keep, site.facts.get("is_causal", False), s, skv)

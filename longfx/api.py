@@ -1,0 +1,109 @@
+"""The front door: inspect, diff, compile, backend.
+
+Every entry point goes through the same machinery: Dynamo captures the model's graphs, the
+:class:`~longfx.rewrite.capture.Backend` analyzes and rewrites a copy of each, and the
+:class:`~longfx.rewrite.report.RewriteReport` says what was found and done.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from longfx.rewrite.capture import Backend, graph_breaks, new_graph_breaks, capture_config
+from longfx.rewrite.report import RewriteReport
+from longfx.runtime.hf import compiled_copy, example_inputs
+
+
+def _pipeline(recipe: Any):
+    from longfx import recipes
+
+    if isinstance(recipe, recipes.Pipeline):
+        return recipe
+    if isinstance(recipe, recipes.Recipe):
+        return recipes.Pipeline((recipe,))
+    return recipes.parse(recipe)
+
+
+def _rules(pipeline) -> list:
+    return [rule for r in pipeline.recipes for rule in r.rules()]
+
+
+def backend(recipe: Any = None, *, inner: str = "eager") -> Backend:
+    """A torch.compile backend applying ``recipe``:
+    ``torch.compile(model, backend=longfx.backend("..."))``. Its ``.report`` fills as
+    Dynamo hands it graphs."""
+    pipeline = _pipeline(recipe)
+    return Backend(_rules(pipeline), recipe=str(pipeline), inner=inner)
+
+
+def _model_name(model: torch.nn.Module) -> str:
+    config = getattr(model, "config", None)
+    name = getattr(config, "_name_or_path", "") or getattr(model, "longfx_name", "")
+    return name or type(model).__name__
+
+
+def _run_once(model: torch.nn.Module, be: Backend, inputs: Any) -> None:
+    if inputs is None:
+        inputs = example_inputs(model)
+    compiled = torch.compile(model, backend=be)
+    before = graph_breaks()
+    with torch.no_grad(), capture_config():
+        if isinstance(inputs, dict):
+            compiled(**inputs)
+        elif isinstance(inputs, (tuple, list)):
+            compiled(*inputs)
+        else:
+            compiled(inputs)
+    for reason in new_graph_breaks(before):
+        be.report.warnings.append(f"graph break (that part runs unrewritten): {reason}")
+    if not be.report.graphs and not be.report.warnings:
+        be.report.warnings.append("Dynamo captured no graph: nothing could be analyzed")
+
+
+def inspect(model: torch.nn.Module, inputs: Any = None) -> RewriteReport:
+    """Find the attention, RoPE and KV sites of ``model`` without changing anything.
+
+    ``inputs``: a dict of keyword arguments, a tuple of positional ones, or one tensor;
+    made from the config for transformers models when omitted.
+    """
+    be = Backend([], canonicalize=False)
+    be.report.model = _model_name(model)
+    _run_once(model, be, inputs)
+    return be.report
+
+
+@dataclass
+class Diff:
+    """What ``recipe`` changes in ``model``: the report, and the graph-code diff as text."""
+
+    report: RewriteReport
+
+    @property
+    def text(self) -> str:
+        return self.report.diff()
+
+    def __str__(self) -> str:
+        return self.text + "\n" + self.report.summary()
+
+
+def diff(model: torch.nn.Module, recipe: Any = None, inputs: Any = None) -> Diff:
+    """Canonicalize ``model`` and apply ``recipe`` on example inputs; return the diff."""
+    be = backend(recipe)
+    be.report.model = _model_name(model)
+    _run_once(model, be, inputs)
+    return Diff(be.report)
+
+
+def compile(model: torch.nn.Module, recipe: Any = None, *, inner: str = "eager",
+            dynamic: bool | None = None) -> torch.nn.Module:
+    """A copy of ``model`` (sharing its weights) whose forward runs the rewritten graph.
+
+    It takes the same arguments and returns the same output type as ``model``;
+    ``generate()`` works on it. ``.longfx_backend.report`` says what each captured graph
+    became. The empty recipe only canonicalizes: outputs are unchanged.
+    """
+    be = backend(recipe, inner=inner)
+    be.report.model = _model_name(model)
+    return compiled_copy(model, be, dynamic=dynamic)
