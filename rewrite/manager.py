@@ -60,7 +60,24 @@ class PassManager:
                         node.meta["longfx"] = {"rule": rule.name, "site": site.key, "stage": stage}
                     site.facts.setdefault("rules", []).append(rule.name)
                     results.append(SiteResult(site, rule.name, stage, "rewritten", nodes=len(made)))
+            _drop_orphan_asserts(gm.graph)
             gm.graph.eliminate_dead_code()
             gm.graph.lint()
             gm.recompile()
         return results
+
+
+def _drop_orphan_asserts(graph: fx.Graph) -> None:
+    """Erase export's ``_assert_tensor_metadata`` checks on values nothing else reads.
+
+    They count as side effects, so without this a replaced subgraph would stay alive (and
+    be computed) only to be checked.
+    """
+    from longfx.rewrite import graph as G
+
+    for node in list(graph.nodes):
+        if G.op(node) != "assert_meta" or not node.args:
+            continue
+        target = node.args[0]
+        if isinstance(target, fx.Node) and all(G.op(u) == "assert_meta" for u in target.users):
+            graph.erase_node(node)

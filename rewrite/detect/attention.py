@@ -158,7 +158,7 @@ def softmax_extra_users(softmax: fx.Node, pv: fx.Node) -> bool:
     while frontier:
         n = frontier.pop()
         for u in n.users:
-            if u is pv:
+            if u is pv or G.op(u) == "assert_meta":
                 continue
             if G.op(u) in (*_PASS, "dropout"):
                 frontier.append(u)

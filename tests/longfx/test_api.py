@@ -1,0 +1,99 @@
+"""The front door: compile() keeps the model's contract, inspect/diff report what they saw."""
+import json
+
+import pytest
+import torch
+
+import longfx
+from longfx.rewrite.testing import zoo
+
+ARCHS = ["llama", "gemma3", "gpt2", "t5", "bert", "qwen3"]
+
+
+@pytest.mark.parametrize("name", ARCHS)
+def test_compile_empty_recipe_keeps_logits(name):
+    model, inputs = zoo.build(name, "sdpa" if name != "gpt2" else "eager")
+    fast = longfx.compile(model, "")
+    with torch.no_grad():
+        ref = model(**inputs)
+        out = fast(**inputs)
+    assert type(out) is type(ref)
+    key = "logits" if hasattr(ref, "logits") else "last_hidden_state"
+    a, b = getattr(out, key), getattr(ref, key)
+    assert float((a - b).abs().max() / b.abs().max()) <= 1e-5
+    report = fast.longfx_backend.report
+    rewritten = report.counts()["attention"]["rewritten"]
+    assert rewritten == zoo.ZOO[name].attention_sites
+    assert fast is not model and model.forward is not fast.forward   # the original is untouched
+
+
+def test_compile_generate_matches_and_accepts_forward_arguments():
+    model, _ = zoo.build("llama", "eager")
+    fast = longfx.compile(model)
+    ids = torch.randint(3, zoo.VOCAB, (2, 9), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0                                                   # left padding
+    with torch.no_grad():
+        ref = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
+        out = fast.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
+        assert torch.equal(ref, out)
+        # explicit cache / position arguments
+        first = fast(ids, attention_mask=mask, use_cache=True)
+        pos = mask.sum(-1, keepdim=True)
+        nxt = first.logits[:, -1:].argmax(-1)
+        step = fast(nxt, attention_mask=torch.cat([mask, torch.ones_like(nxt)], 1),
+                    past_key_values=first.past_key_values, position_ids=pos, use_cache=True)
+        ref_first = model(ids, attention_mask=mask, use_cache=True)
+        ref_step = model(nxt, attention_mask=torch.cat([mask, torch.ones_like(nxt)], 1),
+                         past_key_values=ref_first.past_key_values, position_ids=pos, use_cache=True)
+    assert torch.allclose(step.logits, ref_step.logits, rtol=1e-5, atol=1e-6)
+    # a handful of graphs (prefill, decode), not one per token
+    assert len(fast.longfx_backend.report.graphs) <= 6
+
+
+def test_torch_compile_with_longfx_backend():
+    model, inputs = zoo.build("mistral", "sdpa")
+    be = longfx.backend("")
+    compiled = torch.compile(model, backend=be)
+    with torch.no_grad():
+        assert torch.allclose(compiled(**inputs).logits, model(**inputs).logits, rtol=1e-5, atol=1e-6)
+    assert be.report.counts()["attention"]["rewritten"] == 2
+
+
+def test_inspect_sites_have_public_fields_and_json():
+    model, inputs = zoo.build("llama", "eager")
+    report = longfx.inspect(model)
+    kinds = {s.kind for s in report.sites}
+    assert {"attention", "rope", "kv"} <= kinds
+    for s in report.sites:
+        assert s.kind in ("attention", "rope", "kv")
+        assert isinstance(s.rewritable, bool)
+        assert s.reason is None or isinstance(s.reason, str)
+    attn = [s for s in report.sites if s.kind == "attention"]
+    assert [s.layer for s in attn] == [0, 1]
+    data = json.loads(report.to_json())
+    assert data["counts"]["attention"]["found"] == 2
+    assert data["estimate"]["kv_bytes_before"] > 0
+
+
+def test_diff_shows_canonical_ops_and_estimates():
+    model, _ = zoo.build("llama", "sdpa")
+    d = longfx.diff(model, "")
+    assert "+" in d.text and "longfx.attention" in d.text
+    assert "scaled_dot_product_attention" in d.text                  # the removed line
+    e = d.report.estimate(4096)
+    # 2 layers x (k + v) x 2 kv heads x 16 dims x 4096 tokens x 4 bytes
+    assert e["kv_bytes_before"] == 2 * 2 * 2 * 16 * 4096 * 4
+    assert e["kv_bytes_after"] == e["kv_bytes_before"]               # the empty recipe saves nothing
+    assert "attention" in str(d)
+
+
+def test_non_hf_model_needs_inputs():
+    class M(torch.nn.Module):
+        def forward(self, x):
+            return x * 2
+
+    with pytest.raises(TypeError, match="pass example inputs"):
+        longfx.inspect(M())
+    report = longfx.inspect(M(), inputs=(torch.ones(3),))
+    assert report.sites == []
