@@ -45,7 +45,8 @@ def capture(model: torch.nn.Module, inputs: Any) -> list[tuple[fx.GraphModule, l
         graphs.append((gm, list(example_inputs)))
         return gm.forward
 
-    compiled = torch.compile(model, backend=record)
+    # static shapes: each test sees concrete sizes whatever was compiled before it
+    compiled = torch.compile(model, backend=record, dynamic=False)
     with torch.no_grad(), capture_config():
         _call(compiled, inputs)
     return graphs

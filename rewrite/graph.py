@@ -205,6 +205,21 @@ def scalar(x: Any) -> float | None:
     return None
 
 
+def sym_scalar(x: Any) -> tuple[fx.Node, float] | None:
+    """``(node, value seen)`` for a node computing a Python number at run time.
+
+    Dynamo lifts float module attributes (``self.scaling``) to graph inputs read with
+    ``.item()`` unless floats are specialized; such a scale must stay a graph value.
+    """
+    if not isinstance(x, fx.Node):
+        return None
+    v = val(x)
+    if isinstance(v, (torch.SymFloat, torch.SymInt, float, int)) and not isinstance(v, bool):
+        hint = scalar(v)
+        return None if hint is None else (x, hint)
+    return None
+
+
 def users(node: fx.Node) -> list[fx.Node]:
     return list(node.users)
 

@@ -121,6 +121,6 @@ def analyze(gm: fx.GraphModule, example_inputs: Any = None) -> list[Site]:
     from longfx.rewrite.detect.rope import find_rope
 
     attention = find_attention(gm, example_inputs)
-    rope = find_rope(gm)
+    rope = find_rope(gm, example_inputs)
     kv = find_kv(gm, attention)
     return [*attention, *rope, *kv]

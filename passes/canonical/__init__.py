@@ -3,14 +3,8 @@ from __future__ import annotations
 
 
 def rules() -> list:
-    """The canonical rules in order: attention, then RoPE when its rule is available."""
+    """The canonical rules in order: attention, then RoPE."""
     from longfx.passes.canonical.attention import CanonicalAttention
+    from longfx.passes.canonical.rope import CanonicalRope
 
-    out = [CanonicalAttention()]
-    try:
-        from longfx.passes.canonical.rope import CanonicalRope
-    except ImportError:
-        pass
-    else:
-        out.append(CanonicalRope())
-    return out
+    return [CanonicalAttention(), CanonicalRope()]

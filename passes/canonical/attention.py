@@ -9,6 +9,7 @@ keep-mask is folded into the additive one with -inf.
 """
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 import torch
@@ -55,7 +56,11 @@ class CanonicalAttention(Rule):
             mask = site.nodes.get("mask")
             if site.nodes.get("mask_parts"):
                 mask = _combine_masks(site.nodes["mask_parts"], call)
-            node = call(OP, site.nodes["q"], k, site.nodes["v"], mask, float(facts["scale"]),
+            scale: Any = float(facts["scale"])
+            for factor, power in site.nodes.get("scale_nodes", ()):
+                # run-time scalars (Dynamo's lifted float attributes): scale = const * f or / f
+                scale = call(operator.mul if power > 0 else operator.truediv, scale, factor)
+            node = call(OP, site.nodes["q"], k, site.nodes["v"], mask, scale,
                         bool(facts["is_causal"]), float(facts["softcap"]))
         replace_uses(out, node)
         site.nodes["canonical"] = node

@@ -40,6 +40,7 @@ class _Scores:
     scale: float = 1.0
     softcap: float = 0.0
     masks: list = field(default_factory=list)   # (node, kind, scale_after) kind: "add"|"keep"|"drop"
+    scale_nodes: list = field(default_factory=list)   # (node, power): run-time scale factors
     reason: str | None = None
 
 
@@ -84,8 +85,13 @@ def _sdpa_site(node: fx.Node) -> AttentionSite:
         return _finish(site, q, k, v, mask, scale, causal, 0.0, "none",
                        reject=f"dropout_p={dropout} is active (training-mode attention)")
     if scale is not None and G.scalar(scale) is None:
-        return _finish(site, q, k, v, mask, 1.0, causal, 0.0, "none",
-                       reject="scale is not a constant")
+        sym = G.sym_scalar(scale)
+        if sym is None:
+            return _finish(site, q, k, v, mask, 1.0, causal, 0.0, "none",
+                           reject="scale is neither a constant nor a run-time scalar")
+        site.nodes["scale_nodes"] = [(sym[0], 1)]
+        site.facts["scale_seen"] = sym[1]
+        scale = 1.0                       # the constant part; the node supplies the rest
     if scale is None:
         d = G.shape(q)[-1] if G.shape(q) else None
         scale_value = 1.0 / math.sqrt(G.as_int(d)) if G.as_int(d) else None
@@ -149,6 +155,8 @@ def _eager_site(softmax: fx.Node) -> AttentionSite | None:
         site.nodes.setdefault("mask_parts", []).append(m)
     if scores.masks:
         mask = "parts"
+    if scores.scale_nodes:
+        site.nodes["scale_nodes"] = scores.scale_nodes
     return _finish(site, scores.q, k0, v0, mask, scores.scale, False, scores.softcap, gqa)
 
 
@@ -235,7 +243,9 @@ def _walk_scores(x: Any) -> _Scores:
             s.q = _unscale_q(b1, s)
             return s
         if name in ("mul", "div"):
-            c, rest = _const_factor(x)
+            c, rest, sym = _const_factor(x)
+            if sym is not None:
+                s.scale_nodes.append(sym)
             if c is None:
                 s.reason = f"scores {name} by a non-constant tensor"
                 return s
@@ -256,6 +266,9 @@ def _walk_scores(x: Any) -> _Scores:
             a, b = x.args[0], x.args[1]
             if not isinstance(b, fx.Node) or not isinstance(a, fx.Node):
                 s.reason = "scores shifted by a constant"
+                return s
+            if s.scale_nodes:
+                s.reason = "additive mask applied before a run-time scale factor"
                 return s
             sa, sb = _leads_to_contraction(a), _leads_to_contraction(b)
             if sa and not sb:
@@ -305,18 +318,30 @@ def _walk_scores(x: Any) -> _Scores:
     return s
 
 
-def _const_factor(x: fx.Node) -> tuple[float | None, Any]:
-    """``x = y * c``, ``c * y`` or ``y / c`` with constant c: return (c as a multiplier, y)."""
+def _const_factor(x: fx.Node) -> tuple[float | None, Any, tuple | None]:
+    """``x = y * c``, ``c * y`` or ``y / c``: return (c as a multiplier, y, run-time factor).
+
+    c is a constant, or a run-time scalar node (then the third item is ``(node, ±1)`` and
+    c is the value it had when captured, used for reports only).
+    """
     a, b = x.args[0], x.args[1]
     ca, cb = G.scalar(a), G.scalar(b)
+    sa, sb = G.sym_scalar(a), G.sym_scalar(b)
     if G.op(x) == "mul":
         if cb is not None:
-            return cb, a
+            return cb, a, None
         if ca is not None:
-            return ca, b
-    elif cb:
-        return 1.0 / cb, a
-    return None, None
+            return ca, b, None
+        if sb is not None:
+            return 1.0, a, (sb[0], 1)
+        if sa is not None:
+            return 1.0, b, (sa[0], 1)
+    else:
+        if cb:
+            return 1.0 / cb, a, None
+        if sb is not None:
+            return 1.0, a, (sb[0], -1)
+    return None, None, None
 
 
 def _softcap_tail(x: Any, cap: float) -> Any:
