@@ -44,9 +44,9 @@ def _model_name(model: torch.nn.Module) -> str:
     return name or type(model).__name__
 
 
-def _run_once(model: torch.nn.Module, be: Backend, inputs: Any) -> None:
+def _run_once(model: torch.nn.Module, be: Backend, inputs: Any, seq_len: int = 16) -> None:
     if inputs is None:
-        inputs = example_inputs(model)
+        inputs = example_inputs(model, seq_len=seq_len)
     compiled = torch.compile(model, backend=be)
     before = graph_breaks()
     with torch.no_grad(), capture_config():
@@ -62,15 +62,17 @@ def _run_once(model: torch.nn.Module, be: Backend, inputs: Any) -> None:
         be.report.warnings.append("Dynamo captured no graph: nothing could be analyzed")
 
 
-def inspect(model: torch.nn.Module, inputs: Any = None) -> RewriteReport:
+def inspect(model: torch.nn.Module, inputs: Any = None, *, seq_len: int = 16) -> RewriteReport:
     """Find the attention, RoPE and KV sites of ``model`` without changing anything.
 
     ``inputs``: a dict of keyword arguments, a tuple of positional ones, or one tensor;
-    made from the config for transformers models when omitted.
+    made from the config for transformers models when omitted (``seq_len`` tokens). Mask
+    meanings are read off these inputs: a sliding window shows only when ``seq_len``
+    exceeds it.
     """
     be = Backend([], canonicalize=False)
     be.report.model = _model_name(model)
-    _run_once(model, be, inputs)
+    _run_once(model, be, inputs, seq_len)
     return be.report
 
 
@@ -88,11 +90,12 @@ class Diff:
         return self.text + "\n" + self.report.summary()
 
 
-def diff(model: torch.nn.Module, recipe: Any = None, inputs: Any = None) -> Diff:
+def diff(model: torch.nn.Module, recipe: Any = None, inputs: Any = None, *,
+         seq_len: int = 16) -> Diff:
     """Canonicalize ``model`` and apply ``recipe`` on example inputs; return the diff."""
     be = backend(recipe)
     be.report.model = _model_name(model)
-    _run_once(model, be, inputs)
+    _run_once(model, be, inputs, seq_len)
     return Diff(be.report)
 
 

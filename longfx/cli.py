@@ -49,7 +49,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     model, _tok, inputs = _load(args.model, args.attn)
     with console.status("capturing and analyzing the graph"):
-        report = longfx.inspect(model, inputs)
+        report = longfx.inspect(model, inputs, seq_len=args.seq_len)
     if args.json:
         print(report.to_json(context=args.context, indent=2))
         return 0
@@ -65,7 +65,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
 
     model, _tok, inputs = _load(args.model, args.attn)
     with console.status("capturing, canonicalizing and applying the recipe"):
-        result = longfx.diff(model, args.recipe, inputs)
+        result = longfx.diff(model, args.recipe, inputs, seq_len=args.seq_len)
     report = result.report
     if args.json:
         out = report.to_dict(context=args.context)
@@ -201,6 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--attn", default=None, help="attn_implementation: eager | sdpa")
         sp.add_argument("--context", type=int, default=8192,
                         help="context length for the KV-bytes / FLOPs estimate (default 8192)")
+        sp.add_argument("--seq-len", type=int, default=16,
+                        help="tokens in the example input the graph is captured with (masks "
+                             "are named from it: use more than a sliding window to see it)")
 
     sp = sub.add_parser("inspect", help="list attention, RoPE and KV sites")
     model_args(sp)

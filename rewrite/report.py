@@ -170,7 +170,8 @@ def _details(row: dict[str, Any]) -> str:
     if row["kind"] == "attention":
         bits = [f"H={row.get('num_heads')}/{row.get('num_kv_heads')}", f"D={row.get('head_dim')}"]
         if row.get("mask_kind"):
-            bits.append(str(row["mask_kind"]))
+            seen = f" (seen at {row['mask_seen_len']} keys)" if row.get("mask_seen_len") else ""
+            bits.append(f"{row['mask_kind']}{seen}")
         elif row.get("is_causal"):
             bits.append("causal")
         if row.get("softcap"):
