@@ -98,7 +98,7 @@ def test_gemma3_real_weights(gemma3):
 @pytest.mark.parametrize("name", ["smollm2-135m", "gemma3-270m"])
 def test_cached_load_is_fast(name, smollm2, gemma3):
     times = []
-    for _ in range(2):  # best of two: the machine is shared
+    for _ in range(3):  # best of three: the 2 cores are shared with other jobs
         start = time.perf_counter()
         model, tok = M.load(name, progress=False)
         times.append(time.perf_counter() - start)
