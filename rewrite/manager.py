@@ -9,6 +9,7 @@ must keep a working model (the compile backend) rewrite a copy of the graph.
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -61,10 +62,36 @@ class PassManager:
                     site.facts.setdefault("rules", []).append(rule.name)
                     results.append(SiteResult(site, rule.name, stage, "rewritten", nodes=len(made)))
             _drop_orphan_asserts(gm.graph)
-            gm.graph.eliminate_dead_code()
+            gm.graph.eliminate_dead_code(is_impure_node=is_impure)
             gm.graph.lint()
             gm.recompile()
         return results
+
+
+def is_impure(node: fx.Node) -> bool:
+    """FX's purity test plus in-place methods and item assignment.
+
+    Dynamo records ``cache.index_copy_(...)`` as ``call_method`` and ``buf[i] = x`` as
+    ``operator.setitem``; FX's own check sees neither as a side effect, so a plain
+    dead-code pass would drop a static KV cache's writes.
+    """
+    if node.is_impure():
+        return True
+    if node.op == "call_method":
+        return str(node.target).endswith("_")
+    if node.op == "call_function":
+        if node.target in _INPLACE_OPERATORS:
+            return True
+        name = getattr(node.target, "__name__", "")
+        return name in ("setitem", "delitem") or (name.endswith("_") and not name.startswith("_"))
+    return False
+
+
+# ``x += y`` on a tensor mutates x (StaticCache counts its length this way)
+_INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv,
+                      operator.ifloordiv, operator.imod, operator.ipow, operator.iand,
+                      operator.ior, operator.ixor, operator.ilshift, operator.irshift,
+                      operator.imatmul}
 
 
 def _drop_orphan_asserts(graph: fx.Graph) -> None:

@@ -16,17 +16,27 @@ import torch
 import torch.fx as fx
 
 from longfx.rewrite import graph as G
+from longfx.rewrite.manager import is_impure
 
 _NEG = -1e4
 
 
 class _Recorder(fx.Interpreter):
-    def __init__(self, gm: fx.GraphModule, wanted: set[fx.Node]):
+    """Evaluates only the nodes the masks depend on, and records the masks.
+
+    Everything else is skipped: running the whole graph would apply its side effects
+    (a static cache's ``index_copy_``, its length counter) to the caller's real state.
+    """
+
+    def __init__(self, gm: fx.GraphModule, wanted: set[fx.Node], needed: set[fx.Node]):
         super().__init__(gm)
         self.wanted = wanted
+        self.needed = needed
         self.values: dict[fx.Node, Any] = {}
 
     def run_node(self, n: fx.Node) -> Any:
+        if n.op not in ("placeholder", "get_attr") and n not in self.needed:
+            return None
         out = super().run_node(n)
         if n in self.wanted:
             self.values[n] = out
@@ -101,8 +111,15 @@ def name_masks(gm: fx.GraphModule, sites: list, example_inputs: Any) -> None:
     wanted = {n for site in sites for n in _mask_nodes(site)}
     values: dict = {}
     if wanted:
+        needed = set(wanted)
+        for n in wanted:
+            needed |= G.ancestors(n)
+        if any(is_impure(n) for n in needed):
+            for site in sites:
+                site.facts["mask_kind"] = "unknown (the mask is computed after a state update)"
+            return
         try:
-            rec = _Recorder(gm, wanted)
+            rec = _Recorder(gm, wanted, needed)
             concrete = [G.as_int(x) if isinstance(x, torch.SymInt) else x for x in example_inputs]
             with torch.no_grad():
                 rec.run(*concrete)

@@ -101,3 +101,22 @@ def test_non_hf_model_needs_inputs():
         longfx.inspect(M())
     report = longfx.inspect(M(), inputs=(torch.ones(3),))
     assert report.sites == []
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma3"])
+def test_compile_generate_with_static_cache(name):
+    # Regressions: dead-code elimination dropped Dynamo's call_method index_copy_ (FX does
+    # not see in-place methods as side effects), and the mask analysis once ran the whole
+    # graph, writing into the caller's static cache a second time.
+    model, inputs = zoo.build(name, "sdpa")
+    ids = inputs["input_ids"]
+    fast = longfx.compile(model)
+    with torch.no_grad():
+        out = fast.generate(ids, max_new_tokens=6, do_sample=False, cache_implementation="static")
+        ref, _ = zoo.build(name, "sdpa")
+        ref = ref.generate(ids, max_new_tokens=6, do_sample=False, cache_implementation="static")
+    assert torch.equal(out, ref)
+    counts = fast.longfx_backend.report.counts()
+    assert counts["attention"]["rewritten"] == counts["attention"]["found"] > 0
+    assert counts["kv"]["found"] > 0 and all(
+        s.facts.get("static") for s in fast.longfx_backend.report.sites if s.kind == "kv")
