@@ -197,14 +197,29 @@ class _Steps:
     def __enter__(self):
         if self.enabled:
             from rich.console import Console
-            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn,
-                                       TextColumn, TimeElapsedColumn)
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn,
+                                       SpinnerColumn, TextColumn)
+            from rich.text import Text
+
+            start = time.perf_counter()
+
+            class Counted(ProgressColumn):  # a bar / count only for steps that count something
+                def __init__(self, inner):
+                    super().__init__()
+                    self.inner = inner
+
+                def render(self, task):
+                    return Text("") if task.total is None else self.inner.render(task)
+
+            class Elapsed(ProgressColumn):  # time since the conversion began, across steps
+                def render(self, task):
+                    return Text(f"{time.perf_counter() - start:.0f} s", style="progress.elapsed")
 
             self._progress = Progress(SpinnerColumn(), TextColumn("{task.description}"),
-                                      BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                                      Counted(BarColumn(bar_width=24)),
+                                      Counted(MofNCompleteColumn()), Elapsed(),
                                       console=Console(stderr=True), transient=True)
             self._progress.__enter__()
-            self._task = self._progress.add_task(self.title, total=None)
         return self
 
     def __exit__(self, *exc):
@@ -212,9 +227,10 @@ class _Steps:
             self._progress.__exit__(*exc)
 
     def step(self, text: str, total: int | None = None) -> None:
-        if self._progress is not None:
-            self._progress.update(self._task, description=f"{self.title}: {text}",
-                                  total=total, completed=0)
+        if self._progress is not None:  # one task per step: rich cannot unset a task's total
+            if self._task is not None:
+                self._progress.remove_task(self._task)
+            self._task = self._progress.add_task(f"{self.title}: {text}", total=total)
 
     def advance(self) -> None:
         if self._progress is not None:
@@ -244,7 +260,7 @@ class _Steps:
 
         def tensors(iterable, *args, **kwargs):
             items = list(iterable)
-            steps.step("dequantizing GGUF tensors", total=len(items))
+            steps.step("dequantizing tensors", total=len(items))
             for item in items:
                 yield item
                 steps.advance()
@@ -313,7 +329,7 @@ def _convert(gguf_path: Path, out: Path, steps: _Steps) -> None:
         steps.step("tokenizer")
         tokenizer = AutoTokenizer.from_pretrained(
             str(gguf_path.parent), gguf_file=gguf_path.name, local_files_only=True)
-        steps.step("saving fp32 safetensors")
+        steps.step("saving fp32 safetensors (once)")
         _detach_quantizer(model)
         model.save_pretrained(out, safe_serialization=True)
         tokenizer.save_pretrained(out)
@@ -363,7 +379,7 @@ def _build_cache(final: Path, title: str, source: dict, locate: Callable[[Path],
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
         start = time.perf_counter()
         try:
-            with _Steps(f"longfx: converting {title} to fp32 (once)", progress) as steps:
+            with _Steps(f"longfx: converting {title}", progress) as steps:
                 work = tmp / "gguf"
                 work.mkdir()
                 steps.step("locating GGUF")
