@@ -1,0 +1,7 @@
+NAME = "cost"
+
+def units(ctx):
+    return 1
+
+def run(ctx, model):
+    raise NotImplementedError

@@ -1,0 +1,7 @@
+NAME = "needle"
+
+def units(ctx):
+    return 1
+
+def run(ctx, model):
+    raise NotImplementedError
