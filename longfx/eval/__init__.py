@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 
 from . import cost, data, infer, kl, needle, passkey, ppl
+from .table import PRIMARY
 
 DENSE = ""
 DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -36,8 +37,6 @@ TASKS: dict[str, tuple[Callable, Callable]] = {
     "kl": (kl.run, kl.units),
     "cost": (cost.run, cost.units),
 }
-PRIMARY = {"ppl": "ppl", "passkey": "acc", "passkey_hard": "acc", "needle": "acc", "kl": "kl",
-           "cost": "prefill_s"}
 
 __all__ = ["evaluate", "TASKS", "DENSE", "Context", "load_rows", "data"]
 

@@ -35,8 +35,8 @@ def corpus_text() -> str:
 class CharTokenizer:
     """Stand-in tokenizer for tiny random models without one (the test zoo): one id per character.
 
-    Printable ASCII maps to ``ord(c) - 31`` when it fits the vocabulary, anything else to id 1;
-    id 0 is end-of-sequence. Round-trips digits, letters and punctuation for vocab >= 96.
+    0 is end-of-sequence, 1 a newline, printable ASCII ``c`` is ``ord(c) - 30`` (2..96), anything
+    else 97 (decoded as "?"); ids past the vocabulary are clamped. Needs vocab >= 98 to round-trip.
     """
 
     def __init__(self, vocab_size: int):
@@ -45,14 +45,16 @@ class CharTokenizer:
         self.name_or_path = f"char{vocab_size}"
 
     def _id(self, c: str) -> int:
-        i = ord(c) - 31
-        return i if 1 <= i < self.vocab_size else 1
+        i = 1 if c == "\n" else (ord(c) - 30 if 32 <= ord(c) <= 126 else 97)
+        return min(i, self.vocab_size - 1)
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         return [self._id(c) for c in text]
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
-        return "".join(chr(int(i) + 31) if 1 < int(i) < self.vocab_size else "" for i in ids)
+        def ch(i: int) -> str:
+            return "" if i == 0 else "\n" if i == 1 else chr(i + 30) if i <= 96 else "?"
+        return "".join(ch(int(i)) for i in ids)
 
 
 def encode(tok, text: str) -> list[int]:

@@ -1,0 +1,56 @@
+"""Prompt builders: deterministic per seed, right length, key where the depth says."""
+import random
+
+import pytest
+
+from longfx.eval import data, needle, passkey
+
+TOK = data.CharTokenizer(128)
+
+
+def test_corpus_is_long_english_text():
+    text = data.corpus_text()
+    assert len(text) > 300_000 and "the" in text
+    toks = data.corpus_tokens(TOK)
+    assert toks is data.corpus_tokens(TOK)          # tokenized once, cached
+    assert toks.numel() == len(text)
+
+
+@pytest.mark.parametrize("hard", [False, True])
+def test_passkey_same_seed_same_prompts(hard):
+    a = passkey.prompts(TOK, 600, 0.5, seed=3, trials=3, hard=hard)
+    b = passkey.prompts(TOK, 600, 0.5, seed=3, trials=3, hard=hard)
+    c = passkey.prompts(TOK, 600, 0.5, seed=4, trials=3, hard=hard)
+    assert [p.ids for p in a] == [p.ids for p in b]
+    assert [p.answers for p in a] != [p.answers for p in c]
+    assert len({p.answers[0] for p in a}) == 3      # trials differ
+
+
+def test_passkey_length_and_depth():
+    at = []
+    for depth in (0.0, 0.25, 0.5, 0.75, 1.0):
+        p = data.passkey(TOK, 2000, depth, random.Random(0))
+        assert abs(len(p.ids) - 2000) <= 2
+        text = TOK.decode(p.ids)
+        assert text.count(p.answers[0]) == 2 and text.endswith("The pass key is")
+        at.append(p.insert_at[0] / len(p.ids))
+    assert at == sorted(at) and at[0] < 0.1 and at[-1] > 0.9
+
+
+def test_needle_prompts():
+    mk = needle.prompts(TOK, 800, "multikey", seed=0, trials=2)
+    assert [p.ids for p in mk] == [p.ids for p in needle.prompts(TOK, 800, "multikey", seed=0, trials=2)]
+    p = mk[0]
+    assert len(p.meta["pairs"]) == 4 and len(p.answers) == 1
+    assert TOK.decode(p.ids).endswith(f"The secret code for {p.meta['asked']} is")
+    mv = needle.prompts(TOK, 800, "multivalue", seed=0, trials=1)[0]
+    assert len(mv.answers) == 4 and all(a in TOK.decode(mv.ids) for a in mv.answers)
+    with pytest.raises(ValueError):
+        data.needle(TOK, 100, random.Random(0), mode="bogus")
+
+
+@pytest.mark.parametrize("text,want", [(" 48213.", "48213"), (": 48 213 is", "48213"),
+                                       ("'48,213'", "48213"), ("is 12345. 67890", "12345"),
+                                       ("no digits here", None), ("\n\n 00123", "00123")])
+def test_number_parser(text, want):
+    assert data.first_number(text) == want
