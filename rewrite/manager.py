@@ -80,10 +80,12 @@ def is_impure(node: fx.Node) -> bool:
     if node.op == "call_method":
         return str(node.target).endswith("_")
     if node.op == "call_function":
-        if node.target in _INPLACE_OPERATORS:
+        if node.target in _INPLACE_OPERATORS or node.target in (operator.setitem, operator.delitem):
             return True
+        if getattr(node.target, "__module__", None) in ("_operator", "operator"):
+            return False                     # and_, or_, not_: pure despite the underscore
         name = getattr(node.target, "__name__", "")
-        return name in ("setitem", "delitem") or (name.endswith("_") and not name.startswith("_"))
+        return name.endswith("_") and not name.startswith("_")   # torch.relu_, Tensor.add_
     return False
 
 

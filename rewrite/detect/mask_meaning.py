@@ -114,7 +114,7 @@ def name_masks(gm: fx.GraphModule, sites: list, example_inputs: Any) -> None:
         needed = set(wanted)
         for n in wanted:
             needed |= G.ancestors(n)
-        if any(is_impure(n) for n in needed):
+        if any(n.op.startswith("call") and is_impure(n) for n in needed):
             for site in sites:
                 site.facts["mask_kind"] = "unknown (the mask is computed after a state update)"
             return
