@@ -8,6 +8,7 @@ One row per (length, depth) cell plus one per length with depth ``None`` (all de
 from __future__ import annotations
 
 import random
+import time
 from typing import Iterator
 
 from . import data, infer
@@ -44,7 +45,7 @@ def run(ctx, model, hard: bool = False) -> Iterator[dict]:
     for length in ctx.lengths:
         pooled, answers = [], []
         for depth in ctx.depths:
-            hits = []
+            hits, t0 = [], time.perf_counter()
             for p in prompts(ctx.tok, length, depth, ctx.seed, ctx.trials, hard):
                 out = infer.greedy(model, p.ids, MAX_NEW, ctx.chunk, stop=_digits_done(ctx.tok, 5), eos=eos)
                 text = data.decode(ctx.tok, out)
@@ -54,7 +55,8 @@ def run(ctx, model, hard: bool = False) -> Iterator[dict]:
                 ctx.tick()
             pooled += hits
             yield {"task": task, "length": length, "depth": depth, "n": len(hits),
-                   "metrics": {"acc": sum(hits) / len(hits)}, "prompt_tokens": len(p.ids)}
+                   "metrics": {"acc": sum(hits) / len(hits)}, "prompt_tokens": len(p.ids),
+                   "cell_s": round(time.perf_counter() - t0, 3)}
         yield {"task": task, "length": length, "depth": None, "n": len(pooled),
                "metrics": {"acc": sum(pooled) / len(pooled)}, "answers": answers}
 

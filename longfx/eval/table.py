@@ -26,6 +26,8 @@ def fmt(metric: str, v) -> str:
         return f"{v * 1000:.1f} ms" if abs(v) < 1 else f"{v:.2f} s"
     if metric == "kl":
         return f"{v:.4f}"
+    if metric in ("ppl", "nll"):
+        return f"{v:.2f}"
     return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
 
 
@@ -72,7 +74,7 @@ def table(rows: list[dict], title: str | None = None) -> Table:
         metrics = (PRIMARY[base], *EXTRA.get(base, ()))
         for i, m in enumerate(metrics):
             any_row = next(iter(by.values()))
-            line = [model if i == 0 else "", f"{task} {m}" if len(metrics) > 1 else f"{task} ({m})",
+            line = [model if i == 0 else "", f"{task} {m}" if len(metrics) > 1 or m != task else task,
                     str(length), str(any_row.get("n", ""))]
             dense = by.get("", {}).get("metrics", {}).get(m)
             for rc in recipes:
@@ -100,7 +102,7 @@ def markdown(rows: list[dict], metrics_of=PRIMARY) -> str:
         base = task.split(":")[0]
         for m in (metrics_of[base], *EXTRA.get(base, ())):
             any_row = next(iter(by.values()))
-            line = [f"{task} {m}", str(length), str(any_row.get("n", ""))]
+            line = [task if m == task else f"{task} {m}", str(length), str(any_row.get("n", ""))]
             for rc in recipes:
                 r = by.get(rc)
                 line.append(fmt(m, r["metrics"].get(m)) if r else "—")

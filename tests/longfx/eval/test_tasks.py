@@ -14,6 +14,15 @@ FIELDS = {"model", "recipe", "task", "length", "metrics", "n", "seed", "hardware
           "transformers", "date", "plain_model"}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # tiny models gain nothing from threads, and the CI cores are shared
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def tiny():
     model, _ = zoo.build("llama", "sdpa")
@@ -33,7 +42,7 @@ def test_all_tasks_rows(tiny, tmp_path):
     out = tmp_path / "rows.jsonl"
     rows = evaluate(tiny, tasks=["ppl", "passkey", "passkey_hard", "needle", "kl", "cost"],
                     lengths=[48, 96], depths=[0.0, 1.0], chunk=32, out=out, progress=False,
-                    model_name="tiny-llama", decode_tokens=3)
+                    model_name="tiny-llama", decode_tokens=3, keys=2, values=2)
     assert {r["task"] for r in rows} == {"ppl", "passkey", "passkey_hard", "needle", "kl", "cost"}
     for r in rows:
         assert FIELDS <= r.keys(), FIELDS - r.keys()
@@ -53,7 +62,8 @@ def test_all_tasks_rows(tiny, tmp_path):
 
 
 def test_same_seed_same_rows(tiny):
-    kw = dict(tasks=["passkey", "needle"], lengths=[64], depths=[0.5], trials=2, chunk=64, progress=False)
+    kw = dict(tasks=["passkey", "needle"], lengths=[64], depths=[0.5], trials=2, chunk=64,
+              progress=False, needle_modes="multikey")
     a, b = evaluate(tiny, seed=1, **kw), evaluate(tiny, seed=1, **kw)
     strip = lambda rows: [(r["task"], r["metrics"], r.get("answers")) for r in rows]  # noqa: E731
     assert strip(a) == strip(b)
