@@ -162,7 +162,7 @@ def evaluate(model_or_name: Any, recipes: Sequence[Any] = (), tasks: Sequence[st
                 ctx.recipe = label
                 for t in tasks:
                     run, units = TASKS[t]
-                    ctx.tick = bar.task(f"{t} [{label or 'dense'}]", units(ctx))
+                    ctx.tick = bar.task(f"{t} · {label or 'dense'}", units(ctx))
                     t0 = time.perf_counter()
                     for r in run(ctx, vm):
                         row = {"model": name, "recipe": label, "plain_model": plain, **r,

@@ -60,6 +60,7 @@ def plot(rows: list[dict], path: str | Path) -> Path:
     else:
         ax_pareto.text(0.5, 0.5, "needs an accuracy task\nand the cost task", ha="center",
                        va="center", transform=ax_pareto.transAxes)
+    ax_pareto.set_ylim(-5, 105)
     ax_pareto.set_xlabel("KV state (MiB)")
     ax_pareto.set_ylabel("accuracy (%)")
     ax_pareto.set_title("accuracy vs KV bytes")

@@ -74,7 +74,7 @@ def table(rows: list[dict], title: str | None = None) -> Table:
         metrics = (PRIMARY[base], *EXTRA.get(base, ()))
         for i, m in enumerate(metrics):
             any_row = next(iter(by.values()))
-            line = [model if i == 0 else "", f"{task} {m}" if len(metrics) > 1 or m != task else task,
+            line = [model if i == 0 else "", task if m == task else f"{task} {m}",
                     str(length), str(any_row.get("n", ""))]
             dense = by.get("", {}).get("metrics", {}).get(m)
             for rc in recipes:
