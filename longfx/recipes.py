@@ -148,6 +148,23 @@ def register(name: str):
     return deco
 
 
+# Modules whose import registers a family's recipes; imported on the first parse so that
+# "yarn(factor=4)" works without the user importing anything.
+FAMILIES: list[str] = ["longfx.passes.rope"]
+_loaded = False
+
+
+def _load_families() -> None:
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    import importlib
+
+    for module in FAMILIES:
+        importlib.import_module(module)
+
+
 def unregister(name: str) -> None:
     """Remove a registered recipe (tests register dummies and remove them)."""
     REGISTRY.pop(name, None)
@@ -509,6 +526,7 @@ def parse(text: str | Pipeline | Recipe | None) -> Pipeline:
         return Pipeline((text,))
     if text is None or not text.strip() or text.strip().lower() == "none":
         return Pipeline(())
+    _load_families()
     if not isinstance(text, str):
         raise TypeError(f"parse() takes a recipe text, not {type(text).__name__}")
     return _Parser(text).pipeline()
