@@ -3,6 +3,7 @@
     longfx inspect smollm2-135m [--json]
     longfx diff smollm2-135m --recipe "..." [--context 32768] [--json]
     longfx generate smollm2-135m --recipe "..." --prompt "The capital of France is"
+    longfx eval smollm2-135m --task passkey,ppl --length 2048,4096 [--plot out.png]
     longfx demo
 
 MODEL is an embedded model name (``longfx.models.MODELS``), a local HF folder, a GGUF file,
@@ -224,6 +225,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--prompt", required=True)
     sp.add_argument("--max-new-tokens", type=int, default=64)
     sp.set_defaults(func=cmd_generate)
+
+    from longfx.eval.cli import add_parser as add_eval_parser
+
+    add_eval_parser(sub)          # longfx eval MODEL --recipe R --task T --length N[,N...]
 
     sp = sub.add_parser("demo", help="the main job on the embedded default model")
     sp.add_argument("--model", default="smollm2-135m")
