@@ -7,6 +7,7 @@ written here, in a private cache.
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import numpy as np
@@ -97,12 +98,17 @@ def test_gemma3_real_weights(gemma3):
 
 @pytest.mark.parametrize("name", ["smollm2-135m", "gemma3-270m"])
 def test_cached_load_is_fast(name, smollm2, gemma3):
-    times = []
-    for _ in range(3):  # best of three: the 2 cores are shared with other jobs
-        start = time.perf_counter()
+    """A cached load takes < 3 s (SmolLM2 ~0.5 s, Gemma ~2 s on an idle 2-core machine; Gemma's
+    time is mostly the Rust parse of its 33 MB tokenizer.json). When other jobs saturate the
+    cores, wall time stretches past that, so the CPU time of the load is held to the budget."""
+    walls, cpus = [], []
+    for _ in range(3):  # best of three
+        wall, cpu = time.perf_counter(), time.process_time()
         model, tok = M.load(name, progress=False)
-        times.append(time.perf_counter() - start)
-    assert min(times) < 3.0, times
+        walls.append(time.perf_counter() - wall)
+        cpus.append(time.process_time() - cpu)
+    saturated = os.getloadavg()[0] > (os.cpu_count() or 1)
+    assert min(walls) < 3.0 or (saturated and min(cpus) < 3.0), (walls, cpus, os.getloadavg())
     assert tok is not None and (M.cache_root() / name / M.MARKER).is_file()
 
 
