@@ -58,7 +58,10 @@ class PassManager:
                         continue
                     made = rule.replace(site, gm, facts)
                     for node in made:
-                        node.meta["longfx"] = {"rule": rule.name, "site": site.key, "stage": stage}
+                        prior = node.meta.get("longfx")
+                        history = [*prior.get("history", []), prior["rule"]] if prior else []
+                        node.meta["longfx"] = {"rule": rule.name, "site": site.key,
+                                               "stage": stage, "history": history}
                     site.facts.setdefault("rules", []).append(rule.name)
                     results.append(SiteResult(site, rule.name, stage, "rewritten", nodes=len(made)))
             _drop_orphan_asserts(gm.graph)
