@@ -36,8 +36,7 @@ def _load(spec: str, attn_implementation: str | None = None) -> tuple[Any, Any, 
         return model, None, inputs
     from longfx.models import load
 
-    with console.status(f"loading {spec}"):
-        model, tok = load(spec, attn_implementation=attn_implementation)
+    model, tok = load(spec, attn_implementation=attn_implementation)   # shows its own progress
     return model, tok, None
 
 
