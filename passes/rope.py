@@ -25,7 +25,7 @@ The recipes (registered in :mod:`longfx.recipes` under these names): ``pi``, ``n
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -35,6 +35,11 @@ from longfx.recipes import Recipe, register
 from longfx.rewrite import graph as G
 from longfx.rewrite.rule import Rule
 from longfx.rewrite.sites import Site
+
+
+def _opt(default: Any) -> Any:
+    """A field written in the recipe's text only when it differs from its default."""
+    return field(default=default, metadata={"omit_default": True})
 
 aten = torch.ops.aten
 
@@ -470,8 +475,8 @@ class DynamicNTK(Recipe):
     """
 
     factor: float = 2.0
-    original: int | None = None
-    consistent: bool = False
+    original: int | None = _opt(None)
+    consistent: bool = _opt(False)
 
     def __post_init__(self):
         _positive("dynamic_ntk", factor=self.factor, original=self.original)
@@ -492,10 +497,10 @@ class YaRN(Recipe):
     """YaRN: NTK-by-parts frequencies plus attention temperature 0.1·ln(factor)+1 on cos/sin."""
 
     factor: float = 4.0
-    beta_fast: float = 32.0
-    beta_slow: float = 1.0
-    original: int | None = None
-    mscale: float | None = None
+    beta_fast: float = _opt(32.0)
+    beta_slow: float = _opt(1.0)
+    original: int | None = _opt(None)
+    mscale: float | None = _opt(None)
 
     def __post_init__(self):
         _positive("yarn", factor=self.factor, beta_fast=self.beta_fast,
@@ -522,9 +527,9 @@ class Llama3(Recipe):
     """Llama 3.1 scaling: long wavelengths ÷ factor, short kept, smooth blend in between."""
 
     factor: float = 8.0
-    low_freq_factor: float = 1.0
-    high_freq_factor: float = 4.0
-    original: int | None = None
+    low_freq_factor: float = _opt(1.0)
+    high_freq_factor: float = _opt(4.0)
+    original: int | None = _opt(None)
 
     def __post_init__(self):
         _positive("llama3", factor=self.factor, low_freq_factor=self.low_freq_factor,
@@ -555,9 +560,9 @@ class LongRoPE(Recipe):
 
     short: tuple[float, ...] = ()
     long: tuple[float, ...] = ()
-    original: int | None = None
-    length: int | None = None
-    factor: float | None = None
+    original: int | None = _opt(None)
+    length: int | None = _opt(None)
+    factor: float | None = _opt(None)
 
     def __post_init__(self):
         _positive("longrope", original=self.original, length=self.length, factor=self.factor)
@@ -615,7 +620,7 @@ class Extend(Recipe):
     nothing when ``to`` ≤ the trained length."""
 
     to: int = 0
-    original: int | None = None
+    original: int | None = _opt(None)
 
     def __post_init__(self):
         if not self.to > 0:

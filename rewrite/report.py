@@ -44,7 +44,18 @@ class GraphReport:
     def diff(self) -> str:
         return "".join(difflib.unified_diff(
             self.code_before.splitlines(keepends=True), self.code_after.splitlines(keepends=True),
-            fromfile=f"{self.name} (before)", tofile=f"{self.name} (after)", n=2))
+            fromfile=f"{self.name} (before)", tofile=f"{self.name} (after)", n=2)) + self.tables()
+
+    def tables(self) -> str:
+        """The frequency table of each RoPE site a recipe changed (facts set by passes/rope)."""
+        out = []
+        for s in self.sites:
+            f = s.facts
+            if s.kind == "rope" and "inv_freq_before" in f:
+                out.append(f"frequency table {self.name} {s.key} ({f.get('rope_method')}): "
+                           f"mscale {f.get('mscale')}\n  inv_freq before {f['inv_freq_before']}"
+                           f"\n  inv_freq after  {f['inv_freq_after']}\n")
+        return "".join(out)
 
 
 def _kv_row_bytes(site: Site, context: int, after: bool) -> float:
