@@ -151,18 +151,16 @@ def register(name: str):
 # Modules whose import registers a family's recipes; imported on the first parse so that
 # "yarn(factor=4)" works without the user importing anything.
 FAMILIES: list[str] = ["longfx.passes.rope"]
-_loaded = False
+_loaded: set[str] = set()
 
 
 def _load_families() -> None:
-    global _loaded
-    if _loaded:
-        return
-    _loaded = True
     import importlib
 
     for module in FAMILIES:
-        importlib.import_module(module)
+        if module not in _loaded:
+            _loaded.add(module)
+            importlib.import_module(module)
 
 
 def unregister(name: str) -> None:

@@ -22,8 +22,11 @@ class _Rule:
 
 
 @pytest.fixture(autouse=True)
-def dummies():
-    """Dummy families, registered for each test and removed after it."""
+def dummies(monkeypatch):
+    """Dummy families, registered for each test and removed after it, in a registry of their
+    own (the real families, e.g. longfx.passes.rope's yarn, are neither seen nor loaded)."""
+    monkeypatch.setattr(R, "REGISTRY", {})
+    monkeypatch.setattr(R, "FAMILIES", [])
 
     @register("sink_window")
     class SinkWindow(Recipe):
