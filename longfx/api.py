@@ -30,12 +30,27 @@ def _rules(pipeline) -> list:
     return [rule for r in pipeline.recipes for rule in r.rules()]
 
 
-def backend(recipe: Any = None, *, inner: str = "eager") -> Backend:
+def backend(recipe: Any = None, *, inner: str = "eager", model: torch.nn.Module | None = None) -> Backend:
     """A torch.compile backend applying ``recipe``:
-    ``torch.compile(model, backend=longfx.backend("..."))``. Its ``.report`` fills as
-    Dynamo hands it graphs."""
+    ``torch.compile(model, backend=longfx.backend("...", model=model))``. Its ``.report``
+    fills as Dynamo hands it graphs. Passing ``model`` lets recipes read what its config
+    states (the trained context length, for ``extend(to=N)``)."""
     pipeline = _pipeline(recipe)
-    return Backend(_rules(pipeline), recipe=str(pipeline), inner=inner)
+    return Backend(_rules(pipeline), recipe=str(pipeline), inner=inner,
+                   model_facts=model_facts(model) if model is not None else None)
+
+
+def model_facts(model: torch.nn.Module) -> dict[str, Any]:
+    """Facts a config states and a graph cannot show: the trained context length."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return {}
+    rope = getattr(config, "rope_parameters", None) or {}
+    if isinstance(rope, dict) and rope and all(isinstance(v, dict) for v in rope.values()):
+        rope = next(iter(rope.values()))          # per-layer-type parameters (Gemma 3)
+    trained = (rope.get("original_max_position_embeddings") if isinstance(rope, dict) else None) \
+        or getattr(config, "max_position_embeddings", None)
+    return {"trained_length": int(trained)} if trained else {}
 
 
 def _model_name(model: torch.nn.Module) -> str:
@@ -93,7 +108,7 @@ class Diff:
 def diff(model: torch.nn.Module, recipe: Any = None, inputs: Any = None, *,
          seq_len: int = 16) -> Diff:
     """Canonicalize ``model`` and apply ``recipe`` on example inputs; return the diff."""
-    be = backend(recipe)
+    be = backend(recipe, model=model)
     be.report.model = _model_name(model)
     _run_once(model, be, inputs, seq_len)
     return Diff(be.report)
@@ -107,6 +122,6 @@ def compile(model: torch.nn.Module, recipe: Any = None, *, inner: str = "eager",
     ``generate()`` works on it. ``.longfx_backend.report`` says what each captured graph
     became. The empty recipe only canonicalizes: outputs are unchanged.
     """
-    be = backend(recipe, inner=inner)
+    be = backend(recipe, inner=inner, model=model)
     be.report.model = _model_name(model)
     return compiled_copy(model, be, dynamic=dynamic)

@@ -29,8 +29,10 @@ class Backend:
     """A Dynamo backend: ``torch.compile(model, backend=Backend(rules))``."""
 
     def __init__(self, rules: list[Rule] | None = None, *, recipe: str = "", inner: str = "eager",
-                 canonicalize: bool = True, keep_graphs: bool = False):
+                 canonicalize: bool = True, keep_graphs: bool = False,
+                 model_facts: dict[str, Any] | None = None):
         self.rules = list(rules or [])
+        self.model_facts = dict(model_facts or {})
         self.inner = inner
         self.canonicalize = canonicalize
         self.keep_graphs = keep_graphs
@@ -41,7 +43,8 @@ class Backend:
         name = f"graph {len(self.report.graphs)}"
         try:
             new, graph_report = rewrite_graph(gm, example_inputs, self.rules, name=name,
-                                              canonicalize=self.canonicalize)
+                                              canonicalize=self.canonicalize,
+                                              model_facts=self.model_facts)
         except Exception as e:  # noqa: BLE001 - any failure leaves the graph unrewritten
             detail = "".join(traceback.format_exception_only(type(e), e)).strip()
             msg = f"longfx: {name} left unrewritten: {detail}"

@@ -41,11 +41,20 @@ def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
 
 
 def rewrite_graph(gm: fx.GraphModule, example_inputs: Any = None, rules: list[Rule] | None = None,
-                  name: str = "graph", canonicalize: bool = True) -> tuple[fx.GraphModule, GraphReport]:
-    """Rewrite a copy of ``gm``; return it with the report of what was found and done."""
+                  name: str = "graph", canonicalize: bool = True,
+                  model_facts: dict[str, Any] | None = None) -> tuple[fx.GraphModule, GraphReport]:
+    """Rewrite a copy of ``gm``; return it with the report of what was found and done.
+
+    ``model_facts`` are what the graph cannot show but the model's config states (e.g.
+    ``trained_length``, the context it was trained at); they are added to every site's facts
+    (never overriding what analysis found) for rules such as ``extend(to=N)``.
+    """
     new = copy_graph_module(gm)
     before = new.code
     sites = analyze(new, example_inputs)
+    for site in sites:
+        for key, value in (model_facts or {}).items():
+            site.facts.setdefault(key, value)
     all_rules = (canonical_rules() if canonicalize else []) + list(rules or [])
     results = PassManager(all_rules).run(new, sites) if all_rules else []
     report = GraphReport(name=name, sites=sites, results=results, code_before=before,

@@ -75,7 +75,7 @@ def _sdpa_site(node: fx.Node) -> AttentionSite:
     scale = G.arg(node, "scale")
     gqa_flag = bool(G.arg(node, "enable_gqa", False))
     site.nodes.update(output=node, sdpa=node)
-    if getattr(node, "op", None) and G.op(node) == "sdpa_cpu_flash":
+    if G.op(node) == "sdpa_cpu_flash":
         # returns (out, logsumexp): the site's value is element 0
         outs = [u for u in node.users if G.op(u) == "getitem" and u.args[1] == 0]
         if len(outs) != 1:
@@ -289,7 +289,7 @@ def _walk_scores(x: Any) -> _Scores:
             return s
         if name == "where":
             cond, a, b = (G.arg(x, n) for n in ("condition", "input", "other"))
-            fa, fb = _fill_value(a), _fill_value(b)
+            fa, fb = G.scalar(a), G.scalar(b)
             if isinstance(a, fx.Node) and _leads_to_contraction(a) and fb is not None and fb <= _NEG_LIMIT:
                 s.masks.append((cond, "keep", 1.0))
                 x = a
@@ -302,7 +302,7 @@ def _walk_scores(x: Any) -> _Scores:
             continue
         if name == "masked_fill":
             inp, m, value = (G.arg(x, n) for n in ("input", "mask", "value"))
-            fv = _fill_value(value)
+            fv = G.scalar(value)
             if fv is None or fv > _NEG_LIMIT:
                 s.reason = f"masked_fill with value {value!r}, not a large negative constant"
                 return s
@@ -380,20 +380,6 @@ def _leads_to_contraction(x: Any, depth: int = 16) -> bool:
             continue
         return False
     return False
-
-
-def _fill_value(x: Any) -> float | None:
-    v = G.scalar(x)
-    if v is not None:
-        return v
-    if isinstance(x, fx.Node):
-        t = G.tensor_val(x)
-        # a 0-dim tensor filled with -inf / finfo.min built in the graph
-        if G.op(x) in ("full", "tensor", "scalar_tensor") and x.args:
-            return G.scalar(x.args[-1] if G.op(x) == "full" else x.args[0])
-        if t is not None and t.numel() == 1 and G.op(x) == "cast":
-            return _fill_value(x.args[0])
-    return None
 
 
 def _is_view_slice(x: fx.Node) -> bool:
