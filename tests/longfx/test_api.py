@@ -120,3 +120,15 @@ def test_compile_generate_with_static_cache(name):
     assert counts["attention"]["rewritten"] == counts["attention"]["found"] > 0
     assert counts["kv"]["found"] > 0 and all(
         s.facts.get("static") for s in fast.longfx_backend.report.sites if s.kind == "kv")
+
+
+def test_extend_reads_the_trained_length_from_the_config():
+    model, inputs = zoo.build("llama", "sdpa")                   # max_position_embeddings=128
+    a = longfx.compile(model, "extend(to=512)")
+    b = longfx.compile(model, "yarn(factor=4, original=128)")
+    with torch.no_grad():
+        la, lb, ref = a(**inputs).logits, b(**inputs).logits, model(**inputs).logits
+    assert torch.allclose(la, lb, rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(la, ref, rtol=1e-3, atol=1e-3)       # the rewrite did something
+    site = next(s for s in a.longfx_backend.report.sites if s.kind == "rope")
+    assert site.facts["trained_length"] == 128
