@@ -108,6 +108,12 @@ def render(rows: list[dict]) -> str:
         for t in ("passkey", "passkey_hard"):
             if t in tasks:
                 out += [f"### {t}", ""] + passkey_grid(rs, t)
+        wrong = [(r["task"], r["length"], a) for r in rs if r.get("depth") is None
+                 for a in r.get("answers") or [] if "key" in a and not a["answer"].startswith(a["key"])]
+        if wrong:
+            out += ["Wrong answers (what the model wrote after \"The pass key is\"):", ""]
+            out += [f"- {t} {n} depth {a['depth']:g}: key {a['key']}, answered `{a['answer'].replace(chr(10), ' ⏎ ')}`"
+                    for t, n, a in sorted(wrong, key=lambda w: (w[0], w[1], w[2]["depth"]))] + [""]
         other = [r for r in rs if r["task"] not in ("ppl", "passkey", "passkey_hard")]
         if other:
             out += ["### other tasks", "", markdown(other), ""]
