@@ -15,11 +15,10 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-HERE = Path(__file__).parent
-sys.path.insert(0, str(HERE.parent))
+from longfx.eval import load_rows   # the installed package: never put the repo root on sys.path
+from longfx.eval.table import fmt, markdown, pooled
 
-from longfx.eval import load_rows  # noqa: E402
-from longfx.eval.table import fmt, markdown, pooled  # noqa: E402
+HERE = Path(__file__).parent
 
 # (model, device) -> task -> (lengths planned, reason a missing one was not run)
 PLANNED = {

@@ -165,15 +165,6 @@ def _original(site: Site, given: int | None) -> int | None:
     return None
 
 
-def _fetch(gm: torch.nn.Module, target: str) -> Any:
-    obj: Any = gm
-    for part in str(target).split("."):
-        obj = getattr(obj, part, None)
-        if obj is None:
-            return None
-    return obj
-
-
 def _site_table(site: Site, gm: fx.GraphModule) -> dict[str, Any] | str:
     """The live inv_freq node of a computed-table site and its values (float64), or why not."""
     if not site.rewritable:
@@ -194,7 +185,7 @@ def _site_table(site: Site, gm: fx.GraphModule) -> dict[str, Any] | str:
     n = int(G.as_int(t.shape[-1])) if t is not None and t.dim() >= 1 else None
     values = None
     if inv.op == "get_attr":
-        real = _fetch(gm, inv.target)
+        real = G.fetch_attr(gm, inv.target)
         if isinstance(real, torch.Tensor) and real.device.type != "meta":
             values = real.detach().reshape(-1).double().cpu()
     base = site.facts.get("base")

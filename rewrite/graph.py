@@ -220,6 +220,16 @@ def sym_scalar(x: Any) -> tuple[fx.Node, float] | None:
     return None
 
 
+def fetch_attr(module: torch.nn.Module, target: str) -> Any:
+    """The object a ``get_attr`` target names (``"sub.buf"``), or None when absent."""
+    obj: Any = module
+    for part in str(target).split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
 def users(node: fx.Node) -> list[fx.Node]:
     return list(node.users)
 

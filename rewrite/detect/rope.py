@@ -96,11 +96,11 @@ class _Scope:
                 continue
             subs = [(i, a) for i, a in enumerate(node.args)
                     if isinstance(a, fx.Node) and a.op == "get_attr"
-                    and isinstance(_fetch(mod, a.target), fx.GraphModule)]
+                    and isinstance(G.fetch_attr(mod, a.target), fx.GraphModule)]
             if len(subs) != 1:       # cond/while have several branches: not followed
                 continue
             i, attr = subs[0]
-            sub = _fetch(mod, attr.target)
+            sub = G.fetch_attr(mod, attr.target)
             self.caller[sub.graph] = (node, list(node.args[i + 1:]))
             self.callee[node] = sub
             name = f"{prefix}{attr.target}"
@@ -135,19 +135,10 @@ class _Scope:
         if node.op == "get_attr":
             for mod, _ in self.graphs:
                 if mod.graph is node.graph:
-                    t = _fetch(mod, node.target)
+                    t = G.fetch_attr(mod, node.target)
                     if isinstance(t, torch.Tensor) and not _is_fake(t):
                         return t
         return None
-
-
-def _fetch(mod: torch.nn.Module, target: str) -> Any:
-    obj: Any = mod
-    for part in str(target).split("."):
-        obj = getattr(obj, part, None)
-        if obj is None:
-            return None
-    return obj
 
 
 def _output(graph: fx.Graph) -> fx.Node:
