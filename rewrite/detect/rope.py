@@ -370,26 +370,38 @@ class _App:
     inner: list = field(default_factory=list)    # nodes of the rotation itself
 
 
+def _neg_pair(ts: Any, dim: Any, r: int | None) -> tuple[Any, tuple, tuple, int] | None:
+    """For ``[-x[..., a], x[..., b]]`` joined on the last axis: ``(x, slice b, slice a, L)``.
+
+    Both rotations write their two halves this way (rotate-half with ``cat``, GPT-J's
+    rotate_every_two with ``stack``); the slices say which one it is.
+    """
+    if not isinstance(ts, (list, tuple)) or len(ts) != 2 or r is None \
+            or G.norm_dim(_int(dim, 0), r) != r - 1:
+        return None
+    neg_part = _neg_of(ts[0])
+    s2 = _last_dim_slice(neg_part) if neg_part is not None else None
+    s1 = _last_dim_slice(ts[1])
+    if not s1 or not s2:
+        return None
+    x = _strip(s1[0])
+    L = _last(x)
+    if x is not _strip(s2[0]) or L is None or L % 2:
+        return None
+    return x, s1[1:], s2[1:], L
+
+
 def _rotation_source(node: fx.Node) -> tuple[str, fx.Node, str] | None:
     """``(style, x, halves)`` when ``node`` is rotate_half(x) or rotate_every_two(x)."""
     o = G.op(node)
     if o == "cat":
-        ts, dim = G.arg(node, "tensors"), G.arg(node, "dim", 0)
-        r = G.rank(node)
-        if not isinstance(ts, (list, tuple)) or len(ts) != 2 or r is None \
-                or G.norm_dim(_int(dim, 0), r) != r - 1:
+        ts = G.arg(node, "tensors")
+        pair = _neg_pair(ts, G.arg(node, "dim", 0), G.rank(node))
+        if pair is None:
             return None
-        neg_part = _neg_of(ts[0])
-        s2 = _last_dim_slice(neg_part) if neg_part is not None else None
-        s1 = _last_dim_slice(ts[1])
-        if not s1 or not s2:
-            return None
-        x = _strip(s1[0])
-        L = _last(x)
-        if x is not _strip(s2[0]) or L is None or L % 2:
-            return None
+        x, s1, s2, L = pair
         h = L // 2
-        if s1[1:] != (0, h, 1) or s2[1:] != (h, L, 1):
+        if s1 != (0, h, 1) or s2 != (h, L, 1):
             return None
         spelling = G.op(ts[1]) if G.op(ts[1]) != "getitem" else (
             G.op(ts[1].args[0]) if G.op(ts[1].args[0]) in ("chunk", "split") else "slice")
@@ -400,20 +412,11 @@ def _rotation_source(node: fx.Node) -> tuple[str, fx.Node, str] | None:
             return None
         ts, dim = G.arg(stack, "tensors", stack.args[0]), stack.kwargs.get(
             "dim", stack.args[1] if len(stack.args) > 1 else 0)
-        r = G.rank(stack)
-        if not isinstance(ts, (list, tuple)) or len(ts) != 2 or r is None \
-                or G.norm_dim(_int(dim, 0), r) != r - 1:
+        pair = _neg_pair(ts, dim, G.rank(stack))
+        if pair is None:
             return None
-        neg_part = _neg_of(ts[0])
-        s2 = _last_dim_slice(neg_part) if neg_part is not None else None
-        s1 = _last_dim_slice(ts[1])
-        if not s1 or not s2:
-            return None
-        x = _strip(s1[0])
-        L = _last(x)
-        if x is not _strip(s2[0]) or L is None or L % 2:
-            return None
-        if s1[1:] != (0, L, 2) or s2[1:] != (1, L, 2) or _shape(node) != _shape(x):
+        x, s1, s2, L = pair
+        if s1 != (0, L, 2) or s2 != (1, L, 2) or _shape(node) != _shape(x):
             return None
         return "interleaved", x, "strided"
     return None
