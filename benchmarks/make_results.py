@@ -108,7 +108,7 @@ def render(rows: list[dict]) -> str:
             if t in tasks:
                 out += [f"### {t}", ""] + passkey_grid(rs, t)
         wrong = [(r["task"], r["length"], a) for r in rs if r.get("depth") is None
-                 for a in r.get("answers") or [] if "key" in a and not a["answer"].startswith(a["key"])]
+                 for a in r.get("answers") or [] if "key" in a and first_number(a["answer"]) != a["key"]]
         if wrong:
             out += ["Wrong answers (what the model wrote after \"The pass key is\"):", ""]
             out += [f"- {t} {n} depth {a['depth']:g}: key {a['key']}, answered `{a['answer'].replace(chr(10), ' ⏎ ')}`"
