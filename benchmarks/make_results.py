@@ -16,6 +16,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from longfx.eval import load_rows   # the installed package: never put the repo root on sys.path
+from longfx.eval.data import first_number
 from longfx.eval.table import fmt, markdown, pooled
 
 HERE = Path(__file__).parent
