@@ -203,6 +203,11 @@ def _find_pv(softmax: fx.Node) -> tuple[fx.Node, Any] | None:
                 nxt = u
             elif name == "getitem" and G.op(n) == "dropout":
                 nxt = u   # aten native_dropout returns (out, mask)
+            elif name == "view" and u.args and u.args[0] is n:
+                # e.g. Bloom: [B, H, S, Skv] -> [B*H, S, Skv] before bmm. Reported, not taken:
+                # the canonical op would need the mask and bias reshaped alike.
+                ok = _Bad("probabilities are reshaped between the softmax and the v contraction")
+                nxt = u
         if nxt is None:
             return None
         n = nxt
@@ -309,6 +314,9 @@ def _walk_scores(x: Any) -> _Scores:
             s.masks.append((m, "drop", 1.0))
             x = inp
             continue
+        if name == "view":
+            s.reason = "scores are reshaped between the q·kᵀ contraction and the softmax"
+            return s
         if name == "getitem" and _is_view_slice(x):
             s.reason = "scores are sliced before the softmax"
             return s
@@ -366,7 +374,7 @@ def _leads_to_contraction(x: Any, depth: int = 16) -> bool:
         name = G.op(x)
         if name in ("matmul", "baddbmm"):
             return True
-        if name in (*_PASS, "mul", "div", "tanh"):
+        if name in (*_PASS, "mul", "div", "tanh", "view"):
             x = x.args[0] if G.scalar(x.args[0]) is None else x.args[1]
             continue
         if name == "add":

@@ -79,3 +79,17 @@ def test_dropout_in_training_mode_is_a_near_miss():
             m.p = 0.1
     result = testing.run_pass(model, (x,), canonicalize=False)
     testing.assert_rejected(result, "attention", "dropout")
+
+
+def test_bloom_reshaped_scores_are_near_misses_and_model_unchanged():
+    # Bloom (ALiBi) reshapes [B*H, S, Skv] scores to [B, H, S, Skv] around the softmax: found,
+    # not taken, with the reason; the graph runs unrewritten.
+    import transformers
+
+    cfg = transformers.BloomConfig(vocab_size=128, hidden_size=64, n_layer=2, n_head=4)
+    torch.manual_seed(0)
+    model = transformers.BloomForCausalLM._from_config(cfg, attn_implementation="eager").eval()
+    result = testing.run_pass(model, {"input_ids": torch.randint(3, 128, (2, 11))})
+    testing.assert_counts(result, "attention", found=2, rewritable=0, rewritten=0)
+    testing.assert_rejected(result, "attention", "reshaped")
+    testing.assert_close(result, rtol=0)
