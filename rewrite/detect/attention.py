@@ -125,7 +125,7 @@ def _eager_site(softmax: fx.Node) -> AttentionSite | None:
         site.nodes["output"] = softmax
         return site.reject("softmax feeds no second contraction with v "
                            "(attention probabilities used elsewhere, or not attention)")
-    pv_node, probs_chain_ok = pv
+    pv_node, probs_problem = pv
     site.nodes["output"] = pv_node
     site.nodes["pv"] = pv_node
     if xr is None or dim != xr - 1:
@@ -134,9 +134,8 @@ def _eager_site(softmax: fx.Node) -> AttentionSite | None:
         return site.reject(scores.reason)
     if scores.qk is None:
         return site.reject("no q·kᵀ contraction found before the softmax")
-    if not probs_chain_ok:
-        return site.reject(probs_chain_ok.reason if hasattr(probs_chain_ok, "reason") else
-                           "probabilities are modified between softmax and the v contraction")
+    if probs_problem:
+        return site.reject(probs_problem)
     if softmax_extra_users(softmax, pv_node):
         return site.reject("attention probabilities are also used elsewhere "
                            "(e.g. returned with output_attentions=True)")
@@ -175,38 +174,30 @@ def softmax_extra_users(softmax: fx.Node, pv: fx.Node) -> bool:
     return False
 
 
-class _Bad:
-    def __init__(self, reason: str):
-        self.reason = reason
-
-    def __bool__(self) -> bool:
-        return False
-
-
-def _find_pv(softmax: fx.Node) -> tuple[fx.Node, Any] | None:
+def _find_pv(softmax: fx.Node) -> tuple[fx.Node, str | None] | None:
     """The p·v contraction the probabilities flow into (through casts and dropout)."""
     n = softmax
-    ok: Any = True
+    problem: str | None = None     # why the probabilities are not used as they are
     for _ in range(8):
         nxt = None
         for u in n.users:
             name = G.op(u)
             if name in ("matmul",) and u.args and u.args[0] is n:
-                return u, ok
+                return u, problem
             if name in _PASS and u.args and u.args[0] is n:
                 nxt = u
             elif name == "dropout" and u.args and u.args[0] is n:
                 p = G.scalar(G.arg(u, "p", 0.5))
                 training = G.arg(u, "training", True)
                 if p and training is not False:
-                    ok = _Bad(f"dropout p={p} active between softmax and v (training mode)")
+                    problem = f"dropout p={p} active between softmax and v (training mode)"
                 nxt = u
             elif name == "getitem" and G.op(n) == "dropout":
                 nxt = u   # aten native_dropout returns (out, mask)
             elif name == "view" and u.args and u.args[0] is n:
                 # e.g. Bloom: [B, H, S, Skv] -> [B*H, S, Skv] before bmm. Reported, not taken:
                 # the canonical op would need the mask and bias reshaped alike.
-                ok = _Bad("probabilities are reshaped between the softmax and the v contraction")
+                problem = "probabilities are reshaped between the softmax and the v contraction"
                 nxt = u
         if nxt is None:
             return None
@@ -317,7 +308,7 @@ def _walk_scores(x: Any) -> _Scores:
         if name == "view":
             s.reason = "scores are reshaped between the q·kᵀ contraction and the softmax"
             return s
-        if name == "getitem" and _is_view_slice(x):
+        if name in ("getitem", "slice"):
             s.reason = "scores are sliced before the softmax"
             return s
         s.reason = f"unsupported op '{G.raw_name(x)}' between the q·kᵀ contraction and the softmax"
@@ -388,10 +379,6 @@ def _leads_to_contraction(x: Any, depth: int = 16) -> bool:
             continue
         return False
     return False
-
-
-def _is_view_slice(x: fx.Node) -> bool:
-    return G.op(x) in ("getitem", "slice")
 
 
 def _unscale_q(q: Any, s: _Scores) -> Any:
