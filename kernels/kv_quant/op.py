@@ -1,0 +1,98 @@
+"""``longfx::kv_quant_*`` — the custom ops a ``kv_quant(...)`` recipe turns KV sites into.
+
+The state is seven explicit tensors of fixed dtype and static shape (layout: reference.py),
+passed positionally in ``QuantizedKV.NAMES`` order, so a graph can take it as inputs and a
+runtime (HF ``Cache``, ONNX runner) can own it:
+
+    k_codes uint8, k_params fp16|uint8, v_codes uint8, v_params fp16|uint8,
+    k_ring, v_ring (model dtype), length int64 [1]
+
+* ``kv_quant_append(*state, k, v, bits, group)`` mutates the state in place (quantize-on-append:
+  whole groups leaving the full-precision ring are packed; the length advances by k's S).
+  Under torch.compile / export it is functionalized like any in-place cache update.
+* ``kv_quant_attention(q, *state, scale, bits, group)`` — the last S positions of the state
+  attend to all of it (bottom-right causal, GQA), reading the packed codes.
+* ``kv_quant_attention_emulated(q, k, v, scale, bits, group, residual, scales, gear_rank,
+  gear_outliers)`` — fp tensors in, the output token-by-token decoding over a quantized state
+  would give (quantize -> dequantize, optional GEAR): for perplexity at model level.
+
+The ring size and scale format are read off the tensors (``k_ring.shape[2]``,
+``k_params.dtype``). Lowering: the Triton kernels (triton.py) on CUDA when they support the
+shapes, else the reference; the Triton path reads ``length`` on the device (no host sync, CUDA
+graph friendly) and therefore does not check the capacity: the caller must.
+"""
+from __future__ import annotations
+
+import torch
+
+from longfx.kernels.kv_quant import reference
+
+STATE_ARGS = reference.QuantizedKV.NAMES
+
+
+def _triton_impl():
+    try:
+        from longfx.kernels.kv_quant import triton as impl
+    except Exception:  # noqa: BLE001 - no triton, or no CUDA build: the reference serves
+        return None
+    return impl if getattr(impl, "AVAILABLE", False) else None
+
+
+def _impl_for(x: torch.Tensor):
+    return _triton_impl() if x.is_cuda else None
+
+
+@torch.library.custom_op("longfx::kv_quant_append", mutates_args=STATE_ARGS)
+def kv_quant_append(k_codes: torch.Tensor, k_params: torch.Tensor, v_codes: torch.Tensor,
+                    v_params: torch.Tensor, k_ring: torch.Tensor, v_ring: torch.Tensor,
+                    length: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bits: int,
+                    group: int) -> None:
+    tensors = (k_codes, k_params, v_codes, v_params, k_ring, v_ring, length)
+    state = reference.QuantizedKV.from_tensors(tensors, bits, group)
+    impl = _impl_for(k)
+    if impl is not None and impl.supports_append(state, k, v):
+        impl.append(state, k, v)
+    else:
+        reference.append(state, k, v)
+
+
+@kv_quant_append.register_fake
+def _(k_codes, k_params, v_codes, v_params, k_ring, v_ring, length, k, v, bits, group):
+    return None
+
+
+@torch.library.custom_op("longfx::kv_quant_attention", mutates_args=())
+def kv_quant_attention(q: torch.Tensor, k_codes: torch.Tensor, k_params: torch.Tensor,
+                       v_codes: torch.Tensor, v_params: torch.Tensor, k_ring: torch.Tensor,
+                       v_ring: torch.Tensor, length: torch.Tensor, scale: float, bits: int,
+                       group: int) -> torch.Tensor:
+    tensors = (k_codes, k_params, v_codes, v_params, k_ring, v_ring, length)
+    state = reference.QuantizedKV.from_tensors(tensors, bits, group)
+    impl = _impl_for(q)
+    if impl is not None and impl.supports_attention(q, state):
+        return impl.attention_decode(q, state, scale)
+    return reference.attention_decode(q, state, scale)
+
+
+@kv_quant_attention.register_fake
+def _(q, k_codes, k_params, v_codes, v_params, k_ring, v_ring, length, scale, bits, group):
+    return q.new_empty((*q.shape[:-1], k_ring.shape[-1]))
+
+
+@torch.library.custom_op("longfx::kv_quant_attention_emulated", mutates_args=())
+def kv_quant_attention_emulated(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                                bits: int, group: int, residual: int, scales: str,
+                                gear_rank: int, gear_outliers: float) -> torch.Tensor:
+    config = reference.KVQuantConfig(bits, group, residual, scales)
+    gear = reference.Gear(gear_rank, gear_outliers) if gear_rank or gear_outliers else None
+    return reference.attention_emulated(q, k, v, config, scale, gear)
+
+
+@kv_quant_attention_emulated.register_fake
+def _(q, k, v, scale, bits, group, residual, scales, gear_rank, gear_outliers):
+    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
+APPEND = torch.ops.longfx.kv_quant_append.default
+ATTENTION = torch.ops.longfx.kv_quant_attention.default
+EMULATED = torch.ops.longfx.kv_quant_attention_emulated.default

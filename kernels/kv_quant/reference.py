@@ -1,0 +1,526 @@
+"""Reference quantized KV state: plain torch, obviously correct, any device.
+
+KIVI (Liu et al. 2024, "KIVI: A Tuning-Free Asymmetric 2bit Quantization for KV Cache"):
+keys are quantized **per channel** — a group of ``group`` consecutive tokens shares one
+(scale, zero) per channel, because key outliers live in fixed channels — and values **per
+token** — ``group`` consecutive channels of one token share one (scale, zero). Quantization is
+asymmetric: ``x ≈ code · a + b`` with ``code`` in ``0 .. 2^bits − 1``.
+
+The most recent tokens stay in full precision in a ring of ``R`` slots (KIVI's residual
+``R``): ``R`` is ``residual`` rounded up to a multiple of ``group``, and at least one group.
+When an append would leave more than ``R`` tokens in full precision, the oldest whole groups
+are quantized, so with ``L`` tokens the first
+
+    n_packed(L) = group · max(0, ceil((L − R) / group))
+
+are packed and the last ``L − n_packed(L)`` (between ``R − group + 1`` and ``R`` once
+``L > R``) sit in the ring at slot ``position % R``.
+
+Codes are packed ``8 / bits`` to a byte along the channel axis: byte ``j`` holds channels
+``per_byte·j + i`` at bits ``bits·i`` (little end first), for keys and values alike.
+
+Scale formats (``scales``), one (scale, zero) pair per group:
+
+* ``"fp16"`` — KIVI's: fp16 scale ``a = (max − min) / qmax`` and fp16 zero ``b = min``.
+  4 bytes a group: at group=64 that is 0.5 bit per element, which puts a 4-bit state at
+  0.284× bf16 and a 2-bit one at 0.160× — over the issue's 0.27× / 0.15× budget.
+* ``"u8"`` (default) — 2 bytes a group: an 8-bit log scale ``a = 2^((c − 160) / 8)``
+  (rounded *up*, 1/8-octave steps, ``2^-20 .. 2^11.9``) and an int8 zero ``b = a · z · qmax/32``
+  (offset-by-128 in a uint8). The zero moves in steps of 1/32 of the code range, so the grid
+  keeps one zero step of slack: ``a ≥ (max − min) / (qmax − qmax/32)``; a group whose
+  ``|min|`` lies beyond 127 zero steps gets a larger scale. Every element of the group is
+  still within ``a / 2`` of its value (error ≤ scale / 2, as with fp16).
+
+State tensors (``QuantizedKV``), fixed dtypes and static shapes so that a graph can take and
+return them (Sp = packed capacity, a multiple of group; Jv = ceil(D / group)):
+
+    k_codes  uint8        [B, Hkv, Sp, D·bits/8]     packed key codes
+    k_params fp16 | uint8 [B, Hkv, Sp/group, 2, D]   per (key group, channel): (scale, zero)
+    v_codes  uint8        [B, Hkv, Sp, D·bits/8]     packed value codes
+    v_params fp16 | uint8 [B, Hkv, Sp, 2, Jv]        per (token, channel group): (scale, zero)
+    k_ring   model dtype  [B, Hkv, R, D]             full-precision recent keys
+    v_ring   model dtype  [B, Hkv, R, D]
+    length   int64        [1]                        tokens held (all batch rows alike)
+
+GEAR (Kang et al. 2024, "GEAR: An Efficient KV Cache Compression Recipe for Near-Lossless
+Generative Inference of LLM") is here as an emulation option: per group of ``group`` tokens,
+the largest-magnitude entries are kept exactly (sparse), the rest is quantized, and a rank-r
+SVD of what quantization lost is added back.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from longfx.kernels.attention.reference import attention
+
+BITS = (2, 4, 8)
+SCALES = ("u8", "fp16")
+SCALE_BIAS = 160          # u8 scale code c stands for 2^((c - SCALE_BIAS) / SCALE_STEPS)
+SCALE_STEPS = 8
+MIN_SCALE = 2.0 ** -20
+ZERO_STEPS = 32           # u8 zero moves in steps of qmax / ZERO_STEPS scales
+
+
+@dataclass(frozen=True)
+class KVQuantConfig:
+    """``kv_quant(bits=4, group=64, residual=128)``: see the module docstring."""
+    bits: int = 4
+    group: int = 64
+    residual: int = 128
+    scales: str = "u8"
+
+    def __post_init__(self):
+        if self.bits not in BITS:
+            raise ValueError(f"bits must be one of {BITS}, got {self.bits}")
+        if self.group < 1:
+            raise ValueError(f"group must be >= 1, got {self.group}")
+        if self.residual < 0:
+            raise ValueError(f"residual must be >= 0, got {self.residual}")
+        if self.scales not in SCALES:
+            raise ValueError(f"scales must be one of {SCALES}, got {self.scales!r}")
+
+    def __str__(self):
+        extra = "" if self.scales == "u8" else f", scales={self.scales!r}"
+        return f"kv_quant(bits={self.bits}, group={self.group}, residual={self.residual}{extra})"
+
+    @property
+    def qmax(self) -> int:
+        return (1 << self.bits) - 1
+
+    @property
+    def per_byte(self) -> int:
+        return 8 // self.bits
+
+    @property
+    def ring(self) -> int:
+        """Full-precision ring slots R: residual rounded up to whole groups, at least one."""
+        return max(1, -(-self.residual // self.group)) * self.group
+
+    @property
+    def params_dtype(self) -> torch.dtype:
+        return torch.float16 if self.scales == "fp16" else torch.uint8
+
+    def value_groups(self, head_dim: int) -> int:
+        return -(-head_dim // self.group)
+
+    def check_head_dim(self, head_dim: int) -> None:
+        if head_dim % self.per_byte:
+            raise ValueError(f"head_dim {head_dim} is not a multiple of {self.per_byte} "
+                             f"({self.bits}-bit codes are packed {self.per_byte} to a byte)")
+
+
+def n_packed(length, config: KVQuantConfig):
+    """Tokens in packed storage when ``length`` tokens are held (int or int tensor)."""
+    g, r = config.group, config.ring
+    if isinstance(length, torch.Tensor):
+        return ((length - r + g - 1).div(g, rounding_mode="floor")).clamp(min=0) * g
+    return max(0, -(-(length - r) // g)) * g
+
+
+# ---------------------------------------------------------------- packing
+
+def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 codes [..., n] (each < 2^bits) -> uint8 [..., n·bits/8], adjacent codes to a byte."""
+    if bits not in BITS:
+        raise ValueError(f"bits must be one of {BITS}, got {bits}")
+    per = 8 // bits
+    if codes.shape[-1] % per:
+        raise ValueError(f"last dim {codes.shape[-1]} is not a multiple of {per}")
+    c = codes.to(torch.int32).unflatten(-1, (-1, per))                 # [..., n/per, per]
+    shifts = torch.arange(per, device=codes.device, dtype=torch.int32) * bits
+    return (c << shifts).sum(-1).to(torch.uint8)
+
+
+def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 [..., m] -> uint8 codes [..., m·8/bits] (inverse of ``pack``)."""
+    if bits not in BITS:
+        raise ValueError(f"bits must be one of {BITS}, got {bits}")
+    per = 8 // bits
+    shifts = torch.arange(per, device=packed.device, dtype=torch.int32) * bits
+    c = (packed.to(torch.int32)[..., None] >> shifts) & ((1 << bits) - 1)   # [..., m, per]
+    return c.flatten(-2).to(torch.uint8)
+
+
+# ---------------------------------------------------------------- group quantization
+
+def scale_of_code(c: torch.Tensor) -> torch.Tensor:
+    """The u8 format's scale for code c (float)."""
+    return torch.exp2((c.float() - SCALE_BIAS) / SCALE_STEPS)
+
+
+def group_params(mn: torch.Tensor, mx: torch.Tensor, bits: int, scales: str) -> torch.Tensor:
+    """Per-group min/max (fp32 [...]) -> stored (scale, zero) [..., 2] (fp16 or uint8)."""
+    qmax = (1 << bits) - 1
+    if scales == "fp16":
+        return torch.stack(((mx - mn) / qmax, mn), -1).to(torch.float16)
+    z_unit = qmax / ZERO_STEPS
+    s = torch.maximum((mx - mn) / (qmax - z_unit), mn.abs() / (127 * z_unit))
+    s = s.clamp(min=MIN_SCALE)
+    c = torch.ceil(torch.log2(s) * SCALE_STEPS) + SCALE_BIAS
+    c = torch.where(scale_of_code(c) < s, c + 1, c).clamp(0, 255)     # never round down
+    zc = torch.floor(mn / (scale_of_code(c) * z_unit)).clamp(-128, 127)
+    return torch.stack((c, zc + 128), -1).to(torch.uint8)
+
+
+def affine(params: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stored params [..., 2] -> fp32 (a, b) with x ≈ code · a + b."""
+    if params.dtype == torch.float16:
+        return params[..., 0].float(), params[..., 1].float()
+    a = scale_of_code(params[..., 0])
+    z_unit = ((1 << bits) - 1) / ZERO_STEPS
+    return a, a * ((params[..., 1].float() - 128) * z_unit)
+
+
+def quantize_codes(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bits: int) -> torch.Tensor:
+    """fp32 x and broadcastable (a, b) -> uint8 codes floor((x − b) / a + 1/2) in 0..qmax."""
+    safe = torch.where(a > 0, a, torch.ones_like(a))
+    q = torch.floor((x - b) / safe + 0.5).clamp(0, (1 << bits) - 1)
+    return q.to(torch.uint8)
+
+
+def quantize_keys(k: torch.Tensor, config: KVQuantConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel (KIVI) quantization of k [B, Hkv, T, D], T a multiple of group.
+
+    Returns packed codes uint8 [B, Hkv, T, D·bits/8] and params [B, Hkv, T/group, 2, D]."""
+    B, H, T, D = k.shape
+    g = config.group
+    if T % g:
+        raise ValueError(f"{T} key tokens are not whole groups of {g}")
+    config.check_head_dim(D)
+    x = k.float().view(B, H, T // g, g, D)                              # [B, Hkv, T/g, g, D]
+    params = group_params(x.amin(3), x.amax(3), config.bits, config.scales)  # [.., T/g, D, 2]
+    a, b = affine(params, config.bits)                                 # [B, Hkv, T/g, D]
+    codes = quantize_codes(x, a[:, :, :, None], b[:, :, :, None], config.bits)
+    return pack(codes.view(B, H, T, D), config.bits), params.transpose(-1, -2).contiguous()
+
+
+def quantize_values(v: torch.Tensor, config: KVQuantConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token (KIVI) quantization of v [B, Hkv, T, D] in groups of ``group`` channels (the
+    last group is short when group does not divide D).
+
+    Returns packed codes uint8 [B, Hkv, T, D·bits/8] and params [B, Hkv, T, 2, Jv]."""
+    B, H, T, D = v.shape
+    g = config.group
+    config.check_head_dim(D)
+    jv = config.value_groups(D)
+    x = torch.nn.functional.pad(v.float(), (0, jv * g - D), value=float("nan"))
+    x = x.view(B, H, T, jv, g)                                          # [B, Hkv, T, Jv, g]
+    pad = x.isnan()
+    mn = torch.where(pad, float("inf"), x).amin(-1)
+    mx = torch.where(pad, float("-inf"), x).amax(-1)
+    params = group_params(mn, mx, config.bits, config.scales)           # [B, Hkv, T, Jv, 2]
+    a, b = affine(params, config.bits)
+    codes = quantize_codes(x.nan_to_num(0.0), a[..., None], b[..., None], config.bits)
+    codes = codes.view(B, H, T, jv * g)[..., :D]
+    return pack(codes, config.bits), params.transpose(-1, -2).contiguous()
+
+
+def dequantize_keys(packed: torch.Tensor, params: torch.Tensor,
+                    config: KVQuantConfig) -> torch.Tensor:
+    """Packed keys [B, Hkv, T, D·bits/8] + params [B, Hkv, T/group, 2, D] -> fp32 [B, Hkv, T, D]."""
+    codes = unpack(packed, config.bits).float()
+    B, H, T, D = codes.shape
+    g = config.group
+    a, b = affine(params.transpose(-1, -2), config.bits)               # [B, Hkv, T/g, D]
+    x = codes.view(B, H, T // g, g, D) * a[:, :, :, None] + b[:, :, :, None]
+    return x.view(B, H, T, D)
+
+
+def dequantize_values(packed: torch.Tensor, params: torch.Tensor,
+                      config: KVQuantConfig) -> torch.Tensor:
+    """Packed values [B, Hkv, T, D·bits/8] + params [B, Hkv, T, 2, Jv] -> fp32 [B, Hkv, T, D]."""
+    codes = unpack(packed, config.bits).float()
+    D = codes.shape[-1]
+    a, b = affine(params.transpose(-1, -2), config.bits)               # [B, Hkv, T, Jv]
+    a = a.repeat_interleave(config.group, -1)[..., :D]                # [B, Hkv, T, D]
+    b = b.repeat_interleave(config.group, -1)[..., :D]
+    return codes * a + b
+
+
+def roundtrip_keys(k: torch.Tensor, config: KVQuantConfig) -> torch.Tensor:
+    """quantize -> dequantize of whole key groups, in k's dtype."""
+    return dequantize_keys(*quantize_keys(k, config), config).to(k.dtype)
+
+
+def roundtrip_values(v: torch.Tensor, config: KVQuantConfig) -> torch.Tensor:
+    return dequantize_values(*quantize_values(v, config), config).to(v.dtype)
+
+
+def step_size(params: torch.Tensor, bits: int) -> torch.Tensor:
+    """The quantization step a (fp32) of each group: errors are at most a / 2."""
+    return affine(params, bits)[0]
+
+
+# ---------------------------------------------------------------- GEAR (emulation only)
+
+@dataclass(frozen=True)
+class Gear:
+    """GEAR's error correction (Kang et al. 2024): ``outliers`` — fraction of entries of each
+    [group, D] block kept exactly (largest magnitudes, a sparse matrix S); ``rank`` — rank of the
+    SVD approximation L of the residual X − S − Q(X − S). Reconstruction: Q(X − S) + L + S."""
+    rank: int = 4
+    outliers: float = 0.01
+
+    def __post_init__(self):
+        if self.rank < 0:
+            raise ValueError(f"rank must be >= 0, got {self.rank}")
+        if not 0.0 <= self.outliers < 1.0:
+            raise ValueError(f"outliers must be a fraction in [0, 1), got {self.outliers}")
+
+
+def gear_roundtrip(x: torch.Tensor, kind: str, config: KVQuantConfig, gear: Gear) -> torch.Tensor:
+    """GEAR-corrected quantize -> dequantize of x [B, Hkv, T, D] (T whole groups); ``kind`` is
+    "keys" (per-channel) or "values" (per-token). Each group of ``group`` tokens is compressed
+    on its own, as a streaming state would (GEAR's buffered strategy)."""
+    if kind not in ("keys", "values"):
+        raise ValueError(f"kind must be 'keys' or 'values', got {kind!r}")
+    B, H, T, D = x.shape
+    g = config.group
+    if T % g:
+        raise ValueError(f"{T} tokens are not whole groups of {g}")
+    xf = x.float()
+    blocks = xf.view(B, H, T // g, g * D)                              # [B, Hkv, T/g, g·D]
+    sparse = torch.zeros_like(blocks)
+    n_out = math.ceil(gear.outliers * g * D)
+    if n_out:
+        idx = blocks.abs().topk(n_out, dim=-1).indices
+        sparse.scatter_(-1, idx, blocks.gather(-1, idx))
+    sparse = sparse.view(B, H, T, D)
+    rt = roundtrip_keys if kind == "keys" else roundtrip_values
+    dense = rt(xf - sparse, config)
+    out = dense + sparse
+    if gear.rank:
+        err = (xf - out).view(B, H, T // g, g, D)                      # [B, Hkv, T/g, g, D]
+        u, s, vh = torch.linalg.svd(err, full_matrices=False)
+        r = min(gear.rank, s.shape[-1])
+        low = (u[..., :r] * s[..., None, :r]) @ vh[..., :r, :]
+        out = out + low.reshape(B, H, T, D)
+    return out.to(x.dtype)
+
+
+# ---------------------------------------------------------------- emulation (fake quantization)
+
+def _roundtrip_groups(x: torch.Tensor, kind: str, config: KVQuantConfig, gear: Gear | None):
+    """x with its whole groups of tokens replaced by their quantize -> dequantize."""
+    full = x.shape[2] // config.group * config.group
+    if full == 0:
+        return x
+    head = x[:, :, :full]
+    if gear is not None:
+        rt = gear_roundtrip(head, kind, config, gear)
+    elif kind == "keys":
+        rt = roundtrip_keys(head, config)
+    else:
+        rt = roundtrip_values(head, config)
+    return torch.cat((rt, x[:, :, full:]), dim=2)
+
+
+def fake_quantize(k: torch.Tensor, v: torch.Tensor, config: KVQuantConfig,
+                  gear: Gear | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """What a state holding k, v [B, Hkv, T, D] gives back: the first n_packed(T) tokens
+    quantized -> dequantized (with GEAR's correction when given), the rest unchanged."""
+    n = n_packed(k.shape[2], config)
+    kq = _roundtrip_groups(k[:, :, :n], "keys", config, gear)
+    vq = _roundtrip_groups(v[:, :, :n], "values", config, gear)
+    return torch.cat((kq, k[:, :, n:]), 2), torch.cat((vq, v[:, :, n:]), 2)
+
+
+def attention_emulated(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: KVQuantConfig,
+                       scale: float | None = None, gear: Gear | None = None,
+                       chunk: int = 1024) -> torch.Tensor:
+    """Causal attention as token-by-token decoding over a quantized state would compute it, in
+    one pass (for perplexity): query i, at position p = Skv − S + i, sees keys j <= p, read
+    quantized -> dequantized when j < n_packed(p + 1) and exact otherwise.
+
+    q [B, H, S, D]; k, v [B, Hkv, Skv, D]. Queries are processed ``chunk`` at a time."""
+    if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape:
+        raise ValueError(f"expected q [B, H, S, D] and k, v [B, Hkv, Skv, D], got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    S, Skv = q.shape[2], k.shape[2]
+    if S > Skv:
+        raise ValueError(f"{S} queries but only {Skv} keys")
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    kq = _roundtrip_groups(k, "keys", config, gear)
+    vq = _roundtrip_groups(v, "values", config, gear)
+    groups = q.shape[1] // k.shape[1]
+    k, v, kq, vq = (t.repeat_interleave(groups, 1) for t in (k, v, kq, vq))
+    kpos = torch.arange(Skv, device=q.device)
+    outs = []
+    for c0 in range(0, S, chunk):
+        qc = q[:, :, c0:c0 + chunk]
+        p = torch.arange(Skv - S + c0, Skv - S + c0 + qc.shape[2], device=q.device)
+        quant = kpos[None, :] < n_packed(p + 1, config)[:, None]          # [s, Skv]
+        seen = kpos[None, :] <= p[:, None]
+        scores = torch.where(quant, qc @ kq.transpose(-1, -2), qc @ k.transpose(-1, -2))
+        scores = (scores * scale).float().masked_fill(~seen, float("-inf"))
+        probs = torch.softmax(scores, -1)                               # [B, H, s, Skv]
+        pq = probs.masked_fill(~quant, 0.0).to(v.dtype)
+        pf = probs.masked_fill(quant, 0.0).to(v.dtype)
+        outs.append(pq @ vq + pf @ v)
+    return torch.cat(outs, 2)
+
+
+# ---------------------------------------------------------------- the state
+
+@dataclass
+class QuantizedKV:
+    """One layer's quantized KV state (layout: module docstring). Mutated in place by ``append``."""
+    k_codes: torch.Tensor
+    k_params: torch.Tensor
+    v_codes: torch.Tensor
+    v_params: torch.Tensor
+    k_ring: torch.Tensor
+    v_ring: torch.Tensor
+    length: torch.Tensor
+    config: KVQuantConfig
+
+    NAMES = ("k_codes", "k_params", "v_codes", "v_params", "k_ring", "v_ring", "length")
+
+    @classmethod
+    def empty(cls, batch: int, kv_heads: int, head_dim: int, capacity: int,
+              config: KVQuantConfig = KVQuantConfig(), dtype: torch.dtype = torch.bfloat16,
+              device=None) -> "QuantizedKV":
+        """A state for up to ``capacity`` tokens (device="meta" sizes it without memory)."""
+        config.check_head_dim(head_dim)
+        if capacity < 0:
+            raise ValueError(f"capacity must be >= 0, got {capacity}")
+        sp, r, g = n_packed(capacity, config), config.ring, config.group
+        dp, jv, pd = head_dim // config.per_byte, config.value_groups(head_dim), config.params_dtype
+        B, H = batch, kv_heads
+        return cls(
+            k_codes=torch.zeros(B, H, sp, dp, dtype=torch.uint8, device=device),
+            k_params=torch.zeros(B, H, sp // g, 2, head_dim, dtype=pd, device=device),
+            v_codes=torch.zeros(B, H, sp, dp, dtype=torch.uint8, device=device),
+            v_params=torch.zeros(B, H, sp, 2, jv, dtype=pd, device=device),
+            k_ring=torch.zeros(B, H, r, head_dim, dtype=dtype, device=device),
+            v_ring=torch.zeros(B, H, r, head_dim, dtype=dtype, device=device),
+            length=torch.zeros(1, dtype=torch.int64, device=device),
+            config=config)
+
+    @classmethod
+    def from_tensors(cls, tensors, bits: int, group: int) -> "QuantizedKV":
+        """Rebuild the state from its seven tensors (the custom ops' arguments)."""
+        t = dict(zip(cls.NAMES, tensors))
+        scales = "fp16" if t["k_params"].dtype == torch.float16 else "u8"
+        state = cls(**t, config=KVQuantConfig(bits, group, t["k_ring"].shape[2], scales))
+        state.validate()
+        return state
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return tuple(getattr(self, n) for n in self.NAMES)
+
+    @property
+    def head_dim(self) -> int:
+        return self.k_ring.shape[-1]
+
+    @property
+    def capacity(self) -> int:
+        """Most tokens the state can hold."""
+        return self.k_codes.shape[2] + self.k_ring.shape[2]
+
+    def validate(self) -> None:
+        c, (B, H, R, D) = self.config, self.k_ring.shape
+        c.check_head_dim(D)
+        sp = self.k_codes.shape[2]
+        want = {"k_codes": ((B, H, sp, D // c.per_byte), torch.uint8),
+                "k_params": ((B, H, sp // c.group, 2, D), c.params_dtype),
+                "v_codes": ((B, H, sp, D // c.per_byte), torch.uint8),
+                "v_params": ((B, H, sp, 2, c.value_groups(D)), c.params_dtype),
+                "v_ring": ((B, H, R, D), self.k_ring.dtype),
+                "length": ((1,), torch.int64)}
+        for name, (shape, dtype) in want.items():
+            t = getattr(self, name)
+            if tuple(t.shape) != shape or t.dtype != dtype:
+                raise ValueError(f"{name} is {t.dtype} {tuple(t.shape)}, expected {dtype} "
+                                 f"{shape} for {c} with ring {tuple(self.k_ring.shape)}")
+        if sp % c.group or R != c.ring:
+            raise ValueError(f"packed capacity {sp} / ring {R} do not fit {c} (ring {c.ring})")
+
+
+def append(state: QuantizedKV, k: torch.Tensor, v: torch.Tensor) -> QuantizedKV:
+    """Append k, v [B, Hkv, s, D] in place: whole groups that leave the ring are quantized
+    (keys per channel, values per token) into packed storage, the rest goes to the ring."""
+    c = state.config
+    if k.shape != v.shape or k.dim() != 4 or k.shape[:2] != state.k_ring.shape[:2] \
+            or k.shape[-1] != state.head_dim:
+        raise ValueError(f"k, v must both be [B, Hkv, s, D] = {tuple(state.k_ring.shape[:2])} + "
+                         f"(s, {state.head_dim}), got {tuple(k.shape)} and {tuple(v.shape)}")
+    if k.dtype != state.k_ring.dtype or v.dtype != state.k_ring.dtype:
+        raise ValueError(f"k, v are {k.dtype}/{v.dtype}, the state holds {state.k_ring.dtype}")
+    L, s, R = int(state.length), k.shape[2], c.ring
+    if L + s > state.capacity:
+        raise ValueError(f"appending {s} tokens to {L} exceeds the capacity {state.capacity}")
+    n0, n1 = n_packed(L, c), n_packed(L + s, c)
+    if n1 > n0:
+        pos = torch.arange(n0, n1, device=k.device)
+        old = pos[pos < L]
+        fresh = max(0, n1 - L)                                            # new tokens packed now
+        xk = torch.cat((state.k_ring[:, :, old % R], k[:, :, :fresh]), 2)   # [B, Hkv, n1 - n0, D]
+        xv = torch.cat((state.v_ring[:, :, old % R], v[:, :, :fresh]), 2)
+        kc, kp = quantize_keys(xk, c)
+        vc, vp = quantize_values(xv, c)
+        state.k_codes[:, :, n0:n1] = kc
+        state.k_params[:, :, n0 // c.group:n1 // c.group] = kp
+        state.v_codes[:, :, n0:n1] = vc
+        state.v_params[:, :, n0:n1] = vp
+    keep = torch.arange(max(L, n1), L + s, device=k.device)               # positions to the ring
+    state.k_ring[:, :, keep % R] = k[:, :, keep - L]
+    state.v_ring[:, :, keep % R] = v[:, :, keep - L]
+    state.length += s
+    return state
+
+
+def dequantize_state(state: QuantizedKV) -> tuple[torch.Tensor, torch.Tensor]:
+    """All held keys and values, [B, Hkv, L, D] in the ring's dtype (quantized ones round-tripped)."""
+    c, L = state.config, int(state.length)
+    n = n_packed(L, c)
+    k = dequantize_keys(state.k_codes[:, :, :n], state.k_params[:, :, :n // c.group], c)
+    v = dequantize_values(state.v_codes[:, :, :n], state.v_params[:, :, :n], c)
+    slots = torch.arange(n, L, device=k.device) % c.ring
+    dt = state.k_ring.dtype
+    return (torch.cat((k.to(dt), state.k_ring[:, :, slots]), 2),
+            torch.cat((v.to(dt), state.v_ring[:, :, slots]), 2))
+
+
+def check_query(q: torch.Tensor, kv_heads: int, head_dim: int, length: int | None) -> None:
+    if q.dim() != 4 or q.shape[-1] != head_dim or q.shape[1] % kv_heads:
+        raise ValueError(f"q must be [B, H, S, {head_dim}] with H a multiple of {kv_heads} "
+                         f"kv heads, got {tuple(q.shape)}")
+    if length is not None and q.shape[2] > length:
+        raise ValueError(f"{q.shape[2]} queries but only {length} tokens in the state: queries "
+                         f"are the last positions of the state (append them first)")
+
+
+def attention_decode(q: torch.Tensor, state: QuantizedKV, scale: float | None = None) -> torch.Tensor:
+    """Attention of q [B, H, S, D] — the last S positions of the state, bottom-right causal —
+    over everything the state holds, dequantized (GQA: head h reads kv head h // (H / Hkv))."""
+    L = int(state.length)
+    check_query(q, state.k_ring.shape[1], state.head_dim, L)
+    k, v = dequantize_state(state)
+    S = q.shape[2]
+    mask = torch.ones(S, L, dtype=torch.bool, device=q.device).tril(L - S)   # [S, L]
+    return attention(q, k.to(q.dtype), v.to(q.dtype), mask, scale)
+
+
+# ---------------------------------------------------------------- memory
+
+def nbytes(state: QuantizedKV) -> int:
+    """Bytes of every tensor of the state, scales, zeros, ring and length included."""
+    return sum(t.numel() * t.element_size() for t in state.tensors())
+
+
+def state_bytes(capacity: int, kv_heads: int, head_dim: int, config: KVQuantConfig,
+                batch: int = 1, dtype: torch.dtype = torch.bfloat16) -> int:
+    """``nbytes`` of an empty state of that capacity, computed without allocating."""
+    return nbytes(QuantizedKV.empty(batch, kv_heads, head_dim, capacity, config, dtype, "meta"))
+
+
+def memory_ratio(capacity: int, kv_heads: int, head_dim: int, config: KVQuantConfig,
+                 dtype: torch.dtype = torch.bfloat16) -> float:
+    """State bytes over a plain K + V cache of the same capacity in ``dtype``."""
+    plain = 2 * capacity * kv_heads * head_dim * torch.finfo(dtype).bits // 8
+    return state_bytes(capacity, kv_heads, head_dim, config, 1, dtype) / plain

@@ -1,0 +1,231 @@
+"""The quantized-KV reference: packing, KIVI group quantization, the state's append semantics,
+memory ratios, GEAR, the decode-equivalent emulation and the custom ops."""
+import math
+
+import pytest
+import torch
+
+from longfx.kernels.attention.reference import attention
+from longfx.kernels.kv_quant import op  # noqa: F401 - registers the ops
+from longfx.kernels.kv_quant import reference as R
+
+
+def _rel(a, b):
+    return float((a.float() - b.float()).abs().max() / max(float(b.float().abs().max()), 1e-12))
+
+
+def _kv(B, H, T, D, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randn(B, H, T, D, generator=g)
+    k[..., 3] += 6.0                                        # a key outlier channel (KIVI's case)
+    return k.to(dtype), torch.randn(B, H, T, D, generator=g).to(dtype)
+
+
+@pytest.mark.parametrize("bits", R.BITS)
+def test_pack_unpack_roundtrip_and_layout(bits):
+    g = torch.Generator().manual_seed(bits)
+    codes = torch.randint(0, 1 << bits, (3, 5, 40), generator=g, dtype=torch.uint8)
+    packed = R.pack(codes, bits)
+    assert packed.dtype == torch.uint8 and packed.shape == (3, 5, 40 * bits // 8)
+    assert torch.equal(R.unpack(packed, bits), codes)
+    per = 8 // bits                                         # byte j: codes per·j + i at bits·i
+    want = sum(int(codes[0, 0, i]) << (bits * i) for i in range(per))
+    assert int(packed[0, 0, 0]) == want
+
+
+def test_pack_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="bits"):
+        R.pack(torch.zeros(4, dtype=torch.uint8), 3)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        R.pack(torch.zeros(6, dtype=torch.uint8), 2)
+    with pytest.raises(ValueError, match="bits"):
+        R.KVQuantConfig(bits=3)
+    with pytest.raises(ValueError, match="scales"):
+        R.KVQuantConfig(scales="fp8")
+    with pytest.raises(ValueError, match="head_dim 82"):
+        R.QuantizedKV.empty(1, 1, 82, 64, R.KVQuantConfig(bits=2))
+
+
+@pytest.mark.parametrize("scales", R.SCALES)
+@pytest.mark.parametrize("bits", R.BITS)
+@pytest.mark.parametrize("D,group", [(80, 32), (64, 64), (128, 64), (80, 64)])
+def test_quantization_error_within_half_a_step(bits, scales, D, group):
+    c = R.KVQuantConfig(bits=bits, group=group, scales=scales)
+    k, v = _kv(2, 2, 2 * group, D, seed=D + bits)
+    kc, kp = R.quantize_keys(k, c)
+    vc, vp = R.quantize_values(v, c)
+    assert kc.shape == (2, 2, 2 * group, D * bits // 8) and kp.shape == (2, 2, 2, 2, D)
+    assert vp.shape == (2, 2, 2 * group, 2, math.ceil(D / group))
+    assert kp.dtype == vp.dtype == c.params_dtype
+    # keys: one step per (group, channel); values: one per (token, channel group)
+    ka = R.step_size(kp.transpose(-1, -2), bits).repeat_interleave(group, 2)        # [B,H,T,D]
+    va = R.step_size(vp.transpose(-1, -2), bits).repeat_interleave(group, -1)[..., :D]
+    tol = 1e-3 if scales == "fp16" else 1e-5                 # fp16 rounding of min / scale
+    kerr = (R.dequantize_keys(kc, kp, c) - k).abs()
+    verr = (R.dequantize_values(vc, vp, c) - v).abs()
+    assert bool((kerr <= ka / 2 * (1 + tol) + tol * k.abs()).all())
+    assert bool((verr <= va / 2 * (1 + tol) + tol * v.abs()).all())
+    # steps are the tight KIVI ones, up to the u8 format's slack
+    rng = k.view(2, 2, 2, group, D).amax(3) - k.view(2, 2, 2, group, D).amin(3)
+    if scales == "fp16":
+        slack, ideal = 1 + 1e-3, rng
+    else:
+        slack = 2 ** (1 / 8) / (1 - 1 / 32) * (1 + 1e-6)
+        ideal = torch.maximum(rng, k.view(2, 2, 2, group, D).amin(3).abs() * 32 / 127)
+    assert bool((R.step_size(kp.transpose(-1, -2), bits) <= ideal / c.qmax * slack + 1e-6).all())
+
+
+def test_u8_scales_cover_large_offsets_and_constant_groups():
+    c = R.KVQuantConfig(bits=2, group=16)
+    x = torch.zeros(1, 1, 16, 8)
+    x[..., 0] = 1000.0 + torch.linspace(0, 0.01, 16)        # huge offset, tiny range
+    x[..., 1] = -3000.0
+    x[..., 2] = 5.0                                         # constant channel
+    x[..., 3] = torch.linspace(-1e-7, 1e-7, 16)             # below the smallest scale
+    kc, kp = R.quantize_keys(x, c)
+    a = R.step_size(kp.transpose(-1, -2), 2)[:, :, 0]        # [1, 1, D]
+    err = (R.dequantize_keys(kc, kp, c) - x).abs().amax(2)
+    assert bool((err <= a / 2 * (1 + 1e-5) + 1e-6).all())
+    assert float(err[0, 0, 0]) < 1000 / 64                  # |min| / (4·qmax) bound, roughly
+
+
+@pytest.mark.parametrize("residual,group", [(0, 32), (128, 64), (100, 32)])
+def test_n_packed_keeps_a_ring_of_recent_tokens(residual, group):
+    c = R.KVQuantConfig(group=group, residual=residual)
+    r = c.ring
+    assert r % group == 0 and r >= max(residual, group)
+    for L in range(0, 3 * r + 5):
+        n = R.n_packed(L, c)
+        assert n % group == 0 and 0 <= L - n <= r
+        if L > r:
+            assert L - n > r - group                        # only whole groups leave the ring
+        assert int(R.n_packed(torch.tensor(L), c)) == n
+
+
+@pytest.mark.parametrize("bits,group,residual,scales", [(4, 32, 0, "u8"), (2, 32, 64, "fp16"),
+                                                        (8, 16, 40, "u8")])
+def test_append_chunked_equals_one_shot_equals_fake_quantize(bits, group, residual, scales):
+    c = R.KVQuantConfig(bits=bits, group=group, residual=residual, scales=scales)
+    k, v = _kv(2, 3, 157, 16, seed=bits)
+    one = R.QuantizedKV.empty(2, 3, 16, 160, c, torch.float32)
+    R.append(one, k, v)
+    step = R.QuantizedKV.empty(2, 3, 16, 160, c, torch.float32)
+    t = 0
+    for s in (5, 1, 1, 40, 1, 1, 1, 64, 3, 40):
+        R.append(step, k[:, :, t:t + s], v[:, :, t:t + s])
+        t += s
+    assert t == 157 and int(one.length) == int(step.length) == 157
+    n = R.n_packed(157, c)
+    for name in ("k_codes", "v_codes", "v_params"):
+        assert torch.equal(getattr(one, name)[:, :, :n], getattr(step, name)[:, :, :n]), name
+    assert torch.equal(one.k_params[:, :, :n // group], step.k_params[:, :, :n // group])
+    kd, vd = R.dequantize_state(step)
+    kf, vf = R.fake_quantize(k, v, c)
+    assert torch.equal(kd, kf) and torch.equal(vd, vf)
+    assert torch.equal(kd[:, :, n:], k[:, :, n:])           # the ring is exact
+    assert _rel(kd, k) < 0.4 and _rel(vd, v) < 0.4            # 2-bit: half a step of 4 levels
+
+
+def test_append_rejects_overflow_and_mismatches():
+    c = R.KVQuantConfig(bits=4, group=16, residual=16)
+    st = R.QuantizedKV.empty(1, 2, 8, 40, c, torch.float32)
+    assert st.capacity >= 40
+    k, v = _kv(1, 2, st.capacity + 1, 8)
+    with pytest.raises(ValueError, match="capacity"):
+        R.append(st, k, v)
+    with pytest.raises(ValueError, match="holds"):
+        R.append(st, k[:, :, :3].double(), v[:, :, :3].double())
+    with pytest.raises(ValueError, match="Hkv"):
+        R.append(st, k[:, :1, :3], v[:, :1, :3])
+
+
+@pytest.mark.parametrize("S", [1, 3])
+def test_attention_decode_matches_attention_over_the_dequantized_cache(S):
+    c = R.KVQuantConfig(bits=8, group=16, residual=0)
+    k, v = _kv(2, 2, 75, 32, seed=S)
+    g = torch.Generator().manual_seed(9)
+    q = torch.randn(2, 8, S, 32, generator=g)
+    st = R.append(R.QuantizedKV.empty(2, 2, 32, 80, c, torch.float32), k, v)
+    out = R.attention_decode(q, st, 0.2)
+    kd, vd = R.dequantize_state(st)
+    mask = torch.ones(S, 75, dtype=torch.bool).tril(75 - S)
+    assert _rel(out, attention(q, kd, vd, mask, 0.2)) < 1e-6
+    assert _rel(out, attention(q, k, v, mask, 0.2)) < 2e-2  # 8-bit is close to exact
+    with pytest.raises(ValueError, match="queries"):
+        R.attention_decode(torch.randn(1, 8, 76, 32), st)
+
+
+@pytest.mark.parametrize("gear", [None, R.Gear(rank=2, outliers=0.02)])
+def test_emulated_attention_equals_token_by_token_decoding(gear):
+    c = R.KVQuantConfig(bits=2, group=16, residual=16)
+    T = 53
+    k, v = _kv(1, 2, T, 16, seed=4)
+    q = torch.randn(1, 4, T, 16, generator=torch.Generator().manual_seed(1))
+    emu = R.attention_emulated(q, k, v, c, 0.25, gear=gear, chunk=7)
+    want = []
+    for p in range(T):                                      # decode: query p after p + 1 tokens
+        kd, vd = R.fake_quantize(k[:, :, :p + 1], v[:, :, :p + 1], c, gear)
+        want.append(attention(q[:, :, p:p + 1], kd, vd, None, 0.25))
+    assert _rel(emu, torch.cat(want, 2)) < 1e-5
+    if gear is None:
+        st = R.QuantizedKV.empty(1, 2, 16, T, c, torch.float32)
+        for p in range(T):
+            R.append(st, k[:, :, p:p + 1], v[:, :, p:p + 1])
+            assert _rel(R.attention_decode(q[:, :, p:p + 1], st, 0.25), want[p]) < 1e-5
+
+
+def test_gear_reduces_error_and_degenerates_to_plain_quantization():
+    c = R.KVQuantConfig(bits=2, group=32)
+    k, _ = _kv(1, 2, 64, 32, seed=3)
+    k[0, 0, 5, 7] = 40.0                                    # a token outlier
+    plain = R.roundtrip_keys(k, c)
+    assert torch.equal(R.gear_roundtrip(k, "keys", c, R.Gear(rank=0, outliers=0.0)), plain)
+    errs = [float((R.gear_roundtrip(k, "keys", c, gr) - k).norm())
+            for gr in (R.Gear(0, 0.0), R.Gear(0, 0.01), R.Gear(4, 0.01), R.Gear(32, 0.01))]
+    assert errs[0] > errs[1] > errs[2] > 1e3 * errs[3]
+    vg = R.gear_roundtrip(k, "values", c, R.Gear(4, 0.01))
+    assert (vg - k).norm() < (R.roundtrip_values(k, c) - k).norm()
+    with pytest.raises(ValueError, match="kind"):
+        R.gear_roundtrip(k, "queries", c, R.Gear())
+    with pytest.raises(ValueError, match="outliers"):
+        R.Gear(outliers=1.5)
+
+
+@pytest.mark.parametrize("name,H,D", [("llama-8b", 8, 128), ("smollm2-135m", 3, 64)])
+def test_memory_ratio_at_32k(name, H, D):
+    """Issue 6: KV-state bytes at 32k <= 0.27x bf16 (4-bit), <= 0.15x (2-bit), everything counted."""
+    r4 = R.memory_ratio(32768, H, D, R.KVQuantConfig(bits=4))
+    r2 = R.memory_ratio(32768, H, D, R.KVQuantConfig(bits=2))
+    assert r4 <= 0.27 and r2 <= 0.15
+    # exact: per head, 32640 packed tokens + a 128-token bf16 ring, 2-byte params per group
+    per_head = lambda bits: (2 * 32640 * D * bits // 8 + 2 * (32640 // 64) * D      # noqa: E731
+                             + 2 * 32640 * math.ceil(D / 64) + 2 * 128 * D * 2)
+    bf16 = 2 * 32768 * H * D * 2
+    assert R.state_bytes(32768, H, D, R.KVQuantConfig(bits=4)) == H * per_head(4) + 8
+    assert abs(r4 - (H * per_head(4) + 8) / bf16) < 1e-12
+    assert abs(r2 - (H * per_head(2) + 8) / bf16) < 1e-12
+    # KIVI's fp16 (scale, zero) costs 0.5 bit per element: over the budget at group 64
+    assert R.memory_ratio(32768, H, D, R.KVQuantConfig(bits=4, scales="fp16")) > 0.28
+    st = R.QuantizedKV.empty(1, H, D, 32768, R.KVQuantConfig(bits=4), device="meta")
+    assert R.nbytes(st) == R.state_bytes(32768, H, D, R.KVQuantConfig(bits=4))
+
+
+def test_ops_match_reference_and_compile():
+    c = R.KVQuantConfig(bits=4, group=16, residual=16)
+    k, v = _kv(1, 2, 40, 16, seed=2)
+    q = torch.randn(1, 4, 2, 16, generator=torch.Generator().manual_seed(3))
+    ref = R.append(R.QuantizedKV.empty(1, 2, 16, 64, c, torch.float32), k, v)
+    want = R.attention_decode(q, ref, 0.3)
+
+    def step(q, k, v, *state):
+        torch.ops.longfx.kv_quant_append(*state, k, v, 4, 16)
+        return torch.ops.longfx.kv_quant_attention(q, *state, 0.3, 4, 16)
+
+    for fn in (step, torch.compile(step, backend="eager", fullgraph=True)):
+        st = R.QuantizedKV.empty(1, 2, 16, 64, c, torch.float32)
+        out = fn(q, k, v, *st.tensors())
+        assert out.shape == q.shape and int(st.length) == 40
+        assert _rel(out, want) < 1e-6
+        assert torch.equal(st.k_codes, ref.k_codes) and torch.equal(st.v_ring, ref.v_ring)
+    emu = torch.ops.longfx.kv_quant_attention_emulated(q, k, v, 0.3, 4, 16, 16, "u8", 0, 0.0)
+    assert _rel(emu, R.attention_emulated(q, k, v, c, 0.3)) < 1e-6
