@@ -1,0 +1,441 @@
+"""Triton kernels for the quantized KV state (CUDA; the interpreter runs them with
+TRITON_INTERPRET=1). Semantics and layout: reference.py; these must agree with it.
+
+* Quantize-on-append (KIVI, Liu et al. 2024): one program per (batch·kv head, group that
+  leaves the ring in this append). It reads the group's tokens from the ring or from the new
+  k/v, takes per-channel (keys) / per-token-per-channel-group (values) min and max, writes
+  packed codes and (scale, zero), then a second kernel writes the new tokens that stay in full
+  precision to their ring slots. ``length`` is read on the device: no host sync.
+* Split-KV decode attention (Flash-Decoding, Dao et al. 2023): programs split the packed
+  tokens of each kv head into chunks; each loads packed uint8 codes of a tile of tokens,
+  unpacks and dequantizes keys and values in registers (no dequantized copy in memory),
+  and runs an online softmax for all the G·S query rows of that kv head (GQA: the G query
+  heads that share it, S ≤ 16 queries each) with tensor-core dots; one more program per kv
+  head covers the full-precision ring; a combine kernel merges the partial results by their
+  log-sum-exp.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from longfx.kernels.kv_quant import reference
+
+try:
+    import triton
+    import triton.language as tl
+except Exception:  # noqa: BLE001 - any import failure means: no Triton here
+    triton = None
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+AVAILABLE = triton is not None and (torch.cuda.is_available() or INTERPRET)
+LOG2E = 1.4426950408889634
+MAX_ROWS = 128        # G·S query rows one program holds
+MAX_HEAD_DIM = 256
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _group_ok(group: int) -> bool:
+    return group >= 16 and group & (group - 1) == 0
+
+
+def _state_ok(state: reference.QuantizedKV) -> bool:
+    return (all(t.is_contiguous() for t in state.tensors())
+            and _group_ok(state.config.group) and state.head_dim <= MAX_HEAD_DIM
+            and len({t.device for t in state.tensors()}) == 1)
+
+
+def supports_append(state: reference.QuantizedKV, k: torch.Tensor, v: torch.Tensor) -> bool:
+    return (AVAILABLE and _state_ok(state) and k.shape == v.shape and k.dim() == 4
+            and k.dtype == v.dtype == state.k_ring.dtype and k.device == state.k_ring.device)
+
+
+def supports_attention(q: torch.Tensor, state: reference.QuantizedKV) -> bool:
+    if not (AVAILABLE and _state_ok(state) and q.dim() == 4 and q.dtype == state.k_ring.dtype):
+        return False
+    hkv = state.k_ring.shape[1]
+    return (q.dtype in (torch.float16, torch.bfloat16, torch.float32)
+            and q.shape[1] % hkv == 0 and q.shape[1] // hkv * q.shape[2] <= MAX_ROWS
+            and q.device == state.k_ring.device)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _n_packed(length, GROUP: tl.constexpr, RING: tl.constexpr):
+        # GROUP · max(0, ceil((length − RING) / GROUP)); clamp first: // truncates toward 0
+        return tl.maximum(length - RING + GROUP - 1, 0) // GROUP * GROUP
+
+    @triton.jit
+    def _affine(p0, p1, QMAX: tl.constexpr, FP16: tl.constexpr):
+        """Stored (scale, zero) -> fp32 (a, b) with x ≈ code · a + b (reference.affine)."""
+        if FP16:
+            a = p0.to(tl.float32)
+            b = p1.to(tl.float32)
+        else:
+            a = tl.exp2((p0.to(tl.float32) - 160.0) * 0.125)
+            b = a * ((p1.to(tl.float32) - 128.0) * (QMAX / 32.0))
+        return a, b
+
+    @triton.jit
+    def _group_params(mn, mx, QMAX: tl.constexpr, FP16: tl.constexpr):
+        """Group min/max (fp32) -> stored (scale, zero) (reference.group_params)."""
+        if FP16:
+            p0 = ((mx - mn) / QMAX).to(tl.float16)
+            p1 = mn.to(tl.float16)
+        else:
+            s = tl.maximum((mx - mn) / (QMAX - QMAX / 32.0), tl.abs(mn) / (127.0 * QMAX / 32.0))
+            s = tl.maximum(s, 9.5367431640625e-07)                          # 2^-20
+            c = tl.ceil(tl.log2(s) * 8.0) + 160.0
+            c = tl.where(tl.exp2((c - 160.0) * 0.125) < s, c + 1.0, c)      # never round down
+            c = tl.minimum(tl.maximum(c, 0.0), 255.0)
+            zc = tl.floor(mn / (tl.exp2((c - 160.0) * 0.125) * (QMAX / 32.0)))
+            zc = tl.minimum(tl.maximum(zc, -128.0), 127.0)
+            p0 = c.to(tl.uint8)
+            p1 = (zc + 128.0).to(tl.uint8)
+        return p0, p1
+
+    @triton.jit
+    def _codes(x, a, b, QMAX: tl.constexpr):
+        safe = tl.where(a > 0, a, 1.0)
+        q = tl.floor((x - b) / safe + 0.5)
+        return tl.minimum(tl.maximum(q, 0.0), QMAX * 1.0)
+
+    @triton.jit
+    def _pack(codes, i, BITS: tl.constexpr):
+        # codes [T, DP, PB] (fp32 integral), i = arange(PB) -> uint8 [T, DP]
+        return tl.sum(codes.to(tl.int32) << (i * BITS)[None, None, :], axis=2).to(tl.uint8)
+
+    @triton.jit
+    def _unpack(x, BITS: tl.constexpr, N: tl.constexpr, W: tl.constexpr):
+        # uint8 [N, W / per_byte] -> codes [N, W]: channel per_byte·j + i sits at bits BITS·i
+        if BITS == 8:
+            out = x
+        elif BITS == 4:
+            out = tl.reshape(tl.join(x & 15, x >> 4), [N, W])
+        else:
+            c0 = x & 3
+            c1 = (x >> 2) & 3
+            c2 = (x >> 4) & 3
+            c3 = x >> 6
+            out = tl.reshape(tl.join(tl.join(c0, c2), tl.join(c1, c3)), [N, W])  # [N, W/4, 2, 2]
+        return out
+
+    @triton.jit
+    def _load_group(NEW, RINGT, bh, b, h, t, L, d, dok, sn_b, sn_h, sn_t,
+                    D: tl.constexpr, RING: tl.constexpr):
+        """fp32 [T, DP, PB]: tokens t from the ring (t < L) or from the new k/v (t >= L)."""
+        old = (t < L)[:, None, None]
+        ok = dok[None]
+        ring = tl.load(RINGT + (bh * RING + t % RING)[:, None, None] * D + d[None],
+                       mask=ok & old, other=0.0)
+        new = tl.load(NEW + b * sn_b + h * sn_h + (t - L)[:, None, None] * sn_t + d[None],
+                      mask=ok & ~old, other=0.0)
+        return tl.where(old, ring, new).to(tl.float32)
+
+    @triton.jit
+    def _append_quantize_kernel(
+            K, V, KC, KP, VC, VP, KR, VR, LEN, s_new, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, SP,
+            HKV: tl.constexpr, D: tl.constexpr, BLOCK_DP: tl.constexpr, BITS: tl.constexpr,
+            GROUP: tl.constexpr, RING: tl.constexpr, JV: tl.constexpr, FP16: tl.constexpr):
+        PB: tl.constexpr = 8 // BITS
+        QMAX: tl.constexpr = (1 << BITS) - 1
+        bh = tl.program_id(0)
+        b = bh // HKV
+        h = bh % HKV
+        L = tl.load(LEN)
+        start = _n_packed(L, GROUP, RING) + tl.program_id(1) * GROUP
+        live = start + GROUP <= _n_packed(L + s_new, GROUP, RING)
+        if live:
+            t = start + tl.arange(0, GROUP)                                  # [T] positions
+            j = tl.arange(0, BLOCK_DP)
+            i = tl.arange(0, PB)
+            d = j[:, None] * PB + i[None, :]                                 # [DP, PB] channel
+            dok = d < D
+            jok = j < D // PB
+            # keys: per channel over the group's tokens
+            x = _load_group(K, KR, bh, b, h, t, L, d, dok, sk_b, sk_h, sk_t, D, RING)
+            p0, p1 = _group_params(tl.min(x, axis=0), tl.max(x, axis=0), QMAX, FP16)  # [DP, PB]
+            a, z = _affine(p0, p1, QMAX, FP16)
+            packed = _pack(_codes(x, a[None], z[None], QMAX), i, BITS)      # [T, DP]
+            tl.store(KC + (bh * SP + t)[:, None] * (D // PB) + j[None, :], packed,
+                     mask=jok[None, :])
+            kp = KP + (bh * (SP // GROUP) + start // GROUP) * 2 * D + d
+            tl.store(kp, p0, mask=dok)
+            tl.store(kp + D, p1, mask=dok)
+            # values: per token over groups of GROUP channels (the last one may be short)
+            x = _load_group(V, VR, bh, b, h, t, L, d, dok, sv_b, sv_h, sv_t, D, RING)
+            a = tl.full([GROUP, BLOCK_DP, PB], 1.0, tl.float32)
+            z = tl.zeros([GROUP, BLOCK_DP, PB], tl.float32)
+            for jv in tl.static_range(JV):
+                ing = ((d // GROUP) == jv) & dok                            # [DP, PB]
+                mn = tl.min(tl.min(tl.where(ing[None], x, float("inf")), axis=2), axis=1)
+                mx = tl.max(tl.max(tl.where(ing[None], x, float("-inf")), axis=2), axis=1)
+                q0, q1 = _group_params(mn, mx, QMAX, FP16)                  # [T]
+                vp = VP + (bh * SP + t) * 2 * JV + jv
+                tl.store(vp, q0)
+                tl.store(vp + JV, q1)
+                aj, zj = _affine(q0, q1, QMAX, FP16)
+                a = tl.where(ing[None], aj[:, None, None], a)
+                z = tl.where(ing[None], zj[:, None, None], z)
+            packed = _pack(_codes(x, a, z, QMAX), i, BITS)
+            tl.store(VC + (bh * SP + t)[:, None] * (D // PB) + j[None, :], packed,
+                     mask=jok[None, :])
+
+    @triton.jit
+    def _append_ring_kernel(K, V, KR, VR, LEN, s_new, t0, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t,
+                            HKV: tl.constexpr, D: tl.constexpr, BLOCK_T: tl.constexpr,
+                            BLOCK_D: tl.constexpr, GROUP: tl.constexpr, RING: tl.constexpr):
+        bh = tl.program_id(0)
+        b = bh // HKV
+        h = bh % HKV
+        L = tl.load(LEN)
+        t = t0 + tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)        # index in the new
+        p = L + t
+        ok = (t < s_new) & (p >= _n_packed(L + s_new, GROUP, RING))
+        dd = tl.arange(0, BLOCK_D)
+        m = ok[:, None] & (dd < D)[None, :]
+        dst = (bh * RING + p % RING)[:, None] * D + dd[None, :]
+        x = tl.load(K + b * sk_b + h * sk_h + t[:, None] * sk_t + dd[None, :], mask=m)
+        tl.store(KR + dst, x, mask=m)
+        x = tl.load(V + b * sv_b + h * sv_h + t[:, None] * sv_t + dd[None, :], mask=m)
+        tl.store(VR + dst, x, mask=m)
+
+    @triton.jit
+    def _load_q(Q, b, h, sq_b, sq_h, sq_s, G: tl.constexpr, S: tl.constexpr, D: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+        m = tl.arange(0, BLOCK_M)                 # row m = query head h·G + m // S, query m % S
+        dd = tl.arange(0, BLOCK_D)
+        ptr = Q + b * sq_b + (h * G + m // S)[:, None] * sq_h + (m % S)[:, None] * sq_s
+        return tl.load(ptr + dd[None, :], mask=(m < G * S)[:, None] & (dd < D)[None, :],
+                       other=0.0)
+
+    @triton.jit
+    def _online_softmax(scores, m_i, l_i, acc):
+        m_new = tl.maximum(m_i, tl.max(scores, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(scores - m_safe[:, None])
+        return m_new, l_i * alpha + tl.sum(p, 1), acc * alpha[:, None], p
+
+    @triton.jit
+    def _store_partial(ACC, LSE, bh, split, NS, m_i, l_i, acc, M: tl.constexpr,
+                       D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+        m = tl.arange(0, BLOCK_M)
+        dd = tl.arange(0, BLOCK_D)
+        base = (bh * NS + split) * M
+        full = l_i > 0
+        out = acc / tl.where(full, l_i, 1.0)[:, None]
+        tl.store(ACC + (base + m)[:, None] * D + dd[None, :], out,
+                 mask=(m < M)[:, None] & (dd < D)[None, :])
+        tl.store(LSE + base + m, tl.where(full, m_i + tl.log2(tl.where(full, l_i, 1.0)),
+                                          float("-inf")), mask=m < M)
+
+    @triton.jit
+    def _decode_packed_kernel(
+            Q, KC, KP, VC, VP, LEN, ACC, LSE, qk_scale, sq_b, sq_h, sq_s, SP, NSPLIT,
+            HKV: tl.constexpr, G: tl.constexpr, S: tl.constexpr, D: tl.constexpr,
+            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+            BITS: tl.constexpr, GROUP: tl.constexpr, RING: tl.constexpr, JV: tl.constexpr,
+            FP16: tl.constexpr, PREC: tl.constexpr, DOT_F32: tl.constexpr):
+        PB: tl.constexpr = 8 // BITS
+        QMAX: tl.constexpr = (1 << BITS) - 1
+        bh = tl.program_id(0)
+        split = tl.program_id(1)
+        q = _load_q(Q, bh // HKV, bh % HKV, sq_b, sq_h, sq_s, G, S, D, BLOCK_M, BLOCK_D)
+        if DOT_F32:
+            q = q.to(tl.float32)
+        dt = q.dtype
+        L = tl.load(LEN)
+        n = _n_packed(L, GROUP, RING)
+        chunk = tl.cdiv(tl.cdiv(n, NSPLIT), BLOCK_N) * BLOCK_N                # BLOCK_N | GROUP
+        start = split * chunk
+        end = tl.minimum(start + chunk, n)
+        qpos = L - S + tl.arange(0, BLOCK_M) % S                             # [M] positions
+        dd = tl.arange(0, BLOCK_D)
+        dok = dd < D
+        jb = tl.arange(0, BLOCK_D // PB)
+        jok = (jb < D // PB)[None, :]
+        vgrp = (dd // GROUP)[None, :]
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        for n0 in range(start, end, BLOCK_N):
+            t = n0 + tl.arange(0, BLOCK_N)
+            row = (bh * SP + t)[:, None]
+            # keys: one (scale, zero) row per channel for the whole tile (it sits in one group)
+            codes = _unpack(tl.load(KC + row * (D // PB) + jb[None, :], mask=jok, other=0),
+                            BITS, BLOCK_N, BLOCK_D)
+            kp = KP + (bh * (SP // GROUP) + n0 // GROUP) * 2 * D + dd
+            a, z = _affine(tl.load(kp, mask=dok, other=0), tl.load(kp + D, mask=dok, other=0),
+                           QMAX, FP16)
+            k = (codes.to(tl.float32) * a[None, :] + z[None, :]).to(dt)      # [N, D]
+            scores = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+            if S > 1:
+                scores = tl.where(t[None, :] <= qpos[:, None], scores, float("-inf"))
+            m_i, l_i, acc, p = _online_softmax(scores, m_i, l_i, acc)
+            # values: (scale, zero) per token and channel group
+            codes = _unpack(tl.load(VC + row * (D // PB) + jb[None, :], mask=jok, other=0),
+                            BITS, BLOCK_N, BLOCK_D)
+            vp = VP + row * (2 * JV) + vgrp
+            a, z = _affine(tl.load(vp, mask=dok[None, :], other=0),
+                           tl.load(vp + JV, mask=dok[None, :], other=0), QMAX, FP16)
+            v = (codes.to(tl.float32) * a + z).to(dt)                       # [N, D]
+            acc += tl.dot(p.to(dt), v, input_precision=PREC)
+        _store_partial(ACC, LSE, bh, split, NSPLIT + 1, m_i, l_i, acc, G * S, D, BLOCK_M, BLOCK_D)
+
+    @triton.jit
+    def _decode_ring_kernel(
+            Q, KR, VR, LEN, ACC, LSE, qk_scale, sq_b, sq_h, sq_s, NSPLIT,
+            HKV: tl.constexpr, G: tl.constexpr, S: tl.constexpr, D: tl.constexpr,
+            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+            GROUP: tl.constexpr, RING: tl.constexpr, PREC: tl.constexpr, DOT_F32: tl.constexpr):
+        bh = tl.program_id(0)
+        q = _load_q(Q, bh // HKV, bh % HKV, sq_b, sq_h, sq_s, G, S, D, BLOCK_M, BLOCK_D)
+        if DOT_F32:
+            q = q.to(tl.float32)
+        L = tl.load(LEN)
+        qpos = L - S + tl.arange(0, BLOCK_M) % S
+        dd = tl.arange(0, BLOCK_D)
+        dok = dd < D
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        for n0 in range(_n_packed(L, GROUP, RING), L, BLOCK_N):
+            t = n0 + tl.arange(0, BLOCK_N)
+            tok = t < L
+            ptr = (bh * RING + t % RING)[:, None] * D + dd[None, :]
+            m = tok[:, None] & dok[None, :]
+            k = tl.load(KR + ptr, mask=m, other=0.0).to(q.dtype)
+            scores = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+            scores = tl.where(tok[None, :] & (t[None, :] <= qpos[:, None]), scores, float("-inf"))
+            m_i, l_i, acc, p = _online_softmax(scores, m_i, l_i, acc)
+            v = tl.load(VR + ptr, mask=m, other=0.0).to(q.dtype)
+            acc += tl.dot(p.to(q.dtype), v, input_precision=PREC)
+        _store_partial(ACC, LSE, bh, NSPLIT, NSPLIT + 1, m_i, l_i, acc, G * S, D, BLOCK_M, BLOCK_D)
+
+    @triton.jit
+    def _combine_kernel(ACC, LSE, OUT, so_b, so_h, so_s, NS,
+                        HKV: tl.constexpr, G: tl.constexpr, S: tl.constexpr, D: tl.constexpr,
+                        BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+        bh = tl.program_id(0)
+        m = tl.program_id(1)
+        M: tl.constexpr = G * S
+        sp = tl.arange(0, BLOCK_S)
+        sok = sp < NS
+        dd = tl.arange(0, BLOCK_D)
+        dok = dd < D
+        lse = tl.load(LSE + (bh * NS + sp) * M + m, mask=sok, other=float("-inf"))
+        top = tl.max(lse, 0)
+        w = tl.exp2(lse - tl.where(top == float("-inf"), 0.0, top))          # empty splits: 0
+        part = tl.load(ACC + ((bh * NS + sp) * M + m)[:, None] * D + dd[None, :],
+                       mask=sok[:, None] & dok[None, :], other=0.0)
+        den = tl.sum(w, 0)
+        out = tl.sum(w[:, None] * part, 0) / tl.where(den > 0, den, 1.0)
+        h = (bh % HKV) * G + m // S
+        ptr = OUT + (bh // HKV) * so_b + h * so_h + (m % S) * so_s + dd
+        tl.store(ptr, out.to(OUT.dtype.element_ty), mask=dok)
+
+
+def _require():
+    if not AVAILABLE:
+        raise RuntimeError("the kv_quant Triton kernels need triton and CUDA (or TRITON_INTERPRET=1)")
+
+
+def append(state: reference.QuantizedKV, k: torch.Tensor, v: torch.Tensor) -> reference.QuantizedKV:
+    """``reference.append`` on the device: quantize-on-append kernels, then length += s.
+    Reads the length on the device, so it does not check the capacity (the caller must)."""
+    _require()
+    c = state.config
+    if not supports_append(state, k, v):
+        raise ValueError(f"the Triton append does not take k {tuple(k.shape)} {k.dtype} for a "
+                         f"state of {c}, ring {tuple(state.k_ring.shape)} {state.k_ring.dtype} "
+                         f"(needs a power-of-two group >= 16 and contiguous state tensors)")
+    B, H, s, D = k.shape
+    if (B, H) != tuple(state.k_ring.shape[:2]) or D != state.head_dim:
+        raise ValueError(f"k {tuple(k.shape)} does not match the state {tuple(state.k_ring.shape)}")
+    if s == 0:
+        return state
+    if k.stride(-1) != 1:
+        k = k.contiguous()
+    if v.stride(-1) != 1:
+        v = v.contiguous()
+    sp, R = state.k_codes.shape[2], c.ring
+    kst, vst = (k.stride(0), k.stride(1), k.stride(2)), (v.stride(0), v.stride(1), v.stride(2))
+    _append_quantize_kernel[(B * H, -(-s // c.group))](
+        k, v, state.k_codes, state.k_params, state.v_codes, state.v_params, state.k_ring,
+        state.v_ring, state.length, s, *kst, *vst, sp, HKV=H, D=D,
+        BLOCK_DP=_pow2(D) // c.per_byte, BITS=c.bits, GROUP=c.group, RING=R,
+        JV=c.value_groups(D), FP16=c.scales == "fp16", num_warps=8)
+    t0 = max(0, s - R)                       # older new tokens cannot stay in the ring
+    block_t = min(64, _pow2(s - t0))
+    _append_ring_kernel[(B * H, -(-(s - t0) // block_t))](
+        k, v, state.k_ring, state.v_ring, state.length, s, t0, *kst, *vst, HKV=H, D=D,
+        BLOCK_T=block_t, BLOCK_D=_pow2(D), GROUP=c.group, RING=R)
+    state.length += s
+    return state
+
+
+def _num_splits(rows: int, packed: int, block_n: int, device: torch.device) -> int:
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    return max(1, min(-(-4 * sms // rows), packed // block_n))
+
+
+def attention_decode(q: torch.Tensor, state: reference.QuantizedKV, scale: float | None = None,
+                     num_splits: int | None = None) -> torch.Tensor:
+    """``reference.attention_decode`` reading the packed state: q [B, H, S, D] (S ≤ 16 or so:
+    G·S ≤ 128 rows per kv head) -> [B, H, S, D] in q's dtype."""
+    _require()
+    if not supports_attention(q, state):
+        raise ValueError(f"the Triton decode does not take q {tuple(q.shape)} {q.dtype} for a "
+                         f"state of {state.config}, ring {tuple(state.k_ring.shape)} "
+                         f"{state.k_ring.dtype} (G·S must be <= {MAX_ROWS})")
+    c = state.config
+    reference.check_query(q, state.k_ring.shape[1], state.head_dim, None)
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    B, H, S, D = q.shape
+    hkv = state.k_ring.shape[1]
+    G = H // hkv
+    M = G * S
+    sp = state.k_codes.shape[2]
+    block_m, block_d, block_n = max(16, _pow2(M)), max(16, _pow2(D)), min(64, c.group)
+    splits = num_splits or _num_splits(B * hkv, sp, block_n, q.device)
+    acc = torch.empty(B * hkv, splits + 1, M, D, device=q.device, dtype=torch.float32)
+    lse = torch.empty(B * hkv, splits + 1, M, device=q.device, dtype=torch.float32)
+    out = torch.empty(B, H, S, D, device=q.device, dtype=q.dtype)
+    # the interpreter's bf16 tl.dot returns garbage (triton 3.9): dot in fp32 there
+    dot_f32 = INTERPRET and q.dtype == torch.bfloat16
+    prec = "ieee" if q.dtype == torch.float32 or dot_f32 else "tf32"
+    qs = (q.stride(0), q.stride(1), q.stride(2))
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+        qs = (q.stride(0), q.stride(1), q.stride(2))
+    common = dict(HKV=hkv, G=G, S=S, D=D, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+                  GROUP=c.group, RING=c.ring, PREC=prec, DOT_F32=dot_f32)
+    _decode_packed_kernel[(B * hkv, splits)](
+        q, state.k_codes, state.k_params, state.v_codes, state.v_params, state.length, acc, lse,
+        scale * LOG2E, *qs, sp, splits, BITS=c.bits, JV=c.value_groups(D),
+        FP16=c.scales == "fp16", **common)
+    _decode_ring_kernel[(B * hkv,)](
+        q, state.k_ring, state.v_ring, state.length, acc, lse, scale * LOG2E, *qs, splits,
+        **common)
+    _combine_kernel[(B * hkv, M)](
+        acc, lse, out, out.stride(0), out.stride(1), out.stride(2), splits + 1, HKV=hkv, G=G,
+        S=S, D=D, BLOCK_S=_pow2(splits + 1), BLOCK_D=block_d)
+    return out
+
+
+def packed_bytes_read(state: reference.QuantizedKV, length: int) -> int:
+    """Bytes the decode reads from the state at ``length`` tokens (codes, params, ring part)."""
+    c = state.config
+    n = reference.n_packed(length, c)
+    B, H, _, D = state.k_ring.shape
+    per_tok = 2 * D // c.per_byte + 2 * c.value_groups(D) * state.v_params.element_size()
+    kp = 2 * D * state.k_params.element_size() * (n // c.group)
+    ring = 2 * (length - n) * D * state.k_ring.element_size()
+    return B * H * (n * per_tok + kp + ring)
