@@ -41,7 +41,8 @@ def backend(recipe: Any = None, *, inner: str = "eager", model: torch.nn.Module 
 
 
 def model_facts(model: torch.nn.Module) -> dict[str, Any]:
-    """Facts a config states and a graph cannot show: the trained context length."""
+    """Facts a config states and a graph cannot show: the trained context length and the
+    layers that attend a sliding window."""
     config = getattr(model, "config", None)
     if config is None:
         return {}
@@ -50,7 +51,26 @@ def model_facts(model: torch.nn.Module) -> dict[str, Any]:
         rope = next(iter(rope.values()))          # per-layer-type parameters (Gemma 3)
     trained = (rope.get("original_max_position_embeddings") if isinstance(rope, dict) else None) \
         or getattr(config, "max_position_embeddings", None)
-    return {"trained_length": int(trained)} if trained else {}
+    facts: dict[str, Any] = {"trained_length": int(trained)} if trained else {}
+    windows = layer_windows(config)
+    if windows:
+        facts["layer_windows"] = windows
+    return facts
+
+
+def layer_windows(config: Any) -> dict[int, int]:
+    """{layer: window} for layers the config declares sliding-window (Gemma 2/3 local layers,
+    Mistral): what a mask evaluated on a short example cannot show."""
+    window = getattr(config, "sliding_window", None)
+    if not isinstance(window, int) or window <= 0:
+        return {}
+    types = getattr(config, "layer_types", None)
+    if isinstance(types, (list, tuple)) and types:
+        return {i: window for i, t in enumerate(types) if t == "sliding_attention"}
+    if getattr(config, "use_sliding_window", True) is False:
+        return {}
+    n = getattr(config, "num_hidden_layers", 0) or 0
+    return {i: window for i in range(n)}
 
 
 def _model_name(model: torch.nn.Module) -> str:

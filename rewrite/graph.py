@@ -295,3 +295,31 @@ def ancestors(node: fx.Node, stop: set | None = None, limit: int = 10_000) -> se
                 todo.append(a)
     return seen
 
+
+def call(g: fx.Graph, made: list, target, *args) -> fx.Node:
+    """``g.call_function(target, args)`` with an example value computed in the graph's fake
+    mode (so later analysis and export see shapes), appended to ``made``."""
+    node = g.call_function(target, args)
+    _fake_value(node, target, args)
+    made.append(node)
+    return node
+
+
+def _fake_value(node: fx.Node, target, args: tuple) -> None:
+    """Record the example value of a new node the way its inputs are recorded."""
+    src = next((a for a in args if isinstance(a, fx.Node)), None)
+    if src is None:
+        return
+    key = "val" if "val" in src.meta else "example_value"
+    vals = [val(a) if isinstance(a, fx.Node) else a for a in args]
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    # the tensors' own mode: under a Dynamo backend the tracing context's mode can differ
+    modes = {id(v.fake_mode): v.fake_mode for v in vals if isinstance(v, FakeTensor)}
+    if len(modes) != 1:
+        return
+    try:
+        with next(iter(modes.values())):
+            node.meta[key] = target(*vals)
+    except Exception:  # noqa: BLE001 - a missing example value only costs later shape hints
+        pass

@@ -49,6 +49,7 @@ class PassManager:
             if not rules:
                 continue
             for rule in rules:
+                rule.prepare(gm, sites)
                 for site in sites:
                     if site.kind != rule.kind:
                         continue

@@ -31,6 +31,12 @@ class GraphReport:
 
     def status(self, site: Site) -> tuple[str, str | None, list[str]]:
         rows = [r for r in self.results if r.site is site]
+        # a recipe's verdict outranks canonicalization: a site a transform rule rejected is
+        # reported rejected (with that reason) even though it was canonicalized
+        transform = [r for r in rows if r.stage == "transform"]
+        if transform and not any(r.status == "rewritten" for r in transform):
+            return "rejected", transform[0].reason, [r.rule for r in rows
+                                                     if r.status == "rewritten"]
         rewritten = [r.rule for r in rows if r.status == "rewritten"]
         if rewritten:
             return "rewritten", None, rewritten
@@ -76,6 +82,10 @@ def _attn_flops(site: Site, context: int, after: bool) -> float:
     causal = f.get("is_causal") or str(f.get("mask_kind", "")).startswith(("causal", "sliding"))
     pairs = context * (context + 1) / 2 if causal else float(context) * context
     density = f.get("density", 1.0) if after else 1.0
+    if after and f.get("sparse_spec"):
+        from longfx.passes.sparse import spec_density
+
+        density = spec_density(site, context)
     return 4.0 * heads * dim * pairs * density
 
 

@@ -23,6 +23,10 @@ class Rule:
     kind: str = "attention"          # which sites it matches: "attention" | "rope" | "kv"
     stage: str = "canonicalize"      # "canonicalize" | "transform"
 
+    def prepare(self, gm: fx.GraphModule, sites: list[Site]) -> None:
+        """Called once per graph before any check, with all its sites (for rules that relate
+        sites of different kinds, e.g. an attention site and the RoPE that rotated its q)."""
+
     def check(self, site: Site, gm: fx.GraphModule) -> dict[str, Any] | str:
         """Facts for :meth:`replace`, or the reason this site is not rewritten. No mutation."""
         raise NotImplementedError

@@ -1,8 +1,8 @@
 """Sparse attention that reads only the kept keys: the CPU lowering (and any-device fallback).
 
 Queries are taken in blocks of ``block`` rows. A block whose positions run from P0 to P1 needs
-at most the sink keys ``[0, min(sink, lo))`` and the window keys ``[lo, P1]`` with
-``lo = max(0, P0 − window + 1)``; those two slices are gathered and attended with the spec's
+at most the sink keys ``[0, min(sink, P1 + 1))`` and the window keys ``[lo, P1]`` with
+``lo = max(sinks, P0 − window + 1)``; those two slices are gathered and attended with the spec's
 keep-matrix for that block only ([block, sink + window + block] booleans). Work and memory
 follow the kept keys, not the context: decode at 128k with a 1k window reads ~1k keys.
 
@@ -66,8 +66,8 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         i1 = min(s, i0 + block)
         qp = qp_all[i0:i1]
         p0, p1 = int(qp[0]), int(qp[-1])
-        lo = max(0, p0 - window + 1) if window > 0 else 0
-        n_sink = min(sink, lo) if window > 0 else 0
+        n_sink = min(sink, p1 + 1) if window > 0 else 0
+        lo = max(n_sink, p0 - window + 1) if window > 0 else 0
         kp = torch.cat((torch.arange(n_sink, device=q.device),
                         torch.arange(lo, p1 + 1, device=q.device)))          # [Sk]
         if n_sink:
@@ -80,7 +80,7 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             keep = keep & pad[..., kp]
         qb = q[:, :, i0:i1]
         qc = None
-        if cap > 0 and n_sink and p1 > cap:
+        if cap > 0 and n_sink and p1 > cap:          # sinks scored from min(p, cap)
             qc = rotate_back(qb, (qp - cap).clamp(min=0), inv_freq.to(q.device), rope_style)
         outs.append(_attend(qb, kb, vb, keep, scale, softcap, qc, n_sink if qc is not None else 0))
     return torch.cat(outs, dim=2)

@@ -64,9 +64,9 @@ class CanonicalRope(Rule):
             g = out.graph
             with g.inserting_before(out):
                 if style == "complex":
-                    real = _call(g, made, aten.view_as_real.default, app["freqs_cis"])
-                    cos = _call(g, made, aten.select.int, real, -1, 0)
-                    sin = _call(g, made, aten.select.int, real, -1, 1)
+                    real = G.call(g, made, aten.view_as_real.default, app["freqs_cis"])
+                    cos = G.call(g, made, aten.select.int, real, -1, 0)
+                    sin = G.call(g, made, aten.select.int, real, -1, 1)
                 else:
                     cos, sin = app["cos"], app["sin"]
                 node = g.call_function(OP, (app["input"], cos, sin, style,
@@ -78,25 +78,3 @@ class CanonicalRope(Rule):
             canonical.append(node)
         site.nodes["canonical"] = canonical
         return made
-
-
-def _call(g: fx.Graph, made: list, target, *args) -> fx.Node:
-    node = g.call_function(target, args)
-    _fake_value(node, target, args)
-    made.append(node)
-    return node
-
-
-def _fake_value(node: fx.Node, target, args: tuple) -> None:
-    """Record the example value of a new node the way its inputs are recorded."""
-    src = next((a for a in args if isinstance(a, fx.Node)), None)
-    if src is None:
-        return
-    key = "val" if "val" in src.meta else "example_value"
-    vals = [G.val(a) if isinstance(a, fx.Node) else a for a in args]
-    tensors = [v for v in vals if isinstance(v, torch.Tensor)]
-    mode = torch._guards.detect_fake_mode(tensors)
-    if mode is None:
-        return
-    with mode:
-        node.meta[key] = target(*vals)

@@ -142,3 +142,105 @@ def name_masks(gm: fx.GraphModule, sites: list, example_inputs: Any) -> None:
             site.facts["mask_seen_len"] = skv
         except Exception as e:  # noqa: BLE001
             site.facts["mask_kind"] = f"unknown ({type(e).__name__})"
+            continue
+        try:
+            spec = mask_spec(gm, site, keep, s, skv, example_inputs)
+        except Exception as e:  # noqa: BLE001
+            spec = f"{type(e).__name__}: {str(e)[:200]}"
+        if isinstance(spec, dict):
+            site.facts["mask_spec"] = {"window": spec["window"],
+                                       "padding": getattr(spec["padding"], "name", None)}
+            site.nodes["key_padding"] = spec["padding"]
+        else:
+            site.facts["mask_spec_reason"] = spec
+
+
+# ---------------------------------------------------------------- the mask as a spec
+
+def spec_keep(s: int, skv: int, window: int) -> torch.Tensor:
+    """[S, Skv] bottom-right causal keep-matrix, limited to ``window`` keys when > 0 (the
+    convention of ``longfx::sparse_attention``)."""
+    i = torch.arange(s)[:, None] + (skv - s)
+    j = torch.arange(skv)[None, :]
+    keep = j <= i
+    return keep & (i - j < window) if window > 0 else keep
+
+
+def _window_of(kind: str) -> int | None:
+    if kind.startswith("causal"):
+        return 0
+    if kind.startswith("sliding_window("):
+        return int(kind[len("sliding_window("):].split(")")[0])
+    return None
+
+
+def mask_spec(gm: fx.GraphModule, site, keep, s, skv, example_inputs) -> dict | str:
+    """Whether the site's mask is exactly ``spec_keep(window) ∧ key_keep[b, j]`` with
+    ``key_keep`` the last Skv columns of a 2-D graph input (HF's ``attention_mask``).
+
+    That is what lets a sparse rewrite drop the dense [S, Skv] mask and pass only the
+    [B, Skv] padding vector. Checked by evaluating the mask subgraph twice: on the example
+    inputs, and with the first key of batch row 0 padded out in each candidate input; both
+    results must equal the spec. Returns ``{"window": w, "padding": node | None}`` or why not.
+    """
+    kind = site.facts.get("mask_kind", "")
+    window = _window_of(kind.split("+bias")[0]) if "+bias" not in kind else None
+    if window is None:
+        return f"the mask is {kind!r}, not causal or a sliding window"
+    if keep is None:
+        return {"window": 0, "padding": None} if site.facts.get("is_causal") else \
+            "no mask and not causal"
+    if s is None or skv is None:
+        return "query/key lengths unknown"
+    nodes = _mask_nodes(site)
+    needed = set(nodes)
+    for n in nodes:
+        needed |= G.ancestors(n)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    candidates = []
+    for n in placeholders:
+        if n not in needed:
+            continue
+        t = G.tensor_val(n)
+        if t is not None and t.dim() == 2 and not t.dtype.is_floating_point \
+                and G.as_int(t.shape[-1]) >= skv:
+            candidates.append(n)
+    concrete = [G.as_int(x) if isinstance(x, torch.SymInt) else x for x in example_inputs]
+
+    def evaluate(inputs) -> torch.Tensor | None:
+        rec = _Recorder(gm, set(nodes), needed)
+        with torch.no_grad():
+            rec.run(*inputs)
+        return keep_matrix(site, rec.values)
+
+    def matches(k, pad_vec) -> bool:
+        want = spec_keep(s, skv, window)[None, None]
+        if pad_vec is not None:
+            want = want & (pad_vec[:, -skv:] != 0)[:, None, None, :]
+        k = k.expand(*k.shape[:-2], s, skv) if k.dim() >= 2 else k
+        if site.facts.get("is_causal"):
+            k = k & torch.ones(s, skv, dtype=torch.bool).tril()
+        try:
+            return bool((torch.broadcast_to(k, torch.broadcast_shapes(k.shape, want.shape))
+                         == torch.broadcast_to(want, torch.broadcast_shapes(k.shape, want.shape))
+                         ).all())
+        except RuntimeError:
+            return False
+
+    if not candidates:
+        if matches(keep, None):
+            return {"window": window, "padding": None}
+        return "the mask is not the causal/window spec and has no 2-D padding input"
+    for node in candidates:
+        idx = placeholders.index(node)
+        value = concrete[idx]
+        if not isinstance(value, torch.Tensor) or not matches(keep, value):
+            continue
+        padded = value.clone()
+        padded[0, padded.shape[-1] - skv] = 0             # pad out the first key of row 0
+        inputs = list(concrete)
+        inputs[idx] = padded
+        if matches(evaluate(inputs), padded):
+            return {"window": window, "padding": node}
+    return ("the mask did not behave as causal/window ∧ padding when its 2-D input was "
+            "padded (custom mask kept dense)")

@@ -17,7 +17,8 @@ CASES = [  # B, H, Hkv, S, Skv, D, sink, window, cap, softcap, pad
     (2, 2, 1, 50, 50, 8, 0, 7, 0, 5.0, True),
     (1, 2, 2, 19, 19, 8, 3, 100, 0, 0.0, False),      # window covers: dense fallback
     (1, 2, 1, 5, 33, 8, 0, 0, 0, 0.0, True),          # no window: causal + padding
-]
+    (1, 2, 1, 40, 40, 16, 2, 4, 6, 0.0, False),       # prefill with the cap: sinks inside
+]                                                      # the first block's window range
 
 
 @pytest.mark.parametrize("B,H,Hkv,S,Skv,D,sink,window,cap,softcap,pad", CASES)
