@@ -1,0 +1,578 @@
+"""Triton block-sparse flash attention for ``longfx::sparse_attention`` (CUDA; the interpreter
+runs it with TRITON_INTERPRET=1). Semantics: reference.py; this must agree with it.
+
+One kernel family, ``_sparse_attn_fwd``:
+
+* Forward flash attention with the online softmax of FlashAttention-2 (Dao 2023,
+  "FlashAttention-2: Faster Attention with Better Parallelism and Work Partitioning"): one
+  program per (query tile, batch · head group, split); running row max ``m``, row sum ``l``
+  and an fp32 accumulator, in the exp2 domain; fully masked rows give zeros.
+* The mask *spec* is computed in the kernel from positions (bottom-right aligned, query i at
+  ``p_i = Skv − S + i``): a tile whose rows sit at positions P0..P1 visits only the KV blocks
+  that intersect the sinks ``[0, min(sink, P1 + 1))`` and the window ``[max(sink,
+  P0 − window + 1), P1]``. No dense mask, no host-side block table, no Python loop over blocks:
+  lengths, sink, window and cap are runtime ints (only block sizes, head dims and flags are
+  constexpr), so a new length does not recompile. Blocks entirely inside every row's window
+  and below the diagonal run without the position mask.
+* GQA without repeats: query head h reads kv head ``h // (H / Hkv)`` through the kv strides.
+  For decode (S ≤ ``DECODE_MAX_S``) the G query heads that share a kv head are packed as the
+  rows of one tile (G · S rows), so each kv tile is read once for all of them.
+* Split-KV (Flash-Decoding, Dao, Haziza, Massa & Sizov 2023): when there are fewer programs
+  than the GPU has SMs (decode at 128k: B · Hkv programs), the kept blocks of each tile are
+  cut into ``NSPLIT`` contiguous chunks processed by separate programs; each writes its
+  normalised partial output and log-sum-exp, and ``_combine_kernel`` merges them.
+* LM-Infinite's distance cap (Han et al. 2023), fused: for sink blocks the kernel scores with
+  the query rotated back by ``δ_i = max(0, p_i − cap)`` positions, computed in registers once
+  per program from ``inv_freq`` (pairs (i, i + R/2) for "rotate_half", (2i, 2i + 1) for
+  "interleaved"/"complex"); window blocks use the query as loaded.
+* Softcap (Gemma 2): ``tanh(s / c) · c`` on the scores, computed as ``2·sigmoid(2x) − 1``.
+* Head dims up to 256, any value (64, 80, 96, 128, 256, ...): the D axis is padded to the next
+  power of two with masks; v may have its own head dim Dv.
+* An optional block table for dynamic block-sparse recipes (``block_sparse_attention``):
+  ``block_index`` int32 [B, H, n_q_blocks, max_kv_blocks], -1 padded, built on the GPU by the
+  caller; its blocks are visited instead of (window ≤ 0) or in addition to (window > 0) the
+  spec's. The same kernel, flag ``TABLE``.
+
+Dense fallback (``sparse_attention``): when the spec keeps every causal key (no window, or a
+window covering the context) with no padding and no softcap, dense
+``F.scaled_dot_product_attention`` runs (is_causal for prefill, unmasked for one query); and
+when the spec keeps at least ``DENSE_DENSITY`` of the causal pairs at ``Skv <=
+DENSE_MAX_KV``, dense SDPA with the spec's boolean mask runs — a recipe must never be slower
+than dense SDPA, and at high density on short contexts the cuDNN/flash kernels behind SDPA win
+over this kernel's skipped blocks. Both constants are meant to be recalibrated from
+``benchmarks/bench_sparse_attention.py``.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+from longfx.kernels.sparse_attention import reference
+
+try:
+    import triton
+    import triton.language as tl
+except Exception:  # noqa: BLE001 - any import failure means: no Triton here
+    triton = None
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+AVAILABLE = triton is not None and (torch.cuda.is_available() or INTERPRET)
+
+LOG2E = 1.4426950408889634
+MAX_HEAD_DIM = 256
+DECODE_MAX_S = 16        # S <= this: decode tiles (G query heads packed as rows), split-KV
+MAX_ROWS = 128           # rows of a packed decode tile (G·pow2(S))
+DENSE_DENSITY = 0.9      # spec density (kept / causal pairs) at or above which dense SDPA runs...
+DENSE_MAX_KV = 16384     # ...when Skv is at most this (short contexts; see the module docstring)
+MIN_BLOCKS_PER_SPLIT = 4
+MAX_SPLITS = 128
+_NO_WINDOW = 1 << 30     # the window of "no window": p − j < 2^30 always holds
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+if triton is not None:
+
+    @triton.jit
+    def _attend_tile(acc, m_i, l_i, q, Kb, Vb, KEEPb, n0, pos, Skv, sink, window,
+                     qk_scale, sm_scale, softcap, sk_s, sv_s,
+                     MODE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                     BLOCK_DV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+                     HAS_KEEP: tl.constexpr, SOFTCAP: tl.constexpr, PREC: tl.constexpr):
+        """One KV tile [n0, n0 + BLOCK_N) of the online softmax (FlashAttention-2).
+
+        MODE 0: interior (every key visible to every row: no position mask); 1: sinks
+        (j < sink, causal); 2: window (j >= sink, causal, p − j < window); 3: table block
+        (causal); 4: table block minus the spec (causal, j >= sink, p − j >= window).
+        """
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        offs_dv = tl.arange(0, BLOCK_DV)
+        j = n0 + offs_n                                                    # [N] key index
+        jok = j < Skv
+        k = tl.load(Kb + j[:, None] * sk_s + offs_d[None, :],
+                    mask=jok[:, None] & (offs_d < D)[None, :], other=0.0)  # [N, BD]
+        scores = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PREC)  # [M, N] fp32
+        if SOFTCAP:
+            x = scores * (sm_scale / softcap)
+            s = (2.0 * tl.sigmoid(2.0 * x) - 1.0) * (softcap * 1.4426950408889634)
+        else:
+            s = scores * qk_scale                                          # log2 domain
+        if MODE == 0:
+            if HAS_KEEP:
+                kk = tl.load(KEEPb + j, mask=jok, other=0)
+                s = tl.where((kk != 0)[None, :], s, float("-inf"))
+        else:
+            dist = pos[:, None] - j[None, :]                               # [M, N] p − j
+            if MODE == 1:
+                vis = (dist >= 0) & (j < sink)[None, :]
+            elif MODE == 2:
+                vis = (dist >= 0) & (dist < window) & (j >= sink)[None, :]
+            elif MODE == 3:
+                vis = dist >= 0
+            else:
+                vis = (dist >= 0) & (dist >= window) & (j >= sink)[None, :]
+            if HAS_KEEP:
+                kk = tl.load(KEEPb + j, mask=jok, other=0)
+                vis = vis & (kk != 0)[None, :]
+            s = tl.where(vis, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(Vb + j[:, None] * sv_s + offs_dv[None, :],
+                    mask=jok[:, None] & (offs_dv < DV)[None, :], other=0.0)  # [N, BDV]
+        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=PREC)
+        return acc, m_new, l_i
+
+    @triton.jit
+    def _attend_range(acc, m_i, l_i, q, Kb, Vb, KEEPb, blk_lo, blk_hi, pos, Skv, sink, window,
+                      qk_scale, sm_scale, softcap, sk_s, sv_s,
+                      MODE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                      BLOCK_DV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+                      HAS_KEEP: tl.constexpr, SOFTCAP: tl.constexpr, PREC: tl.constexpr):
+        for blk in range(blk_lo, blk_hi):
+            acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, Kb, Vb, KEEPb, blk * BLOCK_N, pos,
+                                         Skv, sink, window, qk_scale, sm_scale, softcap,
+                                         sk_s, sv_s, MODE, BLOCK_N, BLOCK_D, BLOCK_DV, D, DV,
+                                         HAS_KEEP, SOFTCAP, PREC)
+        return acc, m_i, l_i
+
+    @triton.jit(do_not_specialize=["S", "Skv", "sink", "window", "cap", "n_tab", "TB", "NSPLIT"])
+    def _sparse_attn_fwd(
+            Q, K, V, OUT, KEEP, TAB, INVF, ACC, LSE,
+            S, Skv, H, G, sink, window, cap, qk_scale, sm_scale, softcap,
+            sq_b, sq_h, sq_s, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, so_b, so_h, so_s, skeep_b,
+            st_b, st_h, st_q, n_tab, TB, NSPLIT,
+            GP: tl.constexpr, Q_TILE: tl.constexpr, BLOCK_M: tl.constexpr,
+            BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+            D: tl.constexpr, DV: tl.constexpr, R_HALF: tl.constexpr,
+            INTERLEAVED: tl.constexpr, HAS_CAP: tl.constexpr, HAS_KEEP: tl.constexpr,
+            SOFTCAP: tl.constexpr, SPEC: tl.constexpr, TABLE: tl.constexpr,
+            SPLIT: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr):
+        n_tiles = tl.num_programs(0)
+        mb = n_tiles - 1 - tl.program_id(0)        # last (busiest causal) tiles first
+        grp = tl.program_id(1)                     # b · (H / GP) + head group
+        split = tl.program_id(2)
+        n_groups = H // GP
+        b = grp // n_groups
+        h0 = (grp % n_groups) * GP
+        kvh = h0 // G
+        b64 = b.to(tl.int64)
+        i0 = mb * Q_TILE
+
+        # tile rows: row r is query head h0 + r // Q_TILE, query index i0 + r % Q_TILE
+        r = tl.arange(0, BLOCK_M)
+        head = h0 + r // Q_TILE
+        qi = i0 + r % Q_TILE
+        row_ok = (r // Q_TILE < GP) & (qi < S)
+        pos = Skv - S + qi                                                 # [M] positions
+        offs_d = tl.arange(0, BLOCK_D)
+        offs_dv = tl.arange(0, BLOCK_DV)
+        q_row = Q + b64 * sq_b + head.to(tl.int64) * sq_h + qi.to(tl.int64) * sq_s   # [M] ptrs
+        q = tl.load(q_row[:, None] + offs_d[None, :],
+                    mask=row_ok[:, None] & (offs_d < D)[None, :], other=0.0)  # [M, BD]
+        if DOT_F32:
+            q = q.to(tl.float32)
+        Kb = K + b64 * sk_b + kvh.to(tl.int64) * sk_h
+        Vb = V + b64 * sv_b + kvh.to(tl.int64) * sv_h
+        KEEPb = KEEP + b64 * skeep_b
+
+        # positions of this tile's valid rows
+        P0 = Skv - S + i0
+        P1 = Skv - S + tl.minimum(i0 + Q_TILE, S) - 1
+
+        # the spec's blocks: sinks [0, nsb), window [wb0, wb1), interior [ib0, ib1) ⊆ window
+        if SPEC:
+            sink_end = tl.minimum(sink, P1 + 1)
+            nsb = tl.cdiv(sink_end, BLOCK_N)
+            wstart = tl.maximum(tl.maximum(P0 - window + 1, sink), 0)
+            wb0 = wstart // BLOCK_N
+            wb1 = tl.cdiv(P1 + 1, BLOCK_N)
+            nwb = tl.maximum(wb1 - wb0, 0)
+            ib0 = tl.cdiv(tl.maximum(tl.maximum(P1 - window + 1, sink), 0), BLOCK_N)
+            ib1 = (P0 + 1) // BLOCK_N
+            ib0 = tl.minimum(tl.maximum(ib0, wb0), wb1)
+            ib1 = tl.minimum(tl.maximum(ib1, ib0), wb1)
+        else:
+            nsb = 0
+            wb0 = 0
+            nwb = 0
+            ib0 = 0
+            ib1 = 0
+        if TABLE:
+            sub = TB // BLOCK_N                      # kernel tiles per table block
+            n_items = n_tab * sub
+        else:
+            sub = 1
+            n_items = 0
+        total = nsb + nwb + n_items
+        if SPLIT:                                    # this program's chunk of the kept tiles
+            chunk = tl.cdiv(total, NSPLIT)
+            t0 = split * chunk
+            t1 = tl.minimum(t0 + chunk, total)
+        else:
+            t0 = 0
+            t1 = total
+
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+
+        # sinks: with the cap, scored with q rotated back by δ = max(0, p − cap) positions
+        if HAS_CAP:
+            rot = offs_d < 2 * R_HALF
+            if INTERLEAVED:                          # pairs (2i, 2i + 1)
+                fidx = offs_d // 2
+                partner = offs_d ^ 1
+                sign = tl.where(offs_d % 2 == 0, -1.0, 1.0)
+            else:                                    # rotate_half: pairs (i, i + R/2)
+                fidx = offs_d % R_HALF
+                partner = tl.where(offs_d < R_HALF, offs_d + R_HALF, offs_d - R_HALF)
+                sign = tl.where(offs_d < R_HALF, -1.0, 1.0)
+            qp = tl.load(q_row[:, None] + partner[None, :],
+                         mask=row_ok[:, None] & rot[None, :], other=0.0).to(tl.float32)
+            freq = tl.load(INVF + fidx, mask=rot, other=0.0)               # [BD]
+            delta = tl.maximum(pos - cap, 0).to(tl.float32)                # [M]
+            angle = -delta[:, None] * freq[None, :]                        # [M, BD]
+            q_rot = q.to(tl.float32) * tl.cos(angle) + sign[None, :] * qp * tl.sin(angle)
+            q_sink = tl.where(rot[None, :], q_rot, q.to(tl.float32)).to(q.dtype)
+        else:
+            q_sink = q
+        acc, m_i, l_i = _attend_range(acc, m_i, l_i, q_sink, Kb, Vb, KEEPb, t0,
+                                      tl.minimum(t1, nsb), pos, Skv, sink, window, qk_scale,
+                                      sm_scale, softcap, sk_s, sv_s, 1, BLOCK_N, BLOCK_D,
+                                      BLOCK_DV, D, DV, HAS_KEEP, SOFTCAP, PREC)
+        # window blocks [rw0, rw1): masked below the interior, unmasked interior, masked above
+        rw0 = wb0 + tl.maximum(t0 - nsb, 0)
+        rw1 = wb0 + tl.minimum(t1 - nsb, nwb)
+        acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, Kb, Vb, KEEPb, rw0,
+                                      tl.minimum(rw1, ib0), pos, Skv, sink, window, qk_scale,
+                                      sm_scale, softcap, sk_s, sv_s, 2, BLOCK_N, BLOCK_D,
+                                      BLOCK_DV, D, DV, HAS_KEEP, SOFTCAP, PREC)
+        acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, Kb, Vb, KEEPb, tl.maximum(rw0, ib0),
+                                      tl.minimum(rw1, ib1), pos, Skv, sink, window, qk_scale,
+                                      sm_scale, softcap, sk_s, sv_s, 0, BLOCK_N, BLOCK_D,
+                                      BLOCK_DV, D, DV, HAS_KEEP, SOFTCAP, PREC)
+        acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, Kb, Vb, KEEPb, tl.maximum(rw0, ib1),
+                                      rw1, pos, Skv, sink, window, qk_scale, sm_scale, softcap,
+                                      sk_s, sv_s, 2, BLOCK_N, BLOCK_D, BLOCK_DV, D, DV,
+                                      HAS_KEEP, SOFTCAP, PREC)
+        if TABLE:                                    # table blocks (GP == 1: one head)
+            trow = TAB + b64 * st_b + h0.to(tl.int64) * st_h + (i0 // TB) * st_q
+            for u in range(tl.maximum(t0 - nsb - nwb, 0), tl.minimum(t1 - nsb - nwb, n_items)):
+                kb = tl.load(trow + u // sub)
+                if kb >= 0:
+                    n0 = kb * TB + (u % sub) * BLOCK_N
+                    if SPEC:
+                        acc, m_i, l_i = _attend_tile(
+                            acc, m_i, l_i, q, Kb, Vb, KEEPb, n0, pos, Skv, sink, window,
+                            qk_scale, sm_scale, softcap, sk_s, sv_s, 4, BLOCK_N, BLOCK_D,
+                            BLOCK_DV, D, DV, HAS_KEEP, SOFTCAP, PREC)
+                    else:
+                        acc, m_i, l_i = _attend_tile(
+                            acc, m_i, l_i, q, Kb, Vb, KEEPb, n0, pos, Skv, sink, window,
+                            qk_scale, sm_scale, softcap, sk_s, sv_s, 3, BLOCK_N, BLOCK_D,
+                            BLOCK_DV, D, DV, HAS_KEEP, SOFTCAP, PREC)
+
+        full = l_i > 0
+        out = acc / tl.where(full, l_i, 1.0)[:, None]                      # empty rows: 0
+        if SPLIT:   # partial [tile, grp, split, row, DV] normalised, and its log2-sum-exp
+            base = ((mb * tl.num_programs(1) + grp) * NSPLIT + split).to(tl.int64) * BLOCK_M
+            tl.store(ACC + (base + r)[:, None] * BLOCK_DV + offs_dv[None, :], out)
+            tl.store(LSE + base + r,
+                     tl.where(full, m_i + tl.log2(tl.where(full, l_i, 1.0)), float("-inf")))
+        else:
+            o_row = OUT + b64 * so_b + head.to(tl.int64) * so_h + qi.to(tl.int64) * so_s
+            tl.store(o_row[:, None] + offs_dv[None, :], out.to(OUT.dtype.element_ty),
+                     mask=row_ok[:, None] & (offs_dv < DV)[None, :])
+
+    @triton.jit
+    def _combine_kernel(ACC, LSE, OUT, S, H, G, so_b, so_h, so_s, NSPLIT,
+                        GP: tl.constexpr, Q_TILE: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr, DV: tl.constexpr):
+        """Merge the NSPLIT partial outputs of one row by their log-sum-exp (Flash-Decoding)."""
+        tg = tl.program_id(0)                       # mb · (B · H / GP) + grp
+        r = tl.program_id(1)
+        n_grp = tl.num_programs(0) // tl.cdiv(S, Q_TILE)
+        mb = tg // n_grp
+        grp = tg % n_grp
+        n_groups = H // GP
+        b = grp // n_groups
+        head = (grp % n_groups) * GP + r // Q_TILE
+        qi = mb * Q_TILE + r % Q_TILE
+        ok = (r // Q_TILE < GP) & (qi < S)
+        sp = tl.arange(0, BLOCK_S)
+        sok = sp < NSPLIT
+        dv = tl.arange(0, BLOCK_DV)
+        rows = (tg * NSPLIT + sp).to(tl.int64) * BLOCK_M + r                # [BS]
+        lse = tl.load(LSE + rows, mask=sok, other=float("-inf"))
+        top = tl.max(lse, 0)
+        w = tl.exp2(lse - tl.where(top == float("-inf"), 0.0, top))        # empty splits: 0
+        part = tl.load(ACC + rows[:, None] * BLOCK_DV + dv[None, :], mask=sok[:, None], other=0.0)
+        den = tl.sum(w, 0)
+        out = tl.sum(w[:, None] * part, 0) / tl.where(den > 0, den, 1.0)
+        ptr = OUT + b.to(tl.int64) * so_b + head.to(tl.int64) * so_h + qi.to(tl.int64) * so_s
+        tl.store(ptr + dv, out.to(OUT.dtype.element_ty), mask=ok & (dv < DV))
+
+
+# --------------------------------------------------------------------------------------------
+# host side
+
+
+def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_keep: torch.Tensor | None,
+             softcap: float = 0.0, cap: int = 0) -> bool:
+    """Whether the Triton kernel takes these inputs (dtype, head dims, device)."""
+    if not AVAILABLE or q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        return False
+    if not (q.is_cuda or INTERPRET):
+        return False
+    if q.dtype not in DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        return False
+    if q.shape[-1] != k.shape[-1] or max(q.shape[-1], v.shape[-1]) > MAX_HEAD_DIM:
+        return False
+    if q.shape[1] % k.shape[1] or k.shape[:3] != v.shape[:3] or q.shape[0] != k.shape[0]:
+        return False
+    if key_keep is not None and tuple(key_keep.shape) != (k.shape[0], k.shape[2]):
+        return False
+    return len({t.device for t in (q, k, v) + (() if key_keep is None else (key_keep,))}) == 1
+
+
+def _require(q, k, v, key_keep):
+    if not AVAILABLE:
+        raise RuntimeError("the sparse attention Triton kernel needs triton and CUDA "
+                           "(or TRITON_INTERPRET=1)")
+    if not supports(q, k, v, key_keep):
+        raise ValueError(f"the Triton sparse attention does not take q {tuple(q.shape)} "
+                         f"{q.dtype}, k {tuple(k.shape)} {k.dtype}, v {tuple(v.shape)} {v.dtype}"
+                         f" (fp16/bf16/fp32, one dtype, head dim <= {MAX_HEAD_DIM}, GQA)")
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def _config(dtype: torch.dtype, d: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for prefill tiles (H100-minded defaults)."""
+    if dtype == torch.float32:
+        return 64, 32, 4, 2
+    if _pow2(d) >= 256:
+        return 64, 64, 8, 2
+    return 128, 64, 8, 3
+
+
+def _largest_divisor_at_most(n: int, limit: int) -> int:
+    return max(x for x in range(1, min(n, max(1, limit)) + 1) if n % x == 0)
+
+
+def _launch(q, k, v, key_keep, scale, softcap, sink, window, cap, inv_freq, rope_style,
+            block_index=None, table_block=0, spec=True, block_m=None, block_n=None,
+            num_splits=None):
+    """Run the kernel. ``window <= 0`` means no window (sink ignored); ``spec=False`` visits
+    only the table's blocks."""
+    B, H, S, D = q.shape
+    Hkv, Skv, DV = k.shape[1], k.shape[2], v.shape[-1]
+    G = H // Hkv
+    out = torch.empty(B, H, S, DV, device=q.device, dtype=v.dtype)
+    if S == 0 or B * H == 0:
+        return out
+    if window <= 0 or window >= _NO_WINDOW:
+        sink, window, cap = 0, _NO_WINDOW, 0
+    has_cap = bool(cap > 0 and sink > 0 and Skv - 1 > cap)
+    table = block_index is not None
+    for t in (q, k, v):
+        if t.stride(-1) != 1:
+            raise ValueError("the kernel reads the head dim contiguously (stride(-1) == 1)")
+
+    cfg_m, cfg_n, warps, stages = _config(q.dtype, max(D, DV))
+    decode = S <= DECODE_MAX_S
+    if decode:
+        q_tile = _pow2(S)
+        gp = 1 if table else _largest_divisor_at_most(G, MAX_ROWS // q_tile)
+        bm = max(16, _pow2(gp * q_tile))
+        bn = block_n or cfg_n
+        warps, stages = 4, 2
+    else:
+        gp, bm, bn = 1, block_m or cfg_m, block_n or cfg_n
+        q_tile = bm
+    if table:
+        if table_block < 16 or table_block & (table_block - 1):
+            raise ValueError(f"block_size must be a power of two >= 16, got {table_block}")
+        if not decode:
+            bm = q_tile = min(bm, table_block)
+        bn = min(bn, table_block)
+    if bm < 16 or bn < 16 or bm & (bm - 1) or bn & (bn - 1):
+        raise ValueError(f"block sizes must be powers of two >= 16, got {bm}, {bn}")
+    block_d, block_dv = max(16, _pow2(D)), max(16, _pow2(DV))
+    n_tiles = -(-S // q_tile)
+    n_grp = B * (H // gp)
+
+    # split-KV when the grid alone would leave SMs idle
+    if table:
+        n_tab = block_index.shape[-1]
+        kept = n_tab * (table_block // bn) + (
+            (-(-min(sink, Skv) // bn) + -(-min(window + q_tile, Skv) // bn) + 1) if spec else 0)
+    else:
+        n_tab = 0
+        kept = -(-min(sink, Skv) // bn) + -(-min(window + q_tile, Skv) // bn) + 1
+    programs = n_tiles * n_grp
+    if num_splits is None:
+        sms = _sm_count(q.device)
+        num_splits = 1
+        if programs < sms:
+            num_splits = min(-(-2 * sms // programs), max(1, kept // MIN_BLOCKS_PER_SPLIT),
+                             MAX_SPLITS)
+    num_splits = max(1, int(num_splits))
+    split = num_splits > 1
+
+    dummy = q.new_empty(1)
+    keep = dummy
+    skeep = 0
+    if key_keep is not None:
+        keep = key_keep.to(torch.uint8) if key_keep.dtype != torch.uint8 else key_keep
+        if keep.stride(-1) != 1:
+            keep = keep.contiguous()
+        skeep = keep.stride(0)
+    invf = dummy
+    r_half = 1
+    interleaved = False
+    if has_cap:
+        invf = inv_freq.to(device=q.device, dtype=torch.float32).contiguous()
+        r_half = invf.numel()
+        if not 0 < 2 * r_half <= D:
+            raise ValueError(f"inv_freq has {r_half} frequencies: 2·{r_half} rotated channels "
+                             f"do not fit head dim {D}")
+        interleaved = rope_style != "rotate_half"
+    tab, st = dummy, (0, 0, 0)
+    if table:
+        tab = block_index
+        if tab.dtype != torch.int32:
+            tab = tab.to(torch.int32)
+        nqb = -(-S // table_block)
+        if tuple(tab.shape[:3]) != (B, H, nqb):
+            raise ValueError(f"block_index must be [B, H, ceil(S / block_size), max_kv_blocks] "
+                             f"= [{B}, {H}, {nqb}, n], got {tuple(tab.shape)}")
+        if tab.stride(-1) != 1:
+            tab = tab.contiguous()
+        st = (tab.stride(0), tab.stride(1), tab.stride(2))
+    if split:
+        part = torch.empty(n_tiles * n_grp * num_splits * bm * block_dv, device=q.device,
+                           dtype=torch.float32)                     # [tiles, grp, NS, M, BDV]
+        lse = torch.empty(n_tiles * n_grp * num_splits * bm, device=q.device,
+                          dtype=torch.float32)                      # [tiles, grp, NS, M]
+    else:
+        part = lse = dummy
+    # the interpreter's bf16 tl.dot returns garbage (triton 3.9): dot in fp32 there
+    dot_f32 = INTERPRET and q.dtype == torch.bfloat16
+    prec = "ieee" if q.dtype == torch.float32 or dot_f32 else "tf32"
+    extra = {} if INTERPRET else dict(num_warps=warps, num_stages=stages)
+    _sparse_attn_fwd[(n_tiles, n_grp, num_splits)](
+        q, k, v, out, keep, tab, invf, part, lse,
+        S, Skv, H, G, int(sink), int(window), int(cap), float(scale) * LOG2E, float(scale),
+        float(softcap), q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
+        k.stride(2), v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1),
+        out.stride(2), skeep, *st, n_tab, int(table_block), num_splits,
+        GP=gp, Q_TILE=q_tile, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, BLOCK_DV=block_dv,
+        D=D, DV=DV, R_HALF=r_half, INTERLEAVED=interleaved, HAS_CAP=has_cap,
+        HAS_KEEP=key_keep is not None, SOFTCAP=bool(softcap), SPEC=bool(spec), TABLE=table,
+        SPLIT=split, DOT_F32=dot_f32, PREC=prec, **extra)
+    if split:
+        _combine_kernel[(n_tiles * n_grp, bm)](
+            part, lse, out, S, H, G, out.stride(0), out.stride(1), out.stride(2), num_splits,
+            GP=gp, Q_TILE=q_tile, BLOCK_M=bm, BLOCK_S=max(2, _pow2(num_splits)),
+            BLOCK_DV=block_dv, DV=DV)
+    return out
+
+
+def _gqa(q, k):
+    return q.shape[1] != k.shape[1]
+
+
+def prefer_dense(s: int, skv: int, sink: int, window: int, key_keep, softcap: float,
+                 cap: int) -> bool:
+    """Whether dense SDPA with the spec's mask should run instead of the kernel: density >=
+    DENSE_DENSITY at Skv <= DENSE_MAX_KV (no softcap, no active cap: SDPA cannot do those)."""
+    if softcap or skv > DENSE_MAX_KV or window <= 0 or s == 0:
+        return False
+    if cap > 0 and sink > 0 and skv - 1 > cap:
+        return False
+    return reference.density(s, skv, sink, window) >= DENSE_DENSITY
+
+
+def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     key_keep: torch.Tensor | None, scale: float | None, softcap: float,
+                     sink: int, window: int, cap: int, inv_freq: torch.Tensor | None,
+                     rope_style: str, *, block_m: int | None = None, block_n: int | None = None,
+                     num_splits: int | None = None, dense_fallback: bool = True) -> torch.Tensor:
+    """``reference.sparse_attention`` on the GPU: q [B, H, S, D], k [B, Hkv, Skv, D],
+    v [B, Hkv, Skv, Dv] -> [B, H, S, Dv] in v's dtype. ``block_m``/``block_n``/``num_splits``
+    override the tiling (tests); ``dense_fallback=False`` always runs the kernel."""
+    _require(q, k, v, key_keep)
+    reference.check_args(q, k, v, key_keep, sink, window, cap, inv_freq, rope_style)
+    s, skv, d = q.shape[2], k.shape[2], q.shape[-1]
+    if scale is None:
+        scale = d ** -0.5
+    covers = window <= 0 or window >= skv
+    if dense_fallback and covers and key_keep is None and not softcap:
+        if s == skv:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
+                                                  enable_gqa=_gqa(q, k))
+        if s == 1:
+            return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=_gqa(q, k))
+    if dense_fallback and not covers and prefer_dense(s, skv, sink, window, key_keep, softcap,
+                                                      cap):
+        qp, kp = reference.positions(s, skv, q.device)
+        keep = reference.visible(qp, kp, sink, window)[None, None]          # [1, 1, S, Skv]
+        if key_keep is not None:
+            keep = keep & key_keep.bool()[:, None, None, :]                 # [B, 1, S, Skv]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=scale,
+                                             enable_gqa=_gqa(q, k))
+        return out.nan_to_num(0.0)
+    if covers:
+        sink, window, cap = 0, 0, 0
+    return _launch(q, k, v, key_keep, scale, softcap, sink, window, cap, inv_freq, rope_style,
+                   block_m=block_m, block_n=block_n, num_splits=num_splits)
+
+
+def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           block_index: torch.Tensor, block_size: int,
+                           scale: float | None = None, *, key_keep: torch.Tensor | None = None,
+                           softcap: float = 0.0, sink: int = 0, window: int = 0, cap: int = 0,
+                           inv_freq: torch.Tensor | None = None, rope_style: str = "rotate_half",
+                           block_m: int | None = None, block_n: int | None = None,
+                           num_splits: int | None = None) -> torch.Tensor:
+    """Causal attention over the KV blocks a table lists (dynamic block-sparse recipes).
+
+    ``block_index`` int32 [B, H, ceil(S / block_size), max_kv_blocks]: for query block
+    ``qb`` (query *indices* ``[qb·bs, (qb+1)·bs)``, bottom-right aligned positions as
+    everywhere), the kv block ids ``kb`` (keys ``[kb·bs, (kb+1)·bs)``) to visit, -1 padded, each
+    id at most once per row, any order. Build it on the GPU. ``block_size`` is a power of two
+    >= 16. Visible keys::
+
+        j <= p_i  and  key_keep[b, j]  and  (block(j) in table[b, h, i // bs]
+                                             or (window > 0 and spec(i, j)))
+
+    i.e. with ``window <= 0`` the table replaces the spec; with ``window > 0`` its blocks are
+    added to the sink + window spec (sinks still capped with ``cap``). Returns [B, H, S, Dv].
+    """
+    _require(q, k, v, key_keep)
+    if block_index.dim() != 4:
+        raise ValueError(f"block_index must be 4-d [B, H, n_q_blocks, max_kv_blocks], got "
+                         f"{tuple(block_index.shape)}")
+    if window > 0:
+        reference.check_args(q, k, v, key_keep, sink, window, cap, inv_freq, rope_style)
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    spec = window > 0
+    return _launch(q, k, v, key_keep, scale, softcap, sink if spec else 0,
+                   window if spec else 0, cap if spec else 0, inv_freq, rope_style,
+                   block_index=block_index, table_block=block_size, spec=spec,
+                   block_m=block_m, block_n=block_n, num_splits=num_splits)
