@@ -319,7 +319,8 @@ if triton is not None:
         den = tl.sum(w, 0)
         out = tl.sum(w[:, None] * part, 0) / tl.where(den > 0, den, 1.0)
         ptr = OUT + b.to(tl.int64) * so_b + head.to(tl.int64) * so_h + qi.to(tl.int64) * so_s
-        tl.store(ptr + dv, out.to(OUT.dtype.element_ty), mask=ok & (dv < DV))
+        ok_v = (tl.zeros([BLOCK_DV], tl.int32) + ok.to(tl.int32)) != 0          # [BDV] row valid
+        tl.store(ptr + dv, out.to(OUT.dtype.element_ty), mask=ok_v & (dv < DV))
 
 
 # --------------------------------------------------------------------------------------------
