@@ -61,6 +61,8 @@ CASES = [  # B, H, Hkv, S, Skv, D, sink, window, softcap, pad
     (1, 2, 1, 21, 50, 16, 2, 1, 0.0, 2),          # window = 1, D=16
     (1, 3, 1, 34, 60, 64, 0, 0, 0.0, 5),          # no window: causal + padding
     (1, 4, 4, 33, 33, 64, 20, 5, 0.0, 0),         # sinks reaching into the window
+    (1, 2, 1, 48, 48, 32, 0, 17, 0.0, 0),         # window starts on tile boundaries
+    (1, 2, 1, 64, 80, 32, 3, 33, 0.0, 1),         # unmasked interior tiles, boundaries
 ]
 
 
@@ -100,6 +102,8 @@ DECODE = [  # B, H, Hkv, S, Skv, D, sink, window, pad, splits
     (1, 8, 2, 3, 77, 80, 2, 20, 0, 4),            # S = 3 (speculative), G·S = 12 rows
     (1, 4, 1, 1, 40, 64, 4, 64, 0, 16),           # more splits than tiles: empty splits
     (1, 4, 2, 2, 70, 32, 0, 0, 0, 2),             # no window, S = 2 (no dense shortcut)
+    (1, 2, 1, 1, 96, 16, 1, 16, 0, 2),            # window starts on a tile boundary
+    (1, 2, 1, 1, 17, 16, 20, 4, 0, 1),            # sinks past the query (p = 16)
 ]
 
 
@@ -109,6 +113,19 @@ def test_decode_split_kv(B, H, Hkv, S, Skv, D, sink, window, pad, splits):
     out = T.sparse_attention(q, k, v, keep, None, 0.0, sink, window, 0, None, "rotate_half",
                              block_n=16, num_splits=splits, dense_fallback=False)
     assert _rel(out, _reference(q, k, v, keep, 0.0, sink, window)) <= 1e-4
+
+
+@pytest.mark.parametrize("S", [1, 17])
+def test_every_tile_alignment(S):
+    """Window and sink edges at every offset within a 16-key tile: Skv over 16 residues."""
+    for skv in range(40, 56):
+        q, k, v, _ = _inputs(1, 1, 1, S, skv, 16, torch.float32, skv)
+        for sink, window in ((3, 16), (17, 21)):
+            out = T.sparse_attention(q, k, v, None, None, 0.0, sink, window, 0, None,
+                                     "rotate_half", block_m=16, block_n=16,
+                                     num_splits=2 if S == 1 else 1, dense_fallback=False)
+            ref = _reference(q, k, v, None, 0.0, sink, window)
+            assert _rel(out, ref) <= 1e-4, (skv, sink, window)
 
 
 def test_decode_split_kv_bf16():
@@ -241,7 +258,7 @@ def _table_reference(q, k, v, table, bs, keep=None, sink=0, window=0):
 
 @pytest.mark.parametrize("S,Skv,window,pad,splits", [
     (40, 40, 0, 0, None),       # the table alone
-    (40, 70, 6, 2, None),       # table ∪ sink + window, chunked prefill, padding
+    (40, 70, 6, 1, None),       # table ∪ sink + window, chunked prefill, padding
     (2, 70, 0, 0, 3),           # decode over the table, split
 ])
 def test_block_table(S, Skv, window, pad, splits):
@@ -249,9 +266,11 @@ def test_block_table(S, Skv, window, pad, splits):
     B, H, Hkv, D = 1, 4, 2, 32
     q, k, v, keep = _inputs(B, H, Hkv, S, Skv, D, torch.float32, S + Skv, pad)
     table = _table(B, H, -(-S // bs), -(-Skv // bs), 3, S)
-    out = T.block_sparse_attention(q, k, v, table, bs, key_keep=keep, sink=2, window=window,
+    table[table == 0] = -1
+    table[..., 0] = 0                     # block 0 (sinks) listed: counted once in the union
+    out = T.block_sparse_attention(q, k, v, table, bs, key_keep=keep, sink=3, window=window,
                                    num_splits=splits)
-    ref = _table_reference(q, k, v, table, bs, keep, 2, window)
+    ref = _table_reference(q, k, v, table, bs, keep, 3, window)
     assert _rel(out, ref) <= 1e-4
 
 
