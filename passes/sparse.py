@@ -42,7 +42,8 @@ from longfx.rewrite.sites import Site
 
 aten = torch.ops.aten
 
-__all__ = ["SparseRule", "SinkWindow", "SlidingWindow", "RopeCap"]
+__all__ = ["SparseRule", "SinkWindow", "SlidingWindow", "RopeCap", "padding_of", "rope_of",
+           "current_inv_freq", "key_keep", "native_window"]
 
 # ops a query passes through between the rotation and the attention (layout only)
 _LAYOUT = ("transpose", "contiguous", "clone", "view", "reshape", "cast", "identity", "permute")
@@ -63,7 +64,7 @@ def native_window(site: Site) -> int:
     return int(w) if w else 0
 
 
-def _rope_of(q: fx.Node, sites: list[Site]) -> Site | None:
+def rope_of(q: fx.Node, sites: list[Site]) -> Site | None:
     """The RoPE site whose rotation produced ``q`` (through layout-only ops)."""
     node = q
     for _ in range(8):
@@ -83,7 +84,7 @@ def _rope_of(q: fx.Node, sites: list[Site]) -> Site | None:
     return None
 
 
-def _current_inv_freq(site: Site) -> fx.Node | None:
+def current_inv_freq(site: Site) -> fx.Node | None:
     """The frequency vector the site's table uses now: a rope recipe that ran first inserted
     ``mul(inv_freq, ratio)`` and pointed the table at it."""
     inv = site.nodes.get("inv_freq")
@@ -94,6 +95,20 @@ def _current_inv_freq(site: Site) -> fx.Node | None:
         if str(rule).startswith("rope.") and user.target is aten.mul.Tensor:
             return user
     return inv
+
+
+def padding_of(site: Site) -> fx.Node | None | str:
+    """The 2-D padding input the site's mask and-s in (None: no padding), or why the mask is
+    not "causal [∧ window] ∧ padding" — the only masks a rewrite may drop."""
+    spec = site.facts.get("mask_spec")
+    if not spec:
+        why = site.facts.get("mask_spec_reason") or \
+            f"mask {site.facts.get('mask_kind', 'unknown')!r}"
+        return f"mask not understood as causal/window + padding ({why}); kept dense"
+    pad = site.nodes.get("key_padding")
+    if spec.get("padding") and not isinstance(pad, fx.Node):
+        return "the padding input of the mask is not a graph value"
+    return pad if spec.get("padding") else None
 
 
 class SparseRule(Rule):
@@ -131,15 +146,10 @@ class SparseRule(Rule):
         if node.target is SPARSE:                  # amend a sparse site: keep its spec
             sink, window = int(node.args[6]), int(node.args[7])
         else:
-            spec = site.facts.get("mask_spec")
-            if not spec:
-                why = site.facts.get("mask_spec_reason") or \
-                    f"mask {site.facts.get('mask_kind', 'unknown')!r}"
-                return f"mask not understood as causal/window + padding ({why}); kept dense"
-            pad = site.nodes.get("key_padding")
-            if spec.get("padding") and not isinstance(pad, fx.Node):
-                return "the padding input of the mask is not a graph value"
-            facts["padding"] = pad if spec.get("padding") else None
+            pad = padding_of(site)
+            if isinstance(pad, str):
+                return pad
+            facts["padding"] = pad
             sink, window = self.sink, self.window or cap
             native = native_window(site)
             if native and native <= window:
@@ -148,10 +158,10 @@ class SparseRule(Rule):
         if cap and sink:
             if window <= 0 or window > cap:
                 return f"rope_cap: window {window} must be in 1..max_distance ({cap})"
-            rope = _rope_of(node.args[0], self._sites)
+            rope = rope_of(node.args[0], self._sites)
             if rope is None:
                 return "rope_cap: no RoPE rotation found on this site's queries"
-            inv = _current_inv_freq(rope)
+            inv = current_inv_freq(rope)
             if inv is None or rope.facts.get("style") not in ("rotate_half", "interleaved",
                                                               "complex"):
                 return "rope_cap: the query rotation's frequency vector is not in the graph"
@@ -172,7 +182,7 @@ class SparseRule(Rule):
                 q, k, v, _mask, scale, _causal, softcap = node.args
                 keep = None
                 if facts["padding"] is not None:
-                    keep = _key_keep(g, made, facts["padding"], k)
+                    keep = key_keep(g, made, facts["padding"], k)
             inv, style = None, "rotate_half"
             if facts["cap"]:
                 inv = G.call(g, made, aten.reshape.default, facts["inv_freq"], [-1])
@@ -191,7 +201,7 @@ class SparseRule(Rule):
         return made
 
 
-def _key_keep(g: fx.Graph, made: list, pad: fx.Node, k: fx.Node) -> fx.Node:
+def key_keep(g: fx.Graph, made: list, pad: fx.Node, k: fx.Node) -> fx.Node:
     """bool [B, Skv]: the last Skv columns of the 2-D padding input (KV-cache alignment)."""
     total = G.call(g, made, aten.sym_size.int, pad, 1)
     skv = G.call(g, made, aten.sym_size.int, k, 2)

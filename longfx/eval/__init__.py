@@ -129,8 +129,11 @@ def evaluate(model_or_name: Any, recipes: Sequence[Any] = (), tasks: Sequence[st
              lengths: Sequence[int] = (2048,), seed: int = 0, trials: int = 1,
              depths: Sequence[float] = DEFAULT_DEPTHS, out: str | Path | None = None,
              progress: bool = True, tokenizer: Any = None, chunk: int = infer.DEFAULT_CHUNK,
-             model_name: str | None = None, **options) -> list[dict]:
+             model_name: str | None = None, dense: bool = True, **options) -> list[dict]:
     """Run ``tasks`` at ``lengths`` for the dense model and each recipe; return the rows.
+
+    ``dense=False`` skips the dense rows (when they were recorded already with the same
+    settings: on a slow machine the dense 32k run is the longest part).
 
     ``model_or_name``: a model (``tokenizer=`` then needed for text tasks; tiny models without
     one get a character tokenizer), an embedded name such as ``"smollm2-135m"``, or ``"zoo:NAME"``.
@@ -152,6 +155,8 @@ def evaluate(model_or_name: Any, recipes: Sequence[Any] = (), tasks: Sequence[st
     ctx = Context(tok=tok, lengths=[int(n) for n in lengths], seed=seed, trials=trials,
                   depths=[float(d) for d in depths], chunk=chunk, dense=model, options=options)
     variants = _variants(model, recipes)
+    if not dense:
+        variants = [v for v in variants if not v[2]]
     sink = open(out, "a") if out else None
     rows: list[dict] = []
     bar = _Bar(progress)

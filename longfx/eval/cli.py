@@ -47,6 +47,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="show/plot recorded rows instead of running")
     p.add_argument("--json", action="store_true", help="print rows as JSON lines instead of a table")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-dense", action="store_true",
+                   help="skip the dense rows (recorded already with the same settings)")
     p.set_defaults(func=run)
     return p
 
@@ -68,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
             rows = evaluate(args.model, recipes=args.recipe, tasks=[t for t in args.task.split(",") if t],
                             lengths=_ints(args.length), seed=args.seed, trials=args.trials,
                             depths=_floats(args.depths), out=args.out, chunk=args.chunk,
-                            progress=not args.no_progress)
+                            progress=not args.no_progress, dense=not args.no_dense)
         except ValueError as e:
             console.print(f"[red]error:[/red] {e}")
             return 2
