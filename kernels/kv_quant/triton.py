@@ -13,6 +13,21 @@ TRITON_INTERPRET=1). Semantics and layout: reference.py; these must agree with i
   heads that share it, S ≤ 16 queries each) with tensor-core dots; one more program per kv
   head covers the full-precision ring; a combine kernel merges the partial results by their
   log-sum-exp.
+
+The keys' per-channel (scale, zero) is constant over a tile (tiles never straddle a key group),
+so it is folded into the query: q·(c·a + b) = (q∘a)·c + q·b and the key codes go to the dot
+as plain integers. The Triton path takes power-of-two groups >= 32 (16-token tiles of 4/2-bit
+codes decoded wrongly in 16-bit dtypes with Triton 3.6 on an H100); other groups use the
+reference.
+
+Measured on an H100 (Triton 3.6, CUDA graphs, Llama-8B shape 32q/8kv heads, D=128, S=1,
+benchmarks/bench_kv_quant_decode.py): 4-bit over 128k at B=1 0.253 ms vs bf16 SDPA 0.220 ms;
+B=8 over 32k 0.520 vs 0.424 ms — *slower* than SDPA, far from the issue's 3x target. 8-bit
+(no unpacking) runs at nearly the same speed as 2- and 4-bit: the kernel is bound by per-token
+work (uint8 -> float conversion, staging the dequantized tiles for the tensor-core dots,
+softmax), not by the bytes it reads (~0.56 TB/s of packed state at 4 bits). Getting to 3x
+needs the dequantization done in the dot operand registers (e.g. inline-PTX prmt/lop3 on
+4 packed bytes at a time, as int4 GEMM kernels do), which this file does not do yet.
 """
 from __future__ import annotations
 
@@ -40,7 +55,8 @@ def _pow2(n: int) -> int:
 
 
 def _group_ok(group: int) -> bool:
-    return group >= 16 and group & (group - 1) == 0
+    # 16-token tiles of 4/2-bit codes gave wrong 16-bit decode results with Triton 3.6 on H100
+    return group >= 32 and group & (group - 1) == 0
 
 
 def _state_ok(state: reference.QuantizedKV) -> bool:
@@ -215,12 +231,13 @@ if triton is not None:
                        other=0.0)
 
     @triton.jit
-    def _online_softmax(scores, m_i, l_i, acc):
+    def _online_softmax(scores, m_i, l_i):
+        """-> new running max, new running sum, the rescale factor of old sums, exp2 scores."""
         m_new = tl.maximum(m_i, tl.max(scores, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_safe)
         p = tl.exp2(scores - m_safe[:, None])
-        return m_new, l_i * alpha + tl.sum(p, 1), acc * alpha[:, None], p
+        return m_new, l_i * alpha + tl.sum(p, 1), alpha, p
 
     @triton.jit
     def _store_partial(ACC, LSE, bh, split, NS, m_i, l_i, acc, M: tl.constexpr,
@@ -250,7 +267,8 @@ if triton is not None:
         if DOT_F32:
             q = q.to(tl.float32)
         dt = q.dtype
-        L = tl.load(LEN)
+        qf = q.to(tl.float32)
+        L = tl.load(LEN).to(tl.int32)
         n = _n_packed(L, GROUP, RING)
         chunk = tl.cdiv(tl.cdiv(n, NSPLIT), BLOCK_N) * BLOCK_N                # BLOCK_N | GROUP
         start = split * chunk
@@ -261,31 +279,47 @@ if triton is not None:
         jb = tl.arange(0, BLOCK_D // PB)
         jok = (jb < D // PB)[None, :]
         vgrp = (dd // GROUP)[None, :]
+        # per-program bases in 64 bits, offsets inside a head's rows in 32 bits
+        bh64 = bh.to(tl.int64)
+        kc = KC + bh64 * SP * (D // PB)
+        vc = VC + bh64 * SP * (D // PB)
+        kpar = KP + bh64 * (SP // GROUP) * 2 * D
+        vpar = VP + bh64 * SP * 2 * JV
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         for n0 in range(start, end, BLOCK_N):
             t = n0 + tl.arange(0, BLOCK_N)
-            row = (bh * SP + t)[:, None]
-            # keys: one (scale, zero) row per channel for the whole tile (it sits in one group)
-            codes = _unpack(tl.load(KC + row * (D // PB) + jb[None, :], mask=jok, other=0),
+            # keys: one (a, b) per channel for the whole tile (it lies in one group), folded
+            # into the query: q·(c·a + b) = (q∘a)·c + q·b — the codes go to the dot as they are
+            codes = _unpack(tl.load(kc + t[:, None] * (D // PB) + jb[None, :], mask=jok, other=0),
                             BITS, BLOCK_N, BLOCK_D)
-            kp = KP + (bh * (SP // GROUP) + n0 // GROUP) * 2 * D + dd
+            kp = kpar + (n0 // GROUP) * 2 * D + dd
             a, z = _affine(tl.load(kp, mask=dok, other=0), tl.load(kp + D, mask=dok, other=0),
                            QMAX, FP16)
-            k = (codes.to(tl.float32) * a[None, :] + z[None, :]).to(dt)      # [N, D]
-            scores = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+            qa = (qf * a[None, :]).to(dt)
+            scores = tl.dot(qa, tl.trans(codes.to(dt)), input_precision=PREC)
+            scores = (scores + tl.sum(qf * z[None, :], 1)[:, None]) * qk_scale
             if S > 1:
                 scores = tl.where(t[None, :] <= qpos[:, None], scores, float("-inf"))
-            m_i, l_i, acc, p = _online_softmax(scores, m_i, l_i, acc)
-            # values: (scale, zero) per token and channel group
-            codes = _unpack(tl.load(VC + row * (D // PB) + jb[None, :], mask=jok, other=0),
+            m_i, l_i, alpha, p = _online_softmax(scores, m_i, l_i)
+            # values: (a, b) per token and channel group
+            codes = _unpack(tl.load(vc + t[:, None] * (D // PB) + jb[None, :], mask=jok, other=0),
                             BITS, BLOCK_N, BLOCK_D)
-            vp = VP + row * (2 * JV) + vgrp
-            a, z = _affine(tl.load(vp, mask=dok[None, :], other=0),
-                           tl.load(vp + JV, mask=dok[None, :], other=0), QMAX, FP16)
-            v = (codes.to(tl.float32) * a + z).to(dt)                       # [N, D]
-            acc += tl.dot(p.to(dt), v, input_precision=PREC)
+            vp = vpar + t * (2 * JV)
+            if JV == 1:   # fold a into the probabilities: Σ p·(c·a + b) = (p∘a)·c + Σ p·b
+                a, z = _affine(tl.load(vp), tl.load(vp + 1), QMAX, FP16)        # [N]
+                acc = acc * alpha[:, None] + tl.sum(p * z[None, :], 1)[:, None]
+                acc += tl.dot((p * a[None, :]).to(dt), codes.to(dt), input_precision=PREC)
+            else:
+                a = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+                z = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+                for jv in tl.static_range(JV):
+                    aj, zj = _affine(tl.load(vp + jv), tl.load(vp + JV + jv), QMAX, FP16)
+                    a = tl.where(vgrp == jv, aj[:, None], a)
+                    z = tl.where(vgrp == jv, zj[:, None], z)
+                v = (codes.to(tl.float32) * a + z).to(dt)                       # [N, D]
+                acc = acc * alpha[:, None] + tl.dot(p.to(dt), v, input_precision=PREC)
         _store_partial(ACC, LSE, bh, split, NSPLIT + 1, m_i, l_i, acc, G * S, D, BLOCK_M, BLOCK_D)
 
     @triton.jit
@@ -313,7 +347,8 @@ if triton is not None:
             k = tl.load(KR + ptr, mask=m, other=0.0).to(q.dtype)
             scores = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
             scores = tl.where(tok[None, :] & (t[None, :] <= qpos[:, None]), scores, float("-inf"))
-            m_i, l_i, acc, p = _online_softmax(scores, m_i, l_i, acc)
+            m_i, l_i, alpha, p = _online_softmax(scores, m_i, l_i)
+            acc = acc * alpha[:, None]
             v = tl.load(VR + ptr, mask=m, other=0.0).to(q.dtype)
             acc += tl.dot(p.to(q.dtype), v, input_precision=PREC)
         _store_partial(ACC, LSE, bh, NSPLIT, NSPLIT + 1, m_i, l_i, acc, G * S, D, BLOCK_M, BLOCK_D)
@@ -354,7 +389,7 @@ def append(state: reference.QuantizedKV, k: torch.Tensor, v: torch.Tensor) -> re
     if not supports_append(state, k, v):
         raise ValueError(f"the Triton append does not take k {tuple(k.shape)} {k.dtype} for a "
                          f"state of {c}, ring {tuple(state.k_ring.shape)} {state.k_ring.dtype} "
-                         f"(needs a power-of-two group >= 16 and contiguous state tensors)")
+                         f"(needs a power-of-two group >= 32 and contiguous state tensors)")
     B, H, s, D = k.shape
     if (B, H) != tuple(state.k_ring.shape[:2]) or D != state.head_dim:
         raise ValueError(f"k {tuple(k.shape)} does not match the state {tuple(state.k_ring.shape)}")
@@ -386,7 +421,8 @@ def _num_splits(rows: int, packed: int, block_n: int, device: torch.device) -> i
 
 
 def attention_decode(q: torch.Tensor, state: reference.QuantizedKV, scale: float | None = None,
-                     num_splits: int | None = None) -> torch.Tensor:
+                     num_splits: int | None = None, num_warps: int = 8,
+                     num_stages: int = 4) -> torch.Tensor:
     """``reference.attention_decode`` reading the packed state: q [B, H, S, D] (S ≤ 16 or so:
     G·S ≤ 128 rows per kv head) -> [B, H, S, D] in q's dtype."""
     _require()
@@ -420,7 +456,7 @@ def attention_decode(q: torch.Tensor, state: reference.QuantizedKV, scale: float
     _decode_packed_kernel[(B * hkv, splits)](
         q, state.k_codes, state.k_params, state.v_codes, state.v_params, state.length, acc, lse,
         scale * LOG2E, *qs, sp, splits, BITS=c.bits, JV=c.value_groups(D),
-        FP16=c.scales == "fp16", **common)
+        FP16=c.scales == "fp16", num_warps=num_warps, num_stages=num_stages, **common)
     _decode_ring_kernel[(B * hkv,)](
         q, state.k_ring, state.v_ring, state.length, acc, lse, scale * LOG2E, *qs, splits,
         **common)

@@ -47,7 +47,7 @@ APPEND_CASES = [  # bits, group, residual, scales, D, dtype, chunks
     (4, 32, 0, "u8", 80, torch.float32, (200, 1, 29, 70)),
     (2, 64, 128, "fp16", 64, torch.bfloat16, (150, 1, 1, 148)),
     (8, 32, 0, "u8", 128, torch.float32, (33, 64, 1)),
-    (2, 16, 40, "u8", 80, torch.float16, (97, 3, 1)),
+    (2, 32, 40, "u8", 80, torch.float16, (97, 3, 1)),
 ]
 
 
@@ -69,7 +69,7 @@ def test_append_matches_reference(bits, group, residual, scales, D, dtype, chunk
 DECODE_CASES = [  # bits, group, residual, scales, D, dtype, S, splits
     (4, 64, 128, "u8", 128, torch.float32, 1, 3),
     (4, 32, 0, "fp16", 80, torch.bfloat16, 3, 4),
-    (2, 32, 0, "u8", 64, torch.float32, 2, 2),
+    (2, 64, 0, "u8", 64, torch.float32, 2, 2),              # one value group a token
     (2, 64, 128, "fp16", 80, torch.bfloat16, 1, 5),
     (8, 32, 128, "u8", 64, torch.float16, 16, 2),
     (8, 64, 0, "fp16", 128, torch.bfloat16, 1, None),
@@ -103,17 +103,17 @@ def test_decode_short_state_and_empty_splits():
 
 def test_append_then_decode_across_a_group_boundary():
     """Token-by-token Triton append + decode, the length read on the device, vs the reference."""
-    c = R.KVQuantConfig(2, 16, 16)
-    k, v = _kv(1, 1, 36, 64, torch.float32, seed=7)
-    ref = R.append(R.QuantizedKV.empty(1, 1, 64, 40, c, torch.float32), k[:, :, :32], v[:, :, :32])
-    tri = T.append(R.QuantizedKV.empty(1, 1, 64, 40, c, torch.float32), k[:, :, :32], v[:, :, :32])
+    c = R.KVQuantConfig(2, 32, 32)
+    k, v = _kv(1, 1, 68, 64, torch.float32, seed=7)
+    ref = R.append(R.QuantizedKV.empty(1, 1, 64, 70, c, torch.float32), k[:, :, :64], v[:, :, :64])
+    tri = T.append(R.QuantizedKV.empty(1, 1, 64, 70, c, torch.float32), k[:, :, :64], v[:, :, :64])
     q = torch.randn(1, 2, 4, 64, generator=torch.Generator().manual_seed(0))
-    for p in range(32, 35):                                 # n_packed: 16 -> 32 at p = 33
+    for p in range(64, 67):                                 # n_packed: 32 -> 64 at p = 65
         R.append(ref, k[:, :, p:p + 1], v[:, :, p:p + 1])
         T.append(tri, k[:, :, p:p + 1], v[:, :, p:p + 1])
         _assert_same_state(tri, ref)
-        assert _rel(T.attention_decode(q[:, :, p - 32:p - 31], tri, 0.2, num_splits=2),
-                    R.attention_decode(q[:, :, p - 32:p - 31], ref, 0.2)) < 1e-3
+        assert _rel(T.attention_decode(q[:, :, p - 64:p - 63], tri, 0.2, num_splits=2),
+                    R.attention_decode(q[:, :, p - 64:p - 63], ref, 0.2)) < 1e-3
 
 
 def test_supports_and_errors():
