@@ -17,7 +17,8 @@ TRITON_INTERPRET=1). Semantics and layout: reference.py; these must agree with i
 The keys' per-channel (scale, zero) is constant over a tile (tiles never straddle a key group),
 so it is folded into the query: q·(c·a + b) = (q∘a)·c + q·b and the key codes go to the dot
 as plain integers. The Triton path takes power-of-two groups >= 32 (16-token tiles of 4/2-bit
-codes decoded wrongly in 16-bit dtypes with Triton 3.6 on an H100); other groups use the
+codes decoded wrongly in 16-bit dtypes on an H100 with Triton 3.6 — right in fp32 and in the
+interpreter; cause not isolated); other groups use the
 reference.
 
 Measured on an H100 (Triton 3.6, CUDA graphs, Llama-8B shape 32q/8kv heads, D=128, S=1,
@@ -55,7 +56,7 @@ def _pow2(n: int) -> int:
 
 
 def _group_ok(group: int) -> bool:
-    # 16-token tiles of 4/2-bit codes gave wrong 16-bit decode results with Triton 3.6 on H100
+    # 16-token tiles of 4/2-bit codes gave wrong bf16/fp16 decodes on an H100 (Triton 3.6)
     return group >= 32 and group & (group - 1) == 0
 
 
