@@ -363,8 +363,8 @@ def _sm_count(device: torch.device) -> int:
 
 def _config(dtype: torch.dtype, d: int) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) for prefill tiles (H100-minded defaults)."""
-    if dtype == torch.float32:
-        return 64, 32, 4, 2
+    if dtype == torch.float32:      # a reference dtype: FMA dots, small tiles (no spills)
+        return 32, 16, 4, 2
     if _pow2(d) >= 256:
         return 64, 64, 8, 2
     return 128, 64, 8, 3
@@ -376,7 +376,7 @@ def _largest_divisor_at_most(n: int, limit: int) -> int:
 
 def _launch(q, k, v, key_keep, scale, softcap, sink, window, cap, inv_freq, rope_style,
             block_index=None, table_block=0, spec=True, block_m=None, block_n=None,
-            num_splits=None):
+            num_splits=None, num_warps=None, num_stages=None):
     """Run the kernel. ``window <= 0`` means no window (sink ignored); ``spec=False`` visits
     only the table's blocks."""
     B, H, S, D = q.shape
@@ -400,7 +400,7 @@ def _launch(q, k, v, key_keep, scale, softcap, sink, window, cap, inv_freq, rope
         gp = 1 if table else _largest_divisor_at_most(G, MAX_ROWS // q_tile)
         bm = max(16, _pow2(gp * q_tile))
         bn = block_n or cfg_n
-        warps, stages = 4, 2
+        warps, stages = 4, 3
     else:
         gp, bm, bn = 1, block_m or cfg_m, block_n or cfg_n
         q_tile = bm
@@ -474,7 +474,8 @@ def _launch(q, k, v, key_keep, scale, softcap, sink, window, cap, inv_freq, rope
     # the interpreter's bf16 tl.dot returns garbage (triton 3.9): dot in fp32 there
     dot_f32 = INTERPRET and q.dtype == torch.bfloat16
     prec = "ieee" if q.dtype == torch.float32 or dot_f32 else "tf32"
-    extra = {} if INTERPRET else dict(num_warps=warps, num_stages=stages)
+    extra = {} if INTERPRET else dict(num_warps=num_warps or warps,
+                                      num_stages=num_stages or stages)
     _sparse_attn_fwd[(n_tiles, n_grp, num_splits)](
         q, k, v, out, keep, tab, invf, part, lse,
         S, Skv, H, G, int(sink), int(window), int(cap), float(scale) * LOG2E, float(scale),
@@ -512,10 +513,12 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      key_keep: torch.Tensor | None, scale: float | None, softcap: float,
                      sink: int, window: int, cap: int, inv_freq: torch.Tensor | None,
                      rope_style: str, *, block_m: int | None = None, block_n: int | None = None,
-                     num_splits: int | None = None, dense_fallback: bool = True) -> torch.Tensor:
+                     num_splits: int | None = None, num_warps: int | None = None,
+                     num_stages: int | None = None, dense_fallback: bool = True) -> torch.Tensor:
     """``reference.sparse_attention`` on the GPU: q [B, H, S, D], k [B, Hkv, Skv, D],
-    v [B, Hkv, Skv, Dv] -> [B, H, S, Dv] in v's dtype. ``block_m``/``block_n``/``num_splits``
-    override the tiling (tests); ``dense_fallback=False`` always runs the kernel."""
+    v [B, Hkv, Skv, Dv] -> [B, H, S, Dv] in v's dtype. ``block_m``/``block_n``/``num_splits``/
+    ``num_warps``/``num_stages`` override the launch configuration (tests, tuning sweeps);
+    ``dense_fallback=False`` always runs the kernel."""
     _require(q, k, v, key_keep)
     reference.check_args(q, k, v, key_keep, sink, window, cap, inv_freq, rope_style)
     s, skv, d = q.shape[2], k.shape[2], q.shape[-1]
@@ -540,7 +543,8 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if covers:
         sink, window, cap = 0, 0, 0
     return _launch(q, k, v, key_keep, scale, softcap, sink, window, cap, inv_freq, rope_style,
-                   block_m=block_m, block_n=block_n, num_splits=num_splits)
+                   block_m=block_m, block_n=block_n, num_splits=num_splits,
+                   num_warps=num_warps, num_stages=num_stages)
 
 
 def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -549,7 +553,8 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            softcap: float = 0.0, sink: int = 0, window: int = 0, cap: int = 0,
                            inv_freq: torch.Tensor | None = None, rope_style: str = "rotate_half",
                            block_m: int | None = None, block_n: int | None = None,
-                           num_splits: int | None = None) -> torch.Tensor:
+                           num_splits: int | None = None, num_warps: int | None = None,
+                           num_stages: int | None = None) -> torch.Tensor:
     """Causal attention over the KV blocks a table lists (dynamic block-sparse recipes).
 
     ``block_index`` int32 [B, H, ceil(S / block_size), max_kv_blocks]: for query block
@@ -576,4 +581,5 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return _launch(q, k, v, key_keep, scale, softcap, sink if spec else 0,
                    window if spec else 0, cap if spec else 0, inv_freq, rope_style,
                    block_index=block_index, table_block=block_size, spec=spec,
-                   block_m=block_m, block_n=block_n, num_splits=num_splits)
+                   block_m=block_m, block_n=block_n, num_splits=num_splits,
+                   num_warps=num_warps, num_stages=num_stages)
