@@ -342,6 +342,8 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_keep: torch.
         return False
     if key_keep is not None and tuple(key_keep.shape) != (k.shape[0], k.shape[2]):
         return False
+    if k.shape[2] * max(k.stride(2), v.stride(2), 1) >= 2 ** 31:
+        return False                    # key offsets inside one (batch, kv head) are int32
     return len({t.device for t in (q, k, v) + (() if key_keep is None else (key_keep,))}) == 1
 
 
@@ -438,7 +440,12 @@ def _launch(q, k, v, key_keep, scale, softcap, sink, window, cap, inv_freq, rope
     keep = dummy
     skeep = 0
     if key_keep is not None:
-        keep = key_keep.to(torch.uint8) if key_keep.dtype != torch.uint8 else key_keep
+        if key_keep.dtype == torch.bool:
+            keep = key_keep.view(torch.uint8)                 # same bytes, no copy
+        elif key_keep.dtype == torch.uint8:
+            keep = key_keep
+        else:
+            keep = (key_keep != 0).to(torch.uint8)
         if keep.stride(-1) != 1:
             keep = keep.contiguous()
         skeep = keep.stride(0)

@@ -302,6 +302,11 @@ def test_supports():
     big = torch.zeros(1, 1, 2, 512, dtype=torch.float16)
     assert not T.supports(big, big, big, None)                   # head dim > 256
     assert not T.supports(q, k[:, :1].expand(2, 3, 9, 80), v[:, :1].expand(2, 3, 9, 80), None)
+    qm = torch.empty(1, 1, 1, 64, dtype=torch.float16, device="meta")
+    big = torch.empty(1, 1, 2 ** 24, 64, dtype=torch.float16, device="meta")
+    huge = torch.empty(1, 1, 2 ** 25, 64, dtype=torch.float16, device="meta")
+    assert T.supports(qm, big, big, None)
+    assert not T.supports(qm, huge, huge, None)                  # int32 key offsets would overflow
 
 
 def test_import_without_cuda_or_interpreter():
