@@ -1,4 +1,4 @@
-"""GPU benchmark of ``longfx::sparse_attention``'s Triton kernel (kernels/sparse_attention/triton.py).
+"""GPU benchmark of the Triton kernel of ``longfx::sparse_attention`` (kernels/sparse_attention).
 
 Setting (the project issue's): bf16, B=1, 32 query / 8 kv heads, head dim 128, sink 4 +
 window 4096, prefill at S = 4k, 32k, 64k, 128k and decode (S = 1) at 128k. Compared with
