@@ -22,6 +22,7 @@ prefill/dyn.   ids [B,S], mask [B,S], position_ids [B,S]; no past           B, S
 decode/dyn.    ids [B,1], mask [B,P+1], position_ids [B,1], past [B,Hkv,P,D] B, P
 prefill/static ids [B,S], mask [B,M], cache_position [S], past [B,Hkv,M,D]  B, S
 decode/static  ids [B,1], mask [B,M], cache_position [1], past [B,Hkv,M,D]  B
+step/dyn.      ids [B,S], mask [B,P+S], position_ids [B,S], past [B,Hkv,P,D] B, S, P (P >= 0)
 =============  ===========================================================  =================
 
 ``present`` is ``cat(past, new)`` ([B,Hkv,P+S,D]) for the dynamic cache and the updated buffers
@@ -36,6 +37,10 @@ Notes:
 * The static cache replaces ``StaticSlidingWindowLayer`` by a full ``StaticLayer(M)`` (same as
   ``transformers.integrations.executorch``: the sliding layer has Python control flow on its
   fill level); the window is again applied by the mask.
+* ``step`` is prefill and decode in one program (what an ONNX decoder needs): S new tokens
+  after P past ones, both dynamic, P = 0 allowed at run time (prefill with an empty past).
+  The mask's length P+S is a sum of two dims, which ``Dim`` cannot state; it is marked
+  ``Dim.AUTO`` and export records the relation as runtime asserts.
 * A dynamic dim is traced at size >= 2 (export specializes sizes 0 and 1); the program accepts
   size 1 at run time. ``example_inputs`` are at the requested sizes.
 """
@@ -248,27 +253,31 @@ def capture_export(model: torch.nn.Module, *, mode: str = "prefill", cache: str 
                    check: bool = True) -> ExportCapture:
     """Export ``model`` (an HF causal LM) with its KV state as explicit inputs and outputs.
 
-    ``mode``: "prefill" (``seq_len`` new tokens, no past / empty static buffers) or "decode"
-    (one new token after ``past_len`` past tokens). ``cache``: "dynamic" (past grows by ``cat``)
+    ``mode``: "prefill" (``seq_len`` new tokens, no past / empty static buffers), "decode"
+    (one new token after ``past_len`` past tokens) or "step" (``seq_len`` new tokens after
+    ``past_len`` past ones, both dynamic; dynamic cache only). ``cache``: "dynamic" (past grows by ``cat``)
     or "static" (``max_cache_len`` buffers written by ``index_copy_``). ``dynamic``: mark the
     batch, new-token and past dims dynamic (see the module docstring for which, per mode).
     ``check``: run the program once against the eager forward and raise :class:`CaptureError`
     if it differs (an export that silently specialized something).
     """
-    if mode not in ("prefill", "decode"):
-        raise ValueError(f"mode must be 'prefill' or 'decode', not {mode!r}")
+    if mode not in ("prefill", "decode", "step"):
+        raise ValueError(f"mode must be 'prefill', 'decode' or 'step', not {mode!r}")
     if cache not in ("dynamic", "static"):
         raise ValueError(f"cache must be 'dynamic' or 'static', not {cache!r}")
     if getattr(model, "config", None) is None or not hasattr(model.config, "get_text_config"):
         raise CaptureError(f"{type(model).__name__} is not a transformers PreTrainedModel "
                            "(no config): capture_export builds transformers caches")
     decode = mode == "decode"
+    step = mode == "step"
+    if step and cache != "dynamic":
+        raise ValueError("mode='step' takes the dynamic cache")
     seq = 1 if decode else seq_len
-    past = past_len if decode else 0
+    past = past_len if (decode or step) else 0
     if cache == "static" and past + seq > max_cache_len:
         raise ValueError(f"past_len + new tokens ({past + seq}) exceed max_cache_len "
                          f"({max_cache_len})")
-    if seq < 1 or batch < 1 or (decode and cache == "dynamic" and past < 1):
+    if seq < 1 or batch < 1 or (decode and cache == "dynamic" and past < 1) or past < 0:
         raise ValueError("batch, seq_len and past_len (decode) must be >= 1")
 
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
@@ -276,7 +285,7 @@ def capture_export(model: torch.nn.Module, *, mode: str = "prefill", cache: str 
     model.eval()
     try:
         layout = _kv_layout(model, device)
-        has_past = cache == "static" or decode
+        has_past = cache == "static" or decode or step
         forward, params = _make_forward(model, cache=cache, num_layers=layout.num_layers,
                                         max_cache_len=max_cache_len, has_past=has_past)
 
@@ -284,7 +293,8 @@ def capture_export(model: torch.nn.Module, *, mode: str = "prefill", cache: str 
         # that were asked for.
         t_batch = max(batch, 2) if dynamic else batch
         t_seq = seq if (decode or not dynamic) else max(seq, 2)
-        t_past = max(past, 2) if (dynamic and decode and cache == "dynamic") else past
+        t_past = max(past, 2) if (dynamic and (decode or step) and cache == "dynamic") \
+            else past
         if cache == "static" and t_past + t_seq > max_cache_len:
             t_seq = seq
         gen = torch.Generator(device="cpu").manual_seed(0)
@@ -292,8 +302,8 @@ def capture_export(model: torch.nn.Module, *, mode: str = "prefill", cache: str 
                                has_past, device, gen)
         examples = _inputs(model, layout, cache, batch, seq, past, max_cache_len, has_past,
                            device, torch.Generator(device="cpu").manual_seed(0))
-        dyn_shapes, dyn_dims = _dynamic_shapes(params, cache, decode, has_past) if dynamic \
-            else (None, {})
+        dyn_shapes, dyn_dims = _dynamic_shapes(params, cache, decode, has_past, step) \
+            if dynamic else (None, {})
 
         with _shadow_forward(model, forward), torch.no_grad():
             try:
@@ -317,7 +327,8 @@ def capture_export(model: torch.nn.Module, *, mode: str = "prefill", cache: str 
         dyn_named = {_dotted(k): v for k, v in dyn_dims.items()}
         for i in range(layout.num_layers):   # what the outputs carry, for the reader
             if dynamic:
-                axis2 = None if cache == "static" else ("past+1" if decode else "seq")
+                axis2 = None if cache == "static" else \
+                    ("past+1" if decode else "past+seq" if step else "seq")
                 for r in ("key", "value"):
                     dyn_named[f"present.{i}.{r}"] = {0: "batch",
                                                      **({2: axis2} if axis2 else {})}
@@ -368,11 +379,13 @@ def _inputs(model, layout: _KVLayout, cache: str, batch: int, seq: int, past: in
     return out
 
 
-def _dynamic_shapes(params: list[str], cache: str, decode: bool, has_past: bool):
-    """Named dims shared by every input that carries them: ``batch``, ``seq`` (prefill) and
-    ``past`` (decode with a dynamic cache; the mask's length is then ``past + 1``)."""
+def _dynamic_shapes(params: list[str], cache: str, decode: bool, has_past: bool,
+                    step: bool = False):
+    """Named dims shared by every input that carries them: ``batch``, ``seq`` (prefill, step)
+    and ``past`` (decode with a dynamic cache, the mask's length is then ``past + 1``; step,
+    ``past + seq``)."""
     Dim = torch.export.Dim
-    batch, seq, past = Dim("batch", min=1), Dim("seq", min=1), Dim("past", min=1)
+    batch, seq, past = Dim("batch", min=1), Dim("seq", min=1), Dim("past", min=0 if step else 1)
     shapes: dict[str, Any] = {}
     names: dict[str, dict[int, str]] = {}
     seq_dyn = not decode
@@ -383,6 +396,8 @@ def _dynamic_shapes(params: list[str], cache: str, decode: bool, has_past: bool)
         elif p == "attention_mask":
             if cache == "static":                   # [B, M]
                 shapes[p], names[p] = {0: batch}, {0: "batch"}
+            elif step:                              # [B, P+S]: a sum of dims, AUTO
+                shapes[p], names[p] = {0: batch, 1: Dim.AUTO}, {0: "batch", 1: "past+seq"}
             elif decode:                            # [B, P+1]
                 shapes[p], names[p] = {0: batch, 1: past + 1}, {0: "batch", 1: "past+1"}
             else:                                   # [B, S]
