@@ -3,6 +3,8 @@
     longfx inspect smollm2-135m [--json]
     longfx diff smollm2-135m --recipe "..." [--context 32768] [--json]
     longfx generate smollm2-135m --recipe "..." --prompt "The capital of France is"
+    longfx export smollm2-135m --recipe "sink_window(sink=4, window=1024)" -o out/smollm2
+    longfx generate --onnx out/smollm2 --prompt "The capital of France is"
     longfx eval smollm2-135m --task passkey,ppl --length 2048,4096 [--plot out.png]
     longfx demo
 
@@ -103,6 +105,11 @@ def _generate(model, tok, prompt: str, max_new_tokens: int) -> tuple[str, float,
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    if args.onnx:
+        return _generate_onnx(args)
+    if not args.model or args.prompt is None:
+        console.print("[red]generate needs MODEL and --prompt (or --onnx DIR)[/red]")
+        return 2
     import longfx
 
     model, tok, _ = _load(args.model, args.attn)
@@ -116,6 +123,78 @@ def cmd_generate(args: argparse.Namespace) -> int:
                   f"peak RSS {_peak_rss_mib():.0f} MiB")
     for w in fast.longfx_backend.report.warnings:
         console.print(f"[yellow]warning:[/yellow] {w}")
+    return 0
+
+
+def _generate_onnx(args: argparse.Namespace) -> int:
+    """Generate through an exported folder in onnxruntime (runtime/ort.py)."""
+    from pathlib import Path
+
+    import numpy as np
+
+    from longfx.runtime.ort import ORTModel
+
+    model = ORTModel.from_dir(args.onnx)
+    if args.prompt_ids is not None:
+        ids = np.array([[int(t) for t in args.prompt_ids.split()]], dtype=np.int64)
+        t0 = time.perf_counter()
+        out = model.generate(ids, max_new_tokens=args.max_new_tokens)
+        dt = time.perf_counter() - t0
+        print(" ".join(map(str, out[0, ids.shape[1]:].tolist())))
+    else:
+        if args.prompt is None:
+            console.print("[red]generate needs --prompt (or --prompt-ids)[/red]")
+            return 2
+        if not (Path(args.onnx) / "tokenizer.json").exists():
+            console.print(f"[red]{args.onnx} has no tokenizer.json: pass --prompt-ids[/red]")
+            return 2
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(args.onnx)
+        if getattr(tok, "chat_template", None):
+            ids = tok.apply_chat_template([{"role": "user", "content": args.prompt}],
+                                          add_generation_prompt=True, return_dict=True)["input_ids"]
+        else:
+            ids = tok(args.prompt)["input_ids"]
+        ids = np.array([ids], dtype=np.int64)
+        t0 = time.perf_counter()
+        out = model.generate(ids, max_new_tokens=args.max_new_tokens)
+        dt = time.perf_counter() - t0
+        text = tok.decode(out[0, ids.shape[1]:].tolist(), skip_special_tokens=True)
+        recipe = model.meta.get("recipe") or "no recipe (canonical only)"
+        console.print(Panel(text, title=f"{args.onnx} (onnxruntime) — {recipe}"))
+    n = out.shape[1] - ids.shape[1]
+    t = model.last_times
+    console.print(f"{n} tokens in {dt:.2f} s: prefill {ids.shape[1]} tokens {t.prefill_s:.3f} s, "
+                  f"decode {t.decode_ms_per_token:.1f} ms/token (onnxruntime, CPU)")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    import longfx
+
+    model, tok, _ = _load(args.model, args.attn)
+    with console.status("capturing, rewriting and exporting to ONNX"):
+        result = longfx.export_onnx(model, args.output, args.recipe, target=args.target,
+                                    tokenizer=tok, check=not args.no_check)
+    files = sorted(p for p in result.path.iterdir() if p.is_file())
+    for p in files:
+        console.print(f"  {p}  ({p.stat().st_size / 2**20:.1f} MiB)")
+    meta = result.meta
+    kinds = {}
+    for row in meta["attention"]:
+        key = row["op"] + (f"(sink={row['sink']}, window={row['window']}"
+                           + (f", cap={row['cap']}" if row.get("cap") else "") + ")"
+                           if "window" in row else "")
+        kinds[key] = kinds.get(key, 0) + 1
+    console.print(f"recipe: {meta['recipe'] or '(none)'}; attention: "
+                  + ", ".join(f"{n}x {k}" for k, n in kinds.items()))
+    if "check" in meta:
+        console.print(f"onnxruntime check: logits max relative error "
+                      f"{meta['check']['max_rel_logits_error']:.2e} vs the rewritten graph")
+    console.print(f"export took {result.timings.get('total_s', 0):.1f} s "
+                  + ", ".join(f"{k[:-2]} {v:.1f}" for k, v in result.timings.items()
+                              if k != "total_s"))
     return 0
 
 
@@ -196,8 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
 
-    def model_args(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("model", help="embedded model name, HF folder, GGUF file, or zoo:NAME")
+    def model_args(sp: argparse.ArgumentParser, optional: bool = False) -> None:
+        sp.add_argument("model", nargs="?" if optional else None,
+                        help="embedded model name, HF folder, GGUF file, or zoo:NAME")
         sp.add_argument("--attn", default=None, help="attn_implementation: eager | sdpa")
         sp.add_argument("--context", type=int, default=8192,
                         help="context length for the KV-bytes / FLOPs estimate (default 8192)")
@@ -219,11 +299,25 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_diff)
 
     sp = sub.add_parser("generate", help="generate text through the rewritten model")
+    model_args(sp, optional=True)
+    sp.add_argument("--recipe", default="")
+    sp.add_argument("--prompt", default=None)
+    sp.add_argument("--max-new-tokens", type=int, default=64)
+    sp.add_argument("--onnx", default=None, metavar="DIR",
+                    help="run a folder written by `longfx export` in onnxruntime instead")
+    sp.add_argument("--prompt-ids", default=None,
+                    help="with --onnx: the prompt as space-separated token ids")
+    sp.set_defaults(func=cmd_generate)
+
+    sp = sub.add_parser("export", help="rewrite and export to ONNX (prefill + decode, KV state)")
     model_args(sp)
     sp.add_argument("--recipe", default="")
-    sp.add_argument("--prompt", required=True)
-    sp.add_argument("--max-new-tokens", type=int, default=64)
-    sp.set_defaults(func=cmd_generate)
+    sp.add_argument("-o", "--output", required=True, help="output folder")
+    sp.add_argument("--target", default="opset23", choices=["opset23", "decomposed"],
+                    help="attention as ONNX Attention-23 (default) or MatMul/Softmax ops")
+    sp.add_argument("--no-check", action="store_true",
+                    help="skip the onnxruntime check against the rewritten graph")
+    sp.set_defaults(func=cmd_export)
 
     from longfx.eval.cli import add_parser as add_eval_parser
 
