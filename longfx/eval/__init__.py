@@ -174,6 +174,11 @@ def evaluate(model_or_name: Any, recipes: Sequence[Any] = (), tasks: Sequence[st
                                "seed": seed, "trials": trials if t not in ("ppl", "kl", "cost") else None,
                                "elapsed_s": round(time.perf_counter() - t0, 3), **env}
                         if label != DENSE:
+                            row["rewrite"] = rewrite_summary(vm)
+                            if row["rewrite"]["rewritten"] == 0:
+                                row["warning"] = ("the recipe rewrote no site: this row "
+                                                  "measures the unchanged model")
+                                _warn_once(label, row["warning"], row["rewrite"])
                             add_deltas(rows + [row])
                         rows.append(row)
                         if sink:
@@ -184,6 +189,39 @@ def evaluate(model_or_name: Any, recipes: Sequence[Any] = (), tasks: Sequence[st
         if sink:
             sink.close()
     return rows
+
+
+def rewrite_summary(model: Any) -> dict:
+    """Sites a compiled variant's recipe rewrote (transform stage) and the first reasons it
+    gave for the ones it did not — so a recipe row can never silently be the dense model."""
+    report = getattr(getattr(model, "longfx_backend", None), "report", None)
+    if report is None or str(report.recipe or "").strip() in ("", "none"):
+        return {"rewritten": None, "rejected": 0, "reasons": []}   # nothing asked: no verdict
+    done, reasons, rejected = 0, [], 0
+    for g in report.graphs:
+        for r in g.results:
+            if r.stage != "transform":
+                continue
+            if r.status == "rewritten":
+                done += 1
+            else:
+                rejected += 1
+                if r.reason and r.reason not in reasons:
+                    reasons.append(r.reason)
+    return {"rewritten": done, "rejected": rejected, "reasons": reasons[:3]}
+
+
+_warned: set = set()
+
+
+def _warn_once(label: str, message: str, summary: dict) -> None:
+    if label in _warned:
+        return
+    _warned.add(label)
+    import warnings
+
+    why = "; ".join(summary.get("reasons") or []) or "no reason recorded"
+    warnings.warn(f"{label}: {message} ({why})", RuntimeWarning, stacklevel=3)
 
 
 class _Bar:

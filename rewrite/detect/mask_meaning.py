@@ -214,12 +214,14 @@ def mask_spec(gm: fx.GraphModule, site, keep, s, skv, example_inputs) -> dict | 
         return keep_matrix(site, rec.values)
 
     def matches(k, pad_vec) -> bool:
-        want = spec_keep(s, skv, window)[None, None]
+        # on the mask's device: a CUDA model's mask compared with a CPU spec would raise,
+        # and a raise here means "not the spec" (the rewrite would silently stay dense)
+        want = spec_keep(s, skv, window).to(k.device)[None, None]
         if pad_vec is not None:
-            want = want & (pad_vec[:, -skv:] != 0)[:, None, None, :]
+            want = want & (pad_vec[:, -skv:] != 0).to(k.device)[:, None, None, :]
         k = k.expand(*k.shape[:-2], s, skv) if k.dim() >= 2 else k
         if site.facts.get("is_causal"):
-            k = k & torch.ones(s, skv, dtype=torch.bool).tril()
+            k = k & torch.ones(s, skv, dtype=torch.bool, device=k.device).tril()
         try:
             return bool((torch.broadcast_to(k, torch.broadcast_shapes(k.shape, want.shape))
                          == torch.broadcast_to(want, torch.broadcast_shapes(k.shape, want.shape))

@@ -80,6 +80,20 @@ def test_recipe_rows_carry_delta_and_exact_compile_has_zero_kl(tiny):
     assert abs(next(r for r in comp if r["task"] == "ppl")["delta"]["ppl"]) < 1e-3
 
 
+def test_a_recipe_that_rewrites_nothing_is_flagged(tiny):
+    gpt2, _ = zoo.build("gpt2", "sdpa")          # no RoPE: rope_cap rejects every site
+    with pytest.warns(RuntimeWarning, match="rewrote no site"):
+        rows = evaluate(gpt2, recipes=["rope_cap(max_distance=16)"], tasks=["ppl"],
+                        lengths=[32], chunk=32, progress=False)
+    row = next(r for r in rows if r["recipe"])
+    assert row["rewrite"]["rewritten"] == 0 and "RoPE" in row["rewrite"]["reasons"][0]
+    assert "unchanged model" in row["warning"]
+    rows = evaluate(tiny, recipes=["sink_window(sink=2, window=8)"], tasks=["ppl"],
+                    lengths=[32], chunk=16, progress=False)
+    row = next(r for r in rows if r["recipe"])
+    assert row["rewrite"]["rewritten"] >= 2 and "warning" not in row   # 2 per graph
+
+
 def test_bad_arguments(tiny):
     with pytest.raises(ValueError, match="unknown task"):
         evaluate(tiny, tasks=["nope"], progress=False)
