@@ -101,7 +101,11 @@ def render(rows: list[dict]) -> str:
            "each length a prefix. Passkey: classic filler haystack, 5-digit key, raw-continuation",
            "prompt ending \"The pass key is\", greedy answer; n prompts per cell (seed 0).", ""]
     for (model, hw, dev), rs in sorted(groups.items()):
+        texts = sorted({str(r.get("data")) for r in rs if r.get("data")})
         out += [f"## {model} · {hw} ({dev})", "", env_line(rs), ""]
+        if texts:
+            out += [f"text: {', '.join(texts)} (each Python version ships its own help "
+                    "text, so perplexities are comparable within a machine, not across)", ""]
         tasks = list(dict.fromkeys(r["task"] for r in rs))
         if "ppl" in tasks:
             out += ["### perplexity", "", markdown([r for r in rs if r["task"] == "ppl"]), ""]
@@ -133,6 +137,58 @@ def render(rows: list[dict]) -> str:
     return "\n".join(out).rstrip() + "\n"
 
 
+def kernels(results: Path) -> str:
+    """Tables of the kernel benchmarks recorded as JSON (``*_h100.json``), one per file kind."""
+    import json
+
+    out = []
+    sa = results / "sparse_attention_h100.json"
+    if sa.exists():
+        d = json.loads(sa.read_text())
+        e, st = d["environment"], d["environment"]["setting"]
+        ms = lambda x: x if isinstance(x, (int, float)) else (x or {}).get("median_ms")  # noqa: E731
+        out += ["## Sparse attention kernel (`kernels/sparse_attention/triton.py`) · "
+                f"{e['gpu']}", "",
+                f"torch {e['torch']} · triton {e['triton']} · CUDA {e['cuda']} · date "
+                f"{e['date'][:10]} · B={st['B']}, {st['H']} query / {st['Hkv']} KV heads, "
+                f"head_dim {st['D']}, sink {st['sink']} + window {st['window']}, bf16, causal "
+                "prefill; times are medians in ms, measured side by side in one run "
+                "(`benchmarks/bench_sparse_attention.py`). \"ideal\" = density × dense SDPA.",
+                "", "| S | density | dense SDPA | FlexAttention (compiled) | ours | ideal | "
+                "ours / Flex | ours / ideal | Flex first block-mask build |",
+                "|---|---|---|---|---|---|---|---|---|"]
+        for r in d.get("prefill", []):
+            ours, flex, ideal = ms(r["ours"]), ms(r["flex"]), r["ideal_ms"]
+            out.append(f"| {r['S']} | {r['density']:.3f} | {ms(r['sdpa_causal']):.2f} | "
+                       f"{flex:.2f} | {ours:.2f} | {ideal:.2f} | {ours / flex:.2f} | "
+                       f"{ours / ideal:.2f} | {r['flex_first_call_ms'] / 1000:.1f} s |")
+        dec = d.get("decode")
+        if dec:
+            out += ["", f"Decode (S=1) over {dec['Skv']} cached keys, {dec['kept']} kept: ours "
+                    f"{ms(dec['ours']):.3f} ms, dense SDPA over the kept tokens only "
+                    f"{ms(dec['sdpa_kept_only']):.3f} ms (ratio "
+                    f"{dec['ours_vs_sdpa_kept']:.1f}×), dense SDPA over the whole cache "
+                    f"{ms(dec['sdpa_full_cache']):.3f} ms, FlexAttention "
+                    f"{ms(dec['flex']):.3f} ms."]
+        out += [""]
+    kv = results / "kv_quant_decode_h100.json"
+    if kv.exists():
+        d = json.loads(kv.read_text())
+        m = d["meta"]
+        out += [f"## Quantized-KV decode attention (`kernels/kv_quant/triton.py`) · {m['device']}",
+                "", f"torch {m['torch']} · triton {m['triton']} · date {m['date'][:10]} · one "
+                "query token, 32 query / 8 KV heads, head_dim 128, bf16 activations, group 64, "
+                "residual 128, medians in ms (`benchmarks/bench_kv_quant_decode.py`).", "",
+                "| KV length | batch | bits | ours | bf16 SDPA | speedup | packed GB/s |",
+                "|---|---|---|---|---|---|---|"]
+        for r in d["rows"]:
+            out.append(f"| {r['length']} | {r['batch']} | {r['bits']} | {r['quant_ms']:.3f} | "
+                       f"{r['sdpa_bf16_ms']:.3f} | {r['speedup']:.2f}× | "
+                       f"{r.get('quant_gbps', 0):.0f} |")
+        out += [""]
+    return "\n".join(out)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--results", default=str(HERE / "results"))
@@ -141,6 +197,9 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     rows = load_rows(sorted(Path(a.results).glob("*.jsonl")))
     text = render(rows)
+    extra = kernels(Path(a.results))
+    if extra:
+        text = text + "\n" + extra.rstrip() + "\n"
     if a.check:
         ok = Path(a.out).exists() and Path(a.out).read_text() == text
         print("up to date" if ok else f"{a.out} is out of date")
