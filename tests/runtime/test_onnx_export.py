@@ -1,0 +1,166 @@
+"""export_onnx: the ONNX file computes what the rewritten torch graph computes.
+
+For each (zoo model, recipe): a left-padded batch of 2 is prefilled with an empty past (the
+one graph at P = 0), then a chunk of 3 tokens, then single-token decode steps, in onnxruntime
+and in the rewritten torch graph, each carrying its own KV state: logits and final state
+within 1e-4 relative (fp32). Then 64 greedy tokens must be identical. Sequences run past the
+windows of the sparse recipes and of the models' own sliding layers.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from longfx.runtime.onnx_export import META_FILE, OnnxExportError
+from longfx.runtime.ort import ORTModel
+
+CASES = [
+    ("llama", "", "sdpa"),
+    ("llama", "yarn(factor=2)", "sdpa"),
+    ("llama", "sliding_window(window=5)", "sdpa"),
+    ("llama", "sink_window(sink=2, window=5)", "sdpa"),
+    ("llama", "rope_cap(max_distance=6, sink=2)", "sdpa"),
+    ("mistral", "", "sdpa"),                    # its own sliding window (4) is in the mask
+    ("qwen3", "", "sdpa"),
+    ("gemma2", "", "eager"),                    # softcap, local + global layers
+    ("gemma3", "sink_window(sink=2, window=6)", "sdpa"),
+    ("phi3", "", "sdpa"),                       # partial rotary
+]
+
+
+def _batch(vocab: int, length: int = 13, pad: int = 2):
+    rng = np.random.default_rng(0)
+    ids = rng.integers(3, vocab, (2, length), dtype=np.int64)
+    mask = np.ones_like(ids)
+    mask[1, :pad] = 0                           # row 1 is left-padded
+    return ids, mask
+
+
+@pytest.mark.parametrize("name,recipe,attn", CASES, ids=[f"{n}-{r or 'dense'}" for n, r, _ in CASES])
+def test_zoo_parity(zoo_export, parity, name, recipe, attn):
+    model, exp = zoo_export(name, recipe, attn)
+    ort_model = ORTModel.from_dir(exp.path)
+    ids, mask = _batch(ort_model.meta["model"]["vocab_size"])
+    assert parity.compare_steps(exp, ort_model, ids, mask, chunk=3, decode=4) <= 1e-4
+    want = parity.torch_greedy(exp, ids, mask, 64)
+    got = ort_model.generate(ids, max_new_tokens=64, attention_mask=mask, eos_token_id=[])
+    np.testing.assert_array_equal(got, want)
+
+
+def test_recipe_is_in_the_graph(zoo_export, parity):
+    """The sparse export is not the dense one: past the window the logits move."""
+    _, dense = zoo_export("llama", "")
+    _, sparse = zoo_export("llama", "sink_window(sink=2, window=5)")
+    ids, mask = _batch(128, length=13, pad=0)
+    a = ORTModel.from_dir(dense.path)(ids, mask)[0]
+    b = ORTModel.from_dir(sparse.path)(ids, mask)[0]
+    assert parity.rel(a[:, :5], b[:, :5]) <= 1e-5          # inside the window: same
+    assert parity.rel(a[:, 8:], b[:, 8:]) > 1e-3           # beyond it: sinks + window only
+
+
+def test_decomposed_target(zoo_export, parity):
+    _, exp = zoo_export("llama", "sink_window(sink=2, window=5)", target="decomposed")
+    ort_model = ORTModel.from_dir(exp.path)
+    types = {n.op_type for n in __import__("onnx").load(str(exp.onnx_path)).graph.node}
+    assert "Attention" not in types
+    ids, mask = _batch(128)
+    assert parity.compare_steps(exp, ort_model, ids, mask) <= 1e-4
+
+
+def test_meta_describes_the_state(zoo_export):
+    model, exp = zoo_export("gemma3", "sink_window(sink=2, window=6)")
+    meta = json.loads((exp.path / META_FILE).read_text())
+    assert meta["format"] == "longfx-onnx/1" and meta["opset"] == 23
+    assert meta["recipe"] == "sink_window(sink=2, window=6)"
+    names = [i["name"] for i in meta["inputs"]]
+    assert names[:3] == ["input_ids", "attention_mask", "position_ids"]
+    assert names[3:7] == ["past.0.key", "past.0.value", "past.1.key", "past.1.value"]
+    assert [o["name"] for o in meta["outputs"]][:2] == ["logits", "present.0.key"]
+    layer = meta["state"]["layers"][0]
+    assert layer["key"]["shape"] == ["batch", model.config.num_key_value_heads, "past",
+                                     model.config.head_dim]
+    assert layer["key"]["dtype"] == "float32"
+    # Gemma 3's local layer keeps its own window (narrower than... equal here) and no sinks;
+    # the global layer takes the recipe's sinks + window.
+    assert [(a["layer"], a["sink"], a["window"]) for a in meta["attention"]] == \
+        [(0, 0, 4), (1, 2, 6)]
+    assert meta["check"]["max_rel_logits_error"] <= 1e-4
+    # the ONNX file's own dims carry the same names
+    import onnx
+
+    g = onnx.load(str(exp.onnx_path), load_external_data=False).graph
+    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]
+            for i in [*g.input, *g.output]}
+    assert dims["input_ids"] == ["batch", "seq"]
+    assert dims["attention_mask"] == ["batch", "past_seq"]
+    assert dims["past.1.value"][2] == "past" and dims["present.1.value"][2] == "past_seq"
+
+
+def test_missing_translation_is_a_clear_error_and_writes_nothing(tmp_path, monkeypatch):
+    from longfx.rewrite.testing import zoo
+    from longfx.runtime import onnx_export
+
+    real = onnx_export.translation_table
+
+    def without_rope(target="opset23"):
+        table = real(target)
+        del table[torch.ops.longfx.rope.default]
+        return table
+
+    monkeypatch.setattr(onnx_export, "translation_table", without_rope)
+    model, _ = zoo.build("llama", "sdpa")
+    with pytest.raises(OnnxExportError, match="longfx.rope"):
+        onnx_export.export_onnx(model, tmp_path / "out", "", check=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_not_a_causal_lm_is_a_clear_error(tmp_path):
+    from longfx.runtime.onnx_export import export_onnx
+
+    with pytest.raises(OnnxExportError, match="not a transformers"):
+        export_onnx(torch.nn.Linear(4, 4), tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------------------------ SmolLM2
+
+
+def _long_batch(tok, n: int = 200) -> tuple[np.ndarray, np.ndarray]:
+    text = ("The history of the Roman Empire spans many centuries, from the founding of the "
+            "city to the fall of Constantinople. ") * 12
+    ids = tok(text, return_tensors="np")["input_ids"][:, :n].astype(np.int64)
+    ids = np.concatenate([ids, ids[:, ::-1]], 0)
+    mask = np.ones_like(ids)
+    mask[1, :7] = 0                                        # row 1 left-padded
+    return ids, mask
+
+
+@pytest.mark.slow
+def test_smollm2_logits_parity(smollm2, smollm2_export, parity):
+    """SmolLM2-135M with sink_window(sink=4, window=128): a 200-token prompt (past the window),
+    a chunk and decode steps, ORT vs the rewritten graph; and inside the window the file is
+    the dense model (HF logits)."""
+    model, tok = smollm2
+    ids, mask = _long_batch(tok)
+    ort_model = ORTModel.from_dir(smollm2_export.path)
+    assert parity.compare_steps(smollm2_export, ort_model, ids, mask, decode=3) <= 1e-4
+    got = ort_model(ids[:1])[0]
+    with torch.no_grad():
+        ref = model(torch.from_numpy(ids[:1])).logits.numpy()
+    w = parity.smol_window
+    assert parity.rel(got[:, :w], ref[:, :w]) <= 1e-4      # the spec keeps every causal key
+    assert parity.rel(got[:, w + 20:], ref[:, w + 20:]) > 1e-3   # past it, sinks + window
+
+
+@pytest.mark.slow
+def test_smollm2_sparse_greedy_equals_rewritten_graph(smollm2, smollm2_export, parity):
+    """64 greedy tokens after a 200-token prompt (past the window of 128): identical."""
+    _, tok = smollm2
+    ids, mask = _long_batch(tok)
+    got = ORTModel.from_dir(smollm2_export.path).generate(ids, max_new_tokens=64,
+                                                          attention_mask=mask, eos_token_id=[])
+    want = parity.torch_greedy(smollm2_export, ids, mask, 64)
+    np.testing.assert_array_equal(got, want)
