@@ -104,8 +104,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # tests/test_examples.py runs every example through runpy with pytest's own argv: read
-    # the command line only when this file is the program (that run prints the how-to).
-    code = main(sys.argv[1:] if Path(sys.argv[0]).name == Path(__file__).name else [])
+    # tests/test_examples.py runs every example through runpy inside pytest, whose command
+    # line is not ours: there, run without arguments (which prints the how-to).
+    code = main([] if "pytest" in sys.modules else sys.argv[1:])
     if code:
         sys.exit(code)
