@@ -5,6 +5,7 @@ minutes), so test_onnx_export.py and test_ort.py draw on the same folders.
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 from types import SimpleNamespace
 
@@ -90,7 +91,25 @@ def torch_state(export, batch: int) -> list[torch.Tensor]:
     return out
 
 
+@contextlib.contextmanager
+def _one_torch_thread():
+    """The torch side of the parity checks runs on one thread: on these shared 2-core machines
+    two OpenMP threads wait on each other (a decode step of the rewritten SmolLM2 graph took
+    5 s with 2 threads under load, ~0.1 s with 1). Restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
 def torch_step(export, ids, mask, pos, state):
+    with _one_torch_thread():
+        return _torch_step(export, ids, mask, pos, state)
+
+
+def _torch_step(export, ids, mask, pos, state):
     out = export.run_torch(torch.from_numpy(np.ascontiguousarray(ids)),
                            torch.from_numpy(np.ascontiguousarray(mask)),
                            torch.from_numpy(np.ascontiguousarray(pos)), *state)

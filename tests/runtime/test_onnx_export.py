@@ -40,11 +40,14 @@ def _batch(vocab: int, length: int = 13, pad: int = 2):
 
 
 @pytest.mark.parametrize("name,recipe,attn", CASES, ids=[f"{n}-{r or 'dense'}" for n, r, _ in CASES])
-def test_zoo_parity(zoo_export, parity, name, recipe, attn):
+def test_zoo_parity(zoo_export, parity, record_property, name, recipe, attn):
     model, exp = zoo_export(name, recipe, attn)
     ort_model = ORTModel.from_dir(exp.path)
     ids, mask = _batch(ort_model.meta["model"]["vocab_size"])
-    assert parity.compare_steps(exp, ort_model, ids, mask, chunk=3, decode=4) <= 1e-4
+    err = parity.compare_steps(exp, ort_model, ids, mask, chunk=3, decode=4)
+    record_property("max_rel_error", err)
+    record_property("export_s", round(exp.timings["total_s"], 1))
+    assert err <= 1e-4
     want = parity.torch_greedy(exp, ids, mask, 64)
     got = ort_model.generate(ids, max_new_tokens=64, attention_mask=mask, eos_token_id=[])
     np.testing.assert_array_equal(got, want)
@@ -139,18 +142,22 @@ def _long_batch(tok, n: int = 200) -> tuple[np.ndarray, np.ndarray]:
 
 
 @pytest.mark.slow
-def test_smollm2_logits_parity(smollm2, smollm2_export, parity):
+def test_smollm2_logits_parity(smollm2, smollm2_export, parity, record_property):
     """SmolLM2-135M with sink_window(sink=4, window=128): a 200-token prompt (past the window),
     a chunk and decode steps, ORT vs the rewritten graph; and inside the window the file is
     the dense model (HF logits)."""
     model, tok = smollm2
     ids, mask = _long_batch(tok)
     ort_model = ORTModel.from_dir(smollm2_export.path)
-    assert parity.compare_steps(smollm2_export, ort_model, ids, mask, decode=3) <= 1e-4
+    err = parity.compare_steps(smollm2_export, ort_model, ids, mask, decode=3)
+    record_property("max_rel_error", err)
+    record_property("export_timings_s", smollm2_export.timings)
+    assert err <= 1e-4
     got = ort_model(ids[:1])[0]
     with torch.no_grad():
         ref = model(torch.from_numpy(ids[:1])).logits.numpy()
     w = parity.smol_window
+    record_property("max_rel_error_vs_hf_inside_window", parity.rel(got[:, :w], ref[:, :w]))
     assert parity.rel(got[:, :w], ref[:, :w]) <= 1e-4      # the spec keeps every causal key
     assert parity.rel(got[:, w + 20:], ref[:, w + 20:]) > 1e-3   # past it, sinks + window
 
