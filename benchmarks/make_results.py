@@ -189,6 +189,32 @@ def kernels(results: Path) -> str:
     return "\n".join(out)
 
 
+def onnx_cpu(rows: list[dict]) -> str:
+    """SmolLM2 on CPU: torch eager vs the longfx ONNX exports in onnxruntime vs a plain
+    torch.onnx.export (``benchmarks/bench_onnx_cpu.py``); cells are prefill s / decode ms/token."""
+    if not rows:
+        return ""
+    r0 = rows[0]
+    label = lambda r: r["backend"] + (f" `{r['recipe']}`" if r.get("recipe") else "")  # noqa: E731
+    cols = list(dict.fromkeys(label(r) for r in rows))
+    out = [f"## ONNX on CPU · {r0['model']} · {r0['hardware']}", "",
+           f"torch {r0['torch']} · transformers {r0['transformers']} · onnxruntime "
+           f"{r0.get('onnxruntime')} · date {r0['date']} · fp32, logits at every prompt position; "
+           "each cell: prefill s / decode ms per token (median of 3 round-robin repeats in one "
+           "process, the 2 cores shared with other jobs). The plain export has no KV cache: each "
+           "decode step recomputes the whole sequence.", "",
+           "| prompt | threads | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
+    keys = sorted({(r["prompt_tokens"], r["threads"]) for r in rows})
+    for n, t in keys:
+        cells = []
+        for c in cols:
+            m = [r for r in rows if (r["prompt_tokens"], r["threads"]) == (n, t) and label(r) == c]
+            cells.append(f"{m[0]['prefill_s']:.2f} / {m[0]['decode_ms_per_token']:.0f}" if m
+                         else "—")
+        out.append(f"| {n} | {t} | " + " | ".join(cells) + " |")
+    return "\n".join(out) + "\n"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--results", default=str(HERE / "results"))
@@ -196,7 +222,11 @@ def main(argv=None) -> int:
     ap.add_argument("--check", action="store_true")
     a = ap.parse_args(argv)
     rows = load_rows(sorted(Path(a.results).glob("*.jsonl")))
-    text = render(rows)
+    benches = [r for r in rows if "bench" in r]          # rows of benchmark scripts, not eval
+    text = render([r for r in rows if "bench" not in r])
+    onnx = onnx_cpu([r for r in benches if r["bench"] == "onnx_cpu"])
+    if onnx:
+        text = text + "\n" + onnx.rstrip() + "\n"
     extra = kernels(Path(a.results))
     if extra:
         text = text + "\n" + extra.rstrip() + "\n"
