@@ -128,6 +128,7 @@ def name_masks(gm: fx.GraphModule, sites: list, example_inputs: Any) -> None:
             for site in sites:
                 site.facts["mask_kind"] = f"unknown ({type(e).__name__}: {str(e)[:200]})"
             return
+    proven: dict = {}        # layers share one mask: prove it once per (mask nodes, shape)
     for site in sites:
         q = site.nodes.get("q")
         k = site.nodes.get("k")
@@ -144,7 +145,7 @@ def name_masks(gm: fx.GraphModule, sites: list, example_inputs: Any) -> None:
             site.facts["mask_kind"] = f"unknown ({type(e).__name__})"
             continue
         try:
-            spec = mask_spec(gm, site, keep, s, skv, example_inputs)
+            spec = mask_spec(gm, site, keep, s, skv, example_inputs, proven)
         except Exception as e:  # noqa: BLE001
             spec = f"{type(e).__name__}: {str(e)[:200]}"
         if isinstance(spec, dict):
@@ -174,7 +175,8 @@ def _window_of(kind: str) -> int | None:
     return None
 
 
-def mask_spec(gm: fx.GraphModule, site, keep, s, skv, example_inputs) -> dict | str:
+def mask_spec(gm: fx.GraphModule, site, keep, s, skv, example_inputs,
+              proven: dict | None = None) -> dict | str:
     """Whether the site's mask is exactly ``spec_keep(window) ∧ key_keep[b, j]`` with
     ``key_keep`` the last Skv columns of a 2-D graph input (HF's ``attention_mask``).
 
@@ -193,6 +195,16 @@ def mask_spec(gm: fx.GraphModule, site, keep, s, skv, example_inputs) -> dict | 
     if s is None or skv is None:
         return "query/key lengths unknown"
     nodes = _mask_nodes(site)
+    key = (tuple(nodes), window, bool(site.facts.get("is_causal")), s, skv)
+    if proven is not None and key in proven:
+        return proven[key]
+    result = _prove(gm, site, keep, s, skv, example_inputs, nodes, window)
+    if proven is not None:
+        proven[key] = result
+    return result
+
+
+def _prove(gm, site, keep, s, skv, example_inputs, nodes, window) -> dict | str:
     needed = set(nodes)
     for n in nodes:
         needed |= G.ancestors(n)
