@@ -31,6 +31,10 @@ def main(argv=None) -> int:
     p.add_argument("--trials", type=int, default=2)
     p.add_argument("--deadline", type=float, default=480.0)
     p.add_argument("--recipe", action="append", help="override the recipe list")
+    p.add_argument("--ppl-lengths", default="4096,8192,16384,32768")
+    p.add_argument("--passkey-lengths", default="4096,8192,16384,32768")
+    p.add_argument("--chunk", type=int, default=1024, help="prefill chunk (tokens per forward)")
+    p.add_argument("--seed", type=int, default=0, help="passkey seed (another seed = held-out prompts)")
     args = p.parse_args(argv)
     import torch
 
@@ -47,10 +51,13 @@ def main(argv=None) -> int:
             continue
         t1 = time.time()
         try:
-            evaluate(model, recipes=[recipe] if recipe else [], tokenizer=tok,
-                     tasks=["ppl", "passkey"], lengths=[4096, 8192, 16384, 32768],
-                     trials=args.trials, out=args.out, progress=False,
-                     model_name="smollm2-135m", dense=not recipe)
+            for task, lengths in (("ppl", args.ppl_lengths), ("passkey", args.passkey_lengths)):
+                if not lengths:
+                    continue
+                evaluate(model, recipes=[recipe] if recipe else [], tokenizer=tok,
+                         tasks=[task], lengths=[int(n) for n in lengths.split(",")],
+                         trials=args.trials, seed=args.seed, chunk=args.chunk, out=args.out,
+                         progress=False, model_name="smollm2-135m", dense=not recipe)
             print(f"{recipe or 'dense'}: {time.time() - t1:.1f}s", flush=True)
         except Exception:  # noqa: BLE001 - record and go on with the next recipe
             print(f"{recipe or 'dense'} FAILED:\n{traceback.format_exc()}", flush=True)
