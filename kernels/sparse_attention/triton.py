@@ -78,6 +78,110 @@ def _pow2(n: int) -> int:
 
 if triton is not None:
 
+    # ---- helpers shared with other flash kernels (kernels/self_extend/triton.py) ----------
+
+    @triton.jit
+    def _tile_rows(S, Skv, H, G, GP: tl.constexpr, Q_TILE: tl.constexpr,
+                   BLOCK_M: tl.constexpr):
+        """This program's (query tile mb, batch · head group grp, split) and its rows: row r is
+        query head h0 + r // Q_TILE at query index qi = i0 + r % Q_TILE, position
+        ``Skv − S + qi``. Returns (mb, grp, split, b (int64), h0, kv head, i0, r, head, qi,
+        row_ok, pos)."""
+        mb = tl.num_programs(0) - 1 - tl.program_id(0)   # last (busiest causal) tiles first
+        grp = tl.program_id(1)                           # b · (H / GP) + head group
+        split = tl.program_id(2)
+        n_groups = H // GP
+        b = grp // n_groups
+        h0 = (grp % n_groups) * GP
+        i0 = mb * Q_TILE
+        r = tl.arange(0, BLOCK_M)
+        head = h0 + r // Q_TILE
+        qi = i0 + r % Q_TILE
+        row_ok = (r // Q_TILE < GP) & (qi < S)
+        pos = Skv - S + qi                                                 # [M] positions
+        return mb, grp, split, b.to(tl.int64), h0, h0 // G, i0, r, head, qi, row_ok, pos
+
+    @triton.jit
+    def _split_range(total, split, NSPLIT, SPLIT: tl.constexpr):
+        """[t0, t1): this program's contiguous chunk of the ``total`` kept KV tiles."""
+        if SPLIT:
+            chunk = tl.cdiv(total, NSPLIT)
+            t0 = split * chunk
+            t1 = tl.minimum(t0 + chunk, total)
+        else:
+            t0 = 0
+            t1 = total
+        return t0, t1
+
+    @triton.jit
+    def _rope_freq(INVF, offs_d, R_HALF: tl.constexpr, INTERLEAVED: tl.constexpr):
+        """Rotary frequency of each channel [BD]; 0 past the 2·R_HALF rotated channels."""
+        if INTERLEAVED:                          # pairs (2i, 2i + 1)
+            fidx = offs_d // 2
+        else:                                    # rotate_half: pairs (i, i + R/2)
+            fidx = offs_d % R_HALF
+        return tl.load(INVF + fidx, mask=offs_d < 2 * R_HALF, other=0.0)
+
+    @triton.jit
+    def _rotate_rows(x, rows, ok, cos, sin, offs_d, R_HALF: tl.constexpr,
+                     INTERLEAVED: tl.constexpr):
+        """Rows x [M, BD] (as loaded from the row pointers ``rows`` [M], valid where ``ok``)
+        rotated by angles given as cos/sin [M, BD], in fp32: ``x·cos ∓ partner·sin`` with the
+        partner channel of the pairing read again from memory. Channels past 2·R_HALF must have
+        angle 0 (``_rope_freq`` gives them frequency 0): they come back unchanged."""
+        rot = offs_d < 2 * R_HALF
+        if INTERLEAVED:
+            partner = offs_d ^ 1
+            sign = tl.where(offs_d % 2 == 0, -1.0, 1.0)
+        else:
+            partner = tl.where(offs_d < R_HALF, offs_d + R_HALF, offs_d - R_HALF)
+            sign = tl.where(offs_d < R_HALF, -1.0, 1.0)
+        xp = tl.load(rows[:, None] + partner[None, :], mask=ok[:, None] & rot[None, :],
+                     other=0.0).to(tl.float32)
+        return x.to(tl.float32) * cos + sign[None, :] * xp * sin
+
+    @triton.jit
+    def _log2_scores(scores, qk_scale, sm_scale, softcap, SOFTCAP: tl.constexpr):
+        """Raw q·k [M, N] -> scaled scores in the log2 domain; softcap (Gemma 2)
+        ``tanh(s / c) · c`` computed as ``2·sigmoid(2x) − 1``."""
+        if SOFTCAP:
+            x = scores * (sm_scale / softcap)
+            s = (2.0 * tl.sigmoid(2.0 * x) - 1.0) * (softcap * 1.4426950408889634)
+        else:
+            s = scores * qk_scale
+        return s
+
+    @triton.jit
+    def _online_softmax(acc, m_i, l_i, s, v, PREC: tl.constexpr):
+        """Fold masked log2 scores s [M, N] and values v [N, BDV] (in the dot dtype) into the
+        running accumulator, row max and row sum of FlashAttention-2."""
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        return acc, m_new, l_i
+
+    @triton.jit
+    def _write_rows(acc, m_i, l_i, OUT, ACC, LSE, o_row, row_ok, mb, grp, split, NSPLIT, r,
+                    offs_dv, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr, DV: tl.constexpr,
+                    SPLIT: tl.constexpr):
+        """Normalise and store the rows (empty rows: 0) at the row pointers ``o_row``; split-KV:
+        the partial [tile, grp, split, row, BDV] and its log2-sum-exp, for ``_combine_kernel``."""
+        full = l_i > 0
+        out = acc / tl.where(full, l_i, 1.0)[:, None]
+        if SPLIT:
+            base = ((mb * tl.num_programs(1) + grp) * NSPLIT + split).to(tl.int64) * BLOCK_M
+            tl.store(ACC + (base + r)[:, None] * BLOCK_DV + offs_dv[None, :], out)
+            tl.store(LSE + base + r,
+                     tl.where(full, m_i + tl.log2(tl.where(full, l_i, 1.0)), float("-inf")))
+        else:
+            tl.store(o_row[:, None] + offs_dv[None, :], out.to(OUT.dtype.element_ty),
+                     mask=row_ok[:, None] & (offs_dv < DV)[None, :])
+
+    # ---- the sparse kernel ------------------------------------------------------------------
+
     @triton.jit
     def _attend_tile(acc, m_i, l_i, q, Kb, Vb, KEEPb, n0, pos, Skv, sink, window,
                      qk_scale, sm_scale, softcap, sk_s, sv_s,
@@ -98,11 +202,7 @@ if triton is not None:
         k = tl.load(Kb + j[:, None] * sk_s + offs_d[None, :],
                     mask=jok[:, None] & (offs_d < D)[None, :], other=0.0)  # [N, BD]
         scores = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PREC)  # [M, N] fp32
-        if SOFTCAP:
-            x = scores * (sm_scale / softcap)
-            s = (2.0 * tl.sigmoid(2.0 * x) - 1.0) * (softcap * 1.4426950408889634)
-        else:
-            s = scores * qk_scale                                          # log2 domain
+        s = _log2_scores(scores, qk_scale, sm_scale, softcap, SOFTCAP)
         if MODE == 0:
             if HAS_KEEP:
                 kk = tl.load(KEEPb + j, mask=jok, other=0)
@@ -121,15 +221,9 @@ if triton is not None:
                 kk = tl.load(KEEPb + j, mask=jok, other=0)
                 vis = vis & (kk != 0)[None, :]
             s = tl.where(vis, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(Vb + j[:, None] * sv_s + offs_dv[None, :],
                     mask=jok[:, None] & (offs_dv < DV)[None, :], other=0.0)  # [N, BDV]
-        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=PREC)
-        return acc, m_new, l_i
+        return _online_softmax(acc, m_i, l_i, s, v.to(q.dtype), PREC)
 
     @triton.jit
     def _attend_range(acc, m_i, l_i, q, Kb, Vb, KEEPb, blk_lo, blk_hi, pos, Skv, sink, window,
@@ -156,23 +250,8 @@ if triton is not None:
             INTERLEAVED: tl.constexpr, HAS_CAP: tl.constexpr, HAS_KEEP: tl.constexpr,
             SOFTCAP: tl.constexpr, SPEC: tl.constexpr, TABLE: tl.constexpr,
             SPLIT: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr):
-        n_tiles = tl.num_programs(0)
-        mb = n_tiles - 1 - tl.program_id(0)        # last (busiest causal) tiles first
-        grp = tl.program_id(1)                     # b · (H / GP) + head group
-        split = tl.program_id(2)
-        n_groups = H // GP
-        b = grp // n_groups
-        h0 = (grp % n_groups) * GP
-        kvh = h0 // G
-        b64 = b.to(tl.int64)
-        i0 = mb * Q_TILE
-
-        # tile rows: row r is query head h0 + r // Q_TILE, query index i0 + r % Q_TILE
-        r = tl.arange(0, BLOCK_M)
-        head = h0 + r // Q_TILE
-        qi = i0 + r % Q_TILE
-        row_ok = (r // Q_TILE < GP) & (qi < S)
-        pos = Skv - S + qi                                                 # [M] positions
+        mb, grp, split, b64, h0, kvh, i0, r, head, qi, row_ok, pos = _tile_rows(
+            S, Skv, H, G, GP, Q_TILE, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         offs_dv = tl.arange(0, BLOCK_DV)
         q_row = Q + b64 * sq_b + head.to(tl.int64) * sq_h + qi.to(tl.int64) * sq_s   # [M] ptrs
@@ -212,14 +291,7 @@ if triton is not None:
         else:
             sub = 1
             n_items = 0
-        total = nsb + nwb + n_items
-        if SPLIT:                                    # this program's chunk of the kept tiles
-            chunk = tl.cdiv(total, NSPLIT)
-            t0 = split * chunk
-            t1 = tl.minimum(t0 + chunk, total)
-        else:
-            t0 = 0
-            t1 = total
+        t0, t1 = _split_range(nsb + nwb + n_items, split, NSPLIT, SPLIT)  # this chunk
 
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -227,22 +299,11 @@ if triton is not None:
 
         # sinks: with the cap, scored with q rotated back by δ = max(0, p − cap) positions
         if HAS_CAP:
-            rot = offs_d < 2 * R_HALF
-            if INTERLEAVED:                          # pairs (2i, 2i + 1)
-                fidx = offs_d // 2
-                partner = offs_d ^ 1
-                sign = tl.where(offs_d % 2 == 0, -1.0, 1.0)
-            else:                                    # rotate_half: pairs (i, i + R/2)
-                fidx = offs_d % R_HALF
-                partner = tl.where(offs_d < R_HALF, offs_d + R_HALF, offs_d - R_HALF)
-                sign = tl.where(offs_d < R_HALF, -1.0, 1.0)
-            qp = tl.load(q_row[:, None] + partner[None, :],
-                         mask=row_ok[:, None] & rot[None, :], other=0.0).to(tl.float32)
-            freq = tl.load(INVF + fidx, mask=rot, other=0.0)               # [BD]
+            freq = _rope_freq(INVF, offs_d, R_HALF, INTERLEAVED)           # [BD]
             delta = tl.maximum(pos - cap, 0).to(tl.float32)                # [M]
             angle = -delta[:, None] * freq[None, :]                        # [M, BD]
-            q_rot = q.to(tl.float32) * tl.cos(angle) + sign[None, :] * qp * tl.sin(angle)
-            q_sink = tl.where(rot[None, :], q_rot, q.to(tl.float32)).to(q.dtype)
+            q_sink = _rotate_rows(q, q_row, row_ok, tl.cos(angle), tl.sin(angle), offs_d,
+                                  R_HALF, INTERLEAVED).to(q.dtype)
         else:
             q_sink = q
         acc, m_i, l_i = _attend_range(acc, m_i, l_i, q_sink, Kb, Vb, KEEPb, t0,
@@ -281,17 +342,9 @@ if triton is not None:
                             qk_scale, sm_scale, softcap, sk_s, sv_s, 3, BLOCK_N, BLOCK_D,
                             BLOCK_DV, D, DV, HAS_KEEP, SOFTCAP, PREC)
 
-        full = l_i > 0
-        out = acc / tl.where(full, l_i, 1.0)[:, None]                      # empty rows: 0
-        if SPLIT:   # partial [tile, grp, split, row, DV] normalised, and its log2-sum-exp
-            base = ((mb * tl.num_programs(1) + grp) * NSPLIT + split).to(tl.int64) * BLOCK_M
-            tl.store(ACC + (base + r)[:, None] * BLOCK_DV + offs_dv[None, :], out)
-            tl.store(LSE + base + r,
-                     tl.where(full, m_i + tl.log2(tl.where(full, l_i, 1.0)), float("-inf")))
-        else:
-            o_row = OUT + b64 * so_b + head.to(tl.int64) * so_h + qi.to(tl.int64) * so_s
-            tl.store(o_row[:, None] + offs_dv[None, :], out.to(OUT.dtype.element_ty),
-                     mask=row_ok[:, None] & (offs_dv < DV)[None, :])
+        o_row = OUT + b64 * so_b + head.to(tl.int64) * so_h + qi.to(tl.int64) * so_s
+        _write_rows(acc, m_i, l_i, OUT, ACC, LSE, o_row, row_ok, mb, grp, split, NSPLIT, r,
+                    offs_dv, BLOCK_M, BLOCK_DV, DV, SPLIT)
 
     @triton.jit
     def _combine_kernel(ACC, LSE, OUT, S, H, G, so_b, so_h, so_s, NSPLIT,
@@ -376,6 +429,58 @@ def _largest_divisor_at_most(n: int, limit: int) -> int:
     return max(x for x in range(1, min(n, max(1, limit)) + 1) if n % x == 0)
 
 
+def _num_splits(num_splits: int | None, programs: int, kept: int, device) -> int:
+    """Split-KV count: ``num_splits`` if given, else enough splits to give every SM two
+    programs when the grid alone would leave SMs idle (at least MIN_BLOCKS_PER_SPLIT kept
+    tiles per split)."""
+    if num_splits is None:
+        sms = _sm_count(device)
+        num_splits = 1
+        if programs < sms:
+            num_splits = min(-(-2 * sms // programs), max(1, kept // MIN_BLOCKS_PER_SPLIT),
+                             MAX_SPLITS)
+    return max(1, int(num_splits))
+
+
+def _keep_arg(key_keep: torch.Tensor | None, dummy: torch.Tensor):
+    """(uint8 key mask [B, Skv] with unit key stride, its batch stride); ``dummy`` if none."""
+    if key_keep is None:
+        return dummy, 0
+    if key_keep.dtype == torch.bool:
+        keep = key_keep.view(torch.uint8)                     # same bytes, no copy
+    elif key_keep.dtype == torch.uint8:
+        keep = key_keep
+    else:
+        keep = (key_keep != 0).to(torch.uint8)
+    if keep.stride(-1) != 1:
+        keep = keep.contiguous()
+    return keep, keep.stride(0)
+
+
+def _split_buffers(split: bool, rows: int, block_dv: int, dummy: torch.Tensor):
+    """Split-KV partial outputs [rows, BDV] and log2-sum-exps [rows], fp32 (rows = tiles · grp ·
+    NSPLIT · BLOCK_M, the layout of ``_write_rows``/``_combine_kernel``)."""
+    if not split:
+        return dummy, dummy
+    return (torch.empty(rows * block_dv, device=dummy.device, dtype=torch.float32),
+            torch.empty(rows, device=dummy.device, dtype=torch.float32))
+
+
+def _dot_mode(dtype: torch.dtype) -> tuple[bool, str]:
+    """(dot in fp32, input_precision). The interpreter's bf16 tl.dot returns garbage (triton
+    3.9): dot in fp32 there."""
+    dot_f32 = INTERPRET and dtype == torch.bfloat16
+    return dot_f32, "ieee" if dtype == torch.float32 or dot_f32 else "tf32"
+
+
+def _combine(part, lse, out, G, programs, num_splits, gp, q_tile, bm, block_dv) -> None:
+    """Merge the split-KV partials (``_write_rows`` layout) into out [B, H, S, Dv]."""
+    _combine_kernel[(programs, bm)](
+        part, lse, out, out.shape[2], out.shape[1], G, out.stride(0), out.stride(1),
+        out.stride(2), num_splits, GP=gp, Q_TILE=q_tile, BLOCK_M=bm,
+        BLOCK_S=max(2, _pow2(num_splits)), BLOCK_DV=block_dv, DV=out.shape[-1])
+
+
 def _launch(q, k, v, key_keep, scale, softcap, sink, window, cap, inv_freq, rope_style,
             block_index=None, table_block=0, spec=True, block_m=None, block_n=None,
             num_splits=None, num_warps=None, num_stages=None):
@@ -426,29 +531,11 @@ def _launch(q, k, v, key_keep, scale, softcap, sink, window, cap, inv_freq, rope
     else:
         n_tab = 0
         kept = -(-min(sink, Skv) // bn) + -(-min(window + q_tile, Skv) // bn) + 1
-    programs = n_tiles * n_grp
-    if num_splits is None:
-        sms = _sm_count(q.device)
-        num_splits = 1
-        if programs < sms:
-            num_splits = min(-(-2 * sms // programs), max(1, kept // MIN_BLOCKS_PER_SPLIT),
-                             MAX_SPLITS)
-    num_splits = max(1, int(num_splits))
+    num_splits = _num_splits(num_splits, n_tiles * n_grp, kept, q.device)
     split = num_splits > 1
 
     dummy = q.new_empty(1)
-    keep = dummy
-    skeep = 0
-    if key_keep is not None:
-        if key_keep.dtype == torch.bool:
-            keep = key_keep.view(torch.uint8)                 # same bytes, no copy
-        elif key_keep.dtype == torch.uint8:
-            keep = key_keep
-        else:
-            keep = (key_keep != 0).to(torch.uint8)
-        if keep.stride(-1) != 1:
-            keep = keep.contiguous()
-        skeep = keep.stride(0)
+    keep, skeep = _keep_arg(key_keep, dummy)
     invf = dummy
     r_half = 1
     interleaved = False
@@ -471,16 +558,8 @@ def _launch(q, k, v, key_keep, scale, softcap, sink, window, cap, inv_freq, rope
         if tab.stride(-1) != 1:
             tab = tab.contiguous()
         st = (tab.stride(0), tab.stride(1), tab.stride(2))
-    if split:
-        part = torch.empty(n_tiles * n_grp * num_splits * bm * block_dv, device=q.device,
-                           dtype=torch.float32)                     # [tiles, grp, NS, M, BDV]
-        lse = torch.empty(n_tiles * n_grp * num_splits * bm, device=q.device,
-                          dtype=torch.float32)                      # [tiles, grp, NS, M]
-    else:
-        part = lse = dummy
-    # the interpreter's bf16 tl.dot returns garbage (triton 3.9): dot in fp32 there
-    dot_f32 = INTERPRET and q.dtype == torch.bfloat16
-    prec = "ieee" if q.dtype == torch.float32 or dot_f32 else "tf32"
+    part, lse = _split_buffers(split, n_tiles * n_grp * num_splits * bm, block_dv, dummy)
+    dot_f32, prec = _dot_mode(q.dtype)
     extra = {} if INTERPRET else dict(num_warps=num_warps or warps,
                                       num_stages=num_stages or stages)
     _sparse_attn_fwd[(n_tiles, n_grp, num_splits)](
@@ -494,10 +573,7 @@ def _launch(q, k, v, key_keep, scale, softcap, sink, window, cap, inv_freq, rope
         HAS_KEEP=key_keep is not None, SOFTCAP=bool(softcap), SPEC=bool(spec), TABLE=table,
         SPLIT=split, DOT_F32=dot_f32, PREC=prec, **extra)
     if split:
-        _combine_kernel[(n_tiles * n_grp, bm)](
-            part, lse, out, S, H, G, out.stride(0), out.stride(1), out.stride(2), num_splits,
-            GP=gp, Q_TILE=q_tile, BLOCK_M=bm, BLOCK_S=max(2, _pow2(num_splits)),
-            BLOCK_DV=block_dv, DV=DV)
+        _combine(part, lse, out, G, n_tiles * n_grp, num_splits, gp, q_tile, bm, block_dv)
     return out
 
 
