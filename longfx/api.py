@@ -144,4 +144,7 @@ def compile(model: torch.nn.Module, recipe: Any = None, *, inner: str = "eager",
     """
     be = backend(recipe, inner=inner, model=model)
     be.report.model = _model_name(model)
-    return compiled_copy(model, be, dynamic=dynamic)
+    from longfx.passes.kv_quant import cache_recipe   # a recipe that owns the runtime KV cache
+    kv = cache_recipe(_pipeline(recipe))
+    return compiled_copy(model, be, dynamic=dynamic,
+                         new_cache=(lambda: kv.make_cache(model)) if kv is not None else None)

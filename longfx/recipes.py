@@ -150,7 +150,8 @@ def register(name: str):
 
 # Modules whose import registers a family's recipes; imported on the first parse so that
 # "yarn(factor=4)" works without the user importing anything.
-FAMILIES: list[str] = ["longfx.passes.rope", "longfx.passes.sparse", "longfx.passes.self_extend"]
+FAMILIES: list[str] = ["longfx.passes.rope", "longfx.passes.sparse", "longfx.passes.self_extend",
+                       "longfx.passes.kv_quant"]
 _loaded: set[str] = set()
 
 

@@ -175,7 +175,9 @@ def evaluate(model_or_name: Any, recipes: Sequence[Any] = (), tasks: Sequence[st
                                "elapsed_s": round(time.perf_counter() - t0, 3), **env}
                         if label != DENSE:
                             row["rewrite"] = rewrite_summary(vm)
-                            if row["rewrite"]["rewritten"] == 0:
+                            if getattr(vm, "longfx_new_cache", None):    # kv_quant: the cache is the rewrite
+                                row["rewrite"]["runtime_cache"] = type(vm.longfx_new_cache()).__name__
+                            elif row["rewrite"]["rewritten"] == 0:
                                 row["warning"] = ("the recipe rewrote no site: this row "
                                                   "measures the unchanged model")
                                 _warn_once(label, row["warning"], row["rewrite"])

@@ -21,6 +21,11 @@ def device_of(model) -> torch.device:
 
 
 def new_cache(model):
+    """The cache a chunked pass feeds: the model's own longfx cache when its recipe provides
+    one (``kv_quant``: ``longfx_new_cache`` set by ``compiled_copy``), else a DynamicCache."""
+    factory = getattr(model, "longfx_new_cache", None)
+    if callable(factory):
+        return factory()
     from transformers import DynamicCache
 
     try:
@@ -81,6 +86,8 @@ def greedy(model, ids: list[int] | torch.Tensor, max_new: int, chunk: int = DEFA
 def kv_bytes(cache) -> int:
     """Bytes held by the tensors of a KV cache (HF DynamicCache layers, tuples, or any object
     whose attributes hold tensors, e.g. a longfx runtime cache), each storage counted once."""
+    if callable(getattr(cache, "nbytes", None)):       # a longfx cache counts its own state
+        return int(cache.nbytes())
     seen: set[int] = set()
     total = 0
 

@@ -1,0 +1,68 @@
+"""KV-cache quantization recipe: ``kv_quant(bits=4, group=64, residual=128)``.
+
+KIVI (Liu et al. 2024, "KIVI: A Tuning-Free Asymmetric 2bit Quantization for KV Cache",
+github.com/jy-yuan/KIVI): keys quantized per channel (a group of ``group`` tokens shares one
+scale/zero per channel), values per token (groups of ``group`` channels), the most recent
+``residual`` tokens (rounded up to whole groups) kept in full precision. ``bits`` is 8, 4 or 2;
+``scales`` is ``u8`` (2 bytes a group: 8-bit log scale + int8 zero, the default) or ``fp16``
+(KIVI's own 4 bytes a group). Layout and kernels: ``kernels/kv_quant``.
+
+The recipe changes the model's *runtime state*, not its graph: ``longfx.compile(model,
+"kv_quant(bits=4)")`` gives a model whose forward swaps an empty (or absent) HF cache for a
+:class:`longfx.runtime.cache.QuantizedCache`, which quantizes on append and hands attention the
+dequantized keys/values (a transient copy; see runtime/cache.py for what prefill and decode
+read). The graph's attention sites are left as they are, so the recipe composes with the
+sparse and RoPE recipes (``sink_window(...) + kv_quant(bits=4)``); one KV-cache recipe per
+pipeline.
+"""
+from __future__ import annotations
+
+from dataclasses import field
+
+from longfx.kernels.kv_quant.reference import BITS, SCALES, KVQuantConfig
+from longfx.recipes import Recipe, RecipeError, register
+
+__all__ = ["KVQuant", "cache_recipe"]
+
+
+@register("kv_quant")
+class KVQuant(Recipe):
+    """KIVI KV-cache quantization: keys per channel, values per token, recent tokens in full
+    precision, state stored packed (8/4/2-bit) in a longfx cache."""
+
+    bits: int = 4
+    group: int = 64
+    residual: int = 128
+    scales: str = field(default="u8", metadata={"omit_default": True})
+
+    def __post_init__(self):
+        if self.bits not in BITS:
+            raise RecipeError(f"kv_quant: bits must be one of {', '.join(map(str, BITS))}, "
+                              f"got {self.bits!r}")
+        if not isinstance(self.group, int) or self.group < 1:
+            raise RecipeError(f"kv_quant: group must be an integer >= 1, got {self.group!r}")
+        if not isinstance(self.residual, int) or self.residual < 0:
+            raise RecipeError(f"kv_quant: residual must be an integer >= 0, got {self.residual!r}")
+        if self.scales not in SCALES:
+            raise RecipeError(f"kv_quant: scales must be one of {', '.join(SCALES)}, "
+                              f"got {self.scales!r}")
+
+    @property
+    def kv_config(self) -> KVQuantConfig:
+        return KVQuantConfig(self.bits, self.group, self.residual, self.scales)
+
+    def make_cache(self, model=None):
+        """A fresh, empty quantized cache for ``model`` (its config sizes the layer list)."""
+        from longfx.runtime.cache import QuantizedCache
+
+        return QuantizedCache(self.kv_config, config=getattr(model, "config", None))
+
+
+def cache_recipe(pipeline) -> Recipe | None:
+    """The pipeline's one recipe that provides a runtime KV cache (``make_cache``), or None.
+    Two of them cannot share a cache: that is a RecipeError."""
+    found = [r for r in pipeline.recipes if callable(getattr(r, "make_cache", None))]
+    if len(found) > 1:
+        raise RecipeError(f"{' + '.join(map(str, found))}: one KV-cache recipe per pipeline "
+                          "(each replaces the model's cache)")
+    return found[0] if found else None
