@@ -1,0 +1,108 @@
+"""QuantizedCache (runtime/cache.py): the layer's packed state equals the reference state fed
+the same appends, reads equal the reference dequantization, the memory ratio read off its own
+tensors meets issue 6's budget, and HF models run on it in eager mode."""
+import pytest
+import torch
+from transformers import DynamicCache
+
+from longfx.kernels.kv_quant import reference as R
+from longfx.rewrite.testing import zoo
+from longfx.runtime.cache import QuantizedCache, QuantizedKVLayer
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+def _kv(B, H, T, D, seed, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randn(B, H, T, D, generator=g) * torch.linspace(0.2, 4.0, D)   # channel outliers
+    return k.to(dtype), torch.randn(B, H, T, D, generator=g).to(dtype)
+
+
+@pytest.mark.parametrize("bits,scales", [(8, "u8"), (4, "u8"), (2, "u8"), (4, "fp16")])
+def test_layer_state_and_reads_equal_the_reference(bits, scales):
+    config = R.KVQuantConfig(bits=bits, group=8, residual=12, scales=scales)   # ring 16
+    layer = QuantizedKVLayer(config, block=8)
+    ref = R.QuantizedKV.empty(2, 3, 16, 200, config, torch.float32)
+    k, v = _kv(2, 3, 75, 16, seed=bits)
+    pos = 0
+    for s in (5, 1, 17, 1, 1, 30, 1, 19):                  # prefill chunks and decode steps
+        kc, vc = k[:, :, pos:pos + s], v[:, :, pos:pos + s]
+        before = R.dequantize_state(ref) if pos else (k[:, :, :0], v[:, :, :0])
+        got_k, got_v = layer.update(kc, vc, 0)
+        R.append(ref, kc, vc)
+        pos += s
+        if s == 1:       # decode reads the state after the append
+            want_k, want_v = R.dequantize_state(ref)
+        else:            # prefill: the stored past dequantized + the chunk in full precision
+            want_k, want_v = torch.cat((before[0], kc), 2), torch.cat((before[1], vc), 2)
+        assert layer.get_seq_length() == pos and got_k.shape == (2, 3, pos, 16)
+        torch.testing.assert_close(got_k, want_k, rtol=0, atol=0)
+        torch.testing.assert_close(got_v, want_v, rtol=0, atol=0)
+    n = R.n_packed(pos, config)
+    st = layer.state
+    assert int(st.length) == pos and st.k_codes.shape[2] >= n
+    for name in ("k_codes", "v_codes", "v_params"):
+        assert torch.equal(getattr(st, name)[:, :, :n], getattr(ref, name)[:, :, :n]), name
+    assert torch.equal(st.k_params[:, :, :n // 8], ref.k_params[:, :, :n // 8])
+    assert torch.equal(st.k_ring, ref.k_ring) and torch.equal(st.v_ring, ref.v_ring)
+    # quantized keys are off by at most half a step, the ring is exact
+    full_k, _ = layer._read(pos)
+    err = (full_k[:, :, :n] - k[:, :, :n]).abs()
+    step = R.step_size(ref.k_params[:, :, :n // 8].transpose(-1, -2), bits)      # [B,H,n/g,D]
+    assert bool((err.view(2, 3, n // 8, 8, 16) <= step[:, :, :, None] / 2 + 1e-5).all())
+    assert torch.equal(full_k[:, :, n:], k[:, :, n:pos])
+
+
+@pytest.mark.parametrize("bits,budget", [(4, 0.27), (2, 0.15)])
+def test_memory_from_the_cache_tensors_meets_the_issue_budget(bits, budget):
+    """32k tokens, head_dim 128, bf16: bytes of the cache's own tensors over a bf16 K+V cache."""
+    cache = QuantizedCache(R.KVQuantConfig(bits=bits))
+    k, v = _kv(1, 1, 32768, 128, seed=0, dtype=torch.bfloat16)
+    cache.update(k, v, 0)
+    plain = 2 * k.numel() * k.element_size()
+    assert cache.dense_nbytes() == plain
+    ratio = cache.nbytes() / plain
+    assert ratio <= budget, ratio
+    assert ratio == pytest.approx(R.memory_ratio(32768, 1, 128, R.KVQuantConfig(bits=bits)), rel=0.01)
+    assert cache.layers[0].state.k_codes.dtype == torch.uint8
+    assert cache.layers[0].state.k_codes.shape[-1] == 128 * bits // 8   # really packed
+
+
+def test_eager_model_on_the_cache():
+    model, _ = zoo.build("llama")
+    ids = torch.randint(3, 120, (1, 96), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        dense = model(input_ids=ids).logits
+        out = {}
+        for bits in (8, 2):
+            cache = QuantizedCache(R.KVQuantConfig(bits=bits, group=16, residual=16), model.config)
+            parts = [model(input_ids=ids[:, s:s + 32], past_key_values=cache, use_cache=True).logits
+                     for s in range(0, 96, 32)]
+            assert cache.get_seq_length() == 96 and len(cache.layers) == model.config.num_hidden_layers
+            out[bits] = float((torch.cat(parts, 1) - dense).abs().max() / dense.abs().max())
+            assert cache.nbytes() < cache.dense_nbytes()
+    assert out[8] < 2e-3 and out[8] < out[2] < 0.2, out
+
+
+def test_eager_generate_with_the_cache_equals_dynamic_while_nothing_is_packed():
+    model, _ = zoo.build("llama")
+    ids = torch.randint(3, 120, (2, 12), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0                                        # left padding
+    kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
+    big_ring = R.KVQuantConfig(bits=2, group=16, residual=32)          # 20 tokens: all in the ring
+    with torch.no_grad():
+        want = model.generate(**kw, past_key_values=DynamicCache(config=model.config))
+        got = model.generate(**kw, past_key_values=QuantizedCache(big_ring, model.config))
+    assert torch.equal(got, want)
+
+
+def test_crop_is_refused_and_beam_reorder_permutes():
+    layer = QuantizedKVLayer(R.KVQuantConfig(bits=4, group=8, residual=8))
+    k, v = _kv(3, 1, 20, 8, seed=2)
+    layer.update(k, v, 0)
+    with pytest.raises(NotImplementedError, match="cropped"):
+        layer.crop(1)
+    before = layer._read(20)[0]
+    layer.reorder_cache(torch.tensor([2, 0, 1]))
+    assert torch.equal(layer._read(20)[0], before[[2, 0, 1]])
