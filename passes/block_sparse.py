@@ -1,0 +1,232 @@
+"""Dynamic block-sparse recipes: canonical ``longfx::attention`` → ``longfx::block_sparse_attention``.
+
+    block_sparse(block=64, density=0.1, sink=64, window=128)   MInference (Jiang et al. 2024)
+                                       block_sparse prefill: per head, the key blocks of each
+                                       query block are ranked at run time from mean-pooled
+                                       q/k blocks (or the last ``last_q`` queries' attention)
+    decode_topk(blocks=128, block=16, sink=16, window=64)      Quest (Tang et al. 2024): at
+                                       decode, per-block key min/max give an upper bound of
+                                       q·k; the best blocks per head are read
+
+Both keep sink blocks, the local window and the diagonal, and compose on one site
+(``block_sparse(...) + decode_topk(...)``: each sets its half of the op's arguments). The op
+decides per call: decode steps (S <= 16) use the Quest table only when ``decode_topk`` is in
+the recipe, prefill uses the estimated table only from ``min_len`` keys on and when the budget
+skips something; everything else is the canonical dense attention. See
+kernels/block_sparse/op.py.
+
+The mask is dropped only when analysis proved it "causal ∧ padding" (the same proof as
+passes/sparse.py: ``padding_of``); layers with a native window (Gemma local layers, Mistral)
+are left as they are, and a site another sparse recipe made sparse is not touched.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from longfx.kernels.attention.op import OP as DENSE
+from longfx.kernels.block_sparse import op as bs_op
+from longfx.kernels.block_sparse.op import OP as BLOCK_SPARSE
+from longfx.kernels.block_sparse.reference import ESTIMATES, expected_density
+from longfx.kernels.sparse_attention.op import OP as SPARSE
+from longfx.passes.sparse import key_keep, native_window, padding_of
+from longfx.recipes import Recipe, register
+from longfx.rewrite import graph as G
+from longfx.rewrite.rule import Rule, replace_uses
+from longfx.rewrite.sites import Site
+
+__all__ = ["BlockSparseRule", "BlockSparse", "DecodeTopk", "REPORT_CONTEXT"]
+
+REPORT_CONTEXT = 8192        # the context of the density a site's report row carries
+_N = len(bs_op.PARAMS)
+
+
+class BlockSparseRule(Rule):
+    """Make a site ``longfx::block_sparse_attention`` (or amend one) with ``params`` (a subset
+    of ``op.PARAMS``: the prefill or the decode half)."""
+
+    kind = "attention"
+    stage = "transform"
+
+    def __init__(self, name: str, params: dict[str, Any], recipe: str = ""):
+        unknown = set(params) - set(bs_op.PARAMS)
+        if unknown:
+            raise ValueError(f"unknown block-sparse parameters {sorted(unknown)}")
+        self.name, self.params, self.recipe = name, dict(params), recipe
+
+    def check(self, site: Site, gm: fx.GraphModule) -> dict[str, Any] | str:
+        node = site.nodes.get("block_sparse") or site.nodes.get("sparse") or \
+            site.nodes.get("canonical")
+        if not isinstance(node, fx.Node) or node.target not in (DENSE, SPARSE, BLOCK_SPARSE):
+            return site.reason or "the site is not canonical (no longfx::attention to rewrite)"
+        if node.target is SPARSE:
+            return f"already sparse ({site.facts.get('sparse')}): one sparse recipe per site"
+        facts: dict[str, Any] = {"node": node}
+        if node.target is BLOCK_SPARSE:
+            return facts
+        pad = None if _one_query_no_mask(site) else padding_of(site)
+        if isinstance(pad, str):
+            return pad
+        native = native_window(site)
+        if native:
+            return f"the layer attends a native window of {native}; left as the model has it"
+        facts["padding"] = pad
+        return facts
+
+    def replace(self, site: Site, gm: fx.GraphModule, facts: dict[str, Any]) -> list[fx.Node]:
+        node: fx.Node = facts["node"]
+        g = gm.graph
+        made: list[fx.Node] = []
+        if node.target is BLOCK_SPARSE:
+            head = list(node.args[:6])
+            values = dict(zip(bs_op.PARAMS, node.args[6:6 + _N]))
+        else:
+            q, k, v, _mask, scale, _causal, softcap = node.args
+            values = dict(bs_op.OFF)
+            head = [q, k, v, None, scale, softcap]
+        values.update(self.params)
+        with g.inserting_before(node):
+            if node.target is not BLOCK_SPARSE and facts["padding"] is not None:
+                head[3] = key_keep(g, made, facts["padding"], head[1])
+            new = G.call(g, made, BLOCK_SPARSE, *head, *(values[p] for p in bs_op.PARAMS))
+        replace_uses(node, new)
+        if node.target is BLOCK_SPARSE and not node.users:
+            g.erase_node(node)
+        site.nodes["block_sparse"] = new
+        _describe(site, values)
+        return made
+
+
+def _one_query_no_mask(site: Site) -> bool:
+    """A decode graph without any mask (HF builds none for one query and no padding input):
+    one query over all keys is exactly causal, and there is no padding to carry. The mask
+    analysis names it "full" and proves no spec, so it is accepted here explicitly."""
+    if site.facts.get("mask_spec") or site.facts.get("mask_kind") != "full":
+        return False
+    if isinstance(site.nodes.get("mask"), fx.Node) or site.facts.get("is_causal"):
+        return False
+    q = site.nodes.get("q")
+    val = q.meta.get("example_value", q.meta.get("val")) if isinstance(q, fx.Node) else None
+    return isinstance(val, torch.Tensor) and isinstance(val.shape[-2], int) and val.shape[-2] == 1
+
+
+def _describe(site: Site, v: dict[str, Any]) -> None:
+    parts = []
+    if v["topk"] or v["density"]:
+        parts.append(f"prefill block={v['block']} " + (f"topk={v['topk']}" if v["topk"] else
+                     f"density={v['density']}") + f" sink={v['sink']} window={v['window']} "
+                     f"estimate={v['estimate']} min_len={v['min_len']}")
+        d = expected_density(REPORT_CONTEXT, v["block"], v["topk"], v["density"], v["sink"],
+                             v["window"])
+        site.facts["density"] = d                 # read by rewrite/report.py (attention FLOPs)
+        site.facts["density_context"] = REPORT_CONTEXT
+    if v["decode_topk"] or v["decode_density"]:
+        parts.append(f"decode block={v['decode_block']} " +
+                     (f"blocks={v['decode_topk']}" if v["decode_topk"] else
+                      f"density={v['decode_density']}") +
+                     f" sink={v['decode_sink']} window={v['decode_window']} "
+                     f"min_len={v['decode_min_len']}")
+    site.facts["sparse"] = "; ".join(parts)
+    site.facts["block_sparse"] = dict(v)
+
+
+# ==============================================================================================
+# Recipes
+
+
+def _check_int(name: str, value: Any, low: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
+def _check_block(name: str, value: Any) -> None:
+    if not isinstance(value, int) or value < 16 or value & (value - 1):
+        raise ValueError(f"{name} must be a power of two >= 16 (the kernel's tile), got {value!r}")
+
+
+def _check_budget(name: str, count_name: str, count: Any, density: Any) -> None:
+    if count is not None and density is not None:
+        raise ValueError(f"{name}: give {count_name} or density, not both")
+    if count is not None:
+        _check_int(f"{name}: {count_name}", count, 1)
+    if density is not None and (not isinstance(density, (int, float)) or not 0 < density <= 1):
+        raise ValueError(f"{name}: density must be in (0, 1], got {density!r}")
+
+
+@register("block_sparse")
+class BlockSparse(Recipe):
+    """MInference block-sparse prefill: per head, each query block attends its top key blocks
+    (estimated at run time) plus sink, window and diagonal blocks.
+
+    ``block``: tokens per block (power of two >= 16; 64 as in MInference, the Triton table
+    kernel's tile). Budget per query block: ``topk`` blocks or ``density`` (fraction of its
+    causal blocks; default 0.1 when neither is given), forced blocks included. ``sink`` /
+    ``window``: tokens always kept (rounded out to blocks). ``estimate``: "pooled" (mean-pooled
+    q/k blocks, MInference block_sparse) or "last_q" (attention of the last ``last_q``
+    queries, one ranking for all query blocks). ``min_len``: below this many keys the site
+    runs dense (the GPU crossover guess; see docs/sparse.md)."""
+
+    block: int = 64
+    topk: int | None = None
+    density: float | None = None
+    sink: int = 64
+    window: int = 128
+    estimate: str = "pooled"
+    last_q: int = 64
+    min_len: int = 16384
+
+    def __post_init__(self):
+        _check_block("block_sparse: block", self.block)
+        _check_budget("block_sparse", "topk", self.topk, self.density)
+        _check_int("block_sparse: sink", self.sink, 0)
+        _check_int("block_sparse: window", self.window, 0)
+        _check_int("block_sparse: last_q", self.last_q, 1)
+        _check_int("block_sparse: min_len", self.min_len, 0)
+        if self.estimate not in ESTIMATES:
+            raise ValueError(f"block_sparse: estimate must be one of {ESTIMATES}, "
+                             f"got {self.estimate!r}")
+
+    def params(self) -> dict[str, Any]:
+        density = 0.1 if self.topk is None and self.density is None else (self.density or 0.0)
+        return dict(block=self.block, topk=self.topk or 0, density=float(density),
+                    sink=self.sink, window=self.window, estimate=self.estimate,
+                    last_q=self.last_q, min_len=self.min_len)
+
+    def rules(self) -> list:
+        return [BlockSparseRule("sparse.block_sparse", self.params(), recipe=str(self))]
+
+
+@register("decode_topk")
+class DecodeTopk(Recipe):
+    """Quest query-aware block selection at decode: per head, keep the ``blocks`` key blocks
+    (or ``density`` of them) with the largest min/max upper bound of q·k, plus sink and window.
+
+    ``block``: tokens per block (power of two >= 16; Quest pages are 16). Default budget: 128
+    blocks. ``min_len``: below this many keys decode stays dense. Prefill is untouched (dense,
+    or ``block_sparse`` when that recipe is in the pipeline too). The per-block min/max are
+    computed from K on every decode step (a read of K: see docs/sparse.md)."""
+
+    blocks: int | None = None
+    block: int = 16
+    density: float | None = None
+    sink: int = 16
+    window: int = 64
+    min_len: int = 4096
+
+    def __post_init__(self):
+        _check_block("decode_topk: block", self.block)
+        _check_budget("decode_topk", "blocks", self.blocks, self.density)
+        _check_int("decode_topk: sink", self.sink, 0)
+        _check_int("decode_topk: window", self.window, 0)
+        _check_int("decode_topk: min_len", self.min_len, 0)
+
+    def params(self) -> dict[str, Any]:
+        blocks = 128 if self.blocks is None and self.density is None else (self.blocks or 0)
+        return dict(decode_block=self.block, decode_topk=blocks,
+                    decode_density=float(self.density or 0.0), decode_sink=self.sink,
+                    decode_window=self.window, decode_min_len=self.min_len)
+
+    def rules(self) -> list:
+        return [BlockSparseRule("sparse.decode_topk", self.params(), recipe=str(self))]
