@@ -224,17 +224,21 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_keep: torch.
 
 def _config(dtype: torch.dtype, d: int) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) for prefill tiles. Two query tiles (as is and
-    grouped) and the key rotation's fp32 temporaries live in registers, so the tiles are a
-    step smaller than the sparse kernel's (H100-minded guesses: retune with the benchmark's
-    ``sweep`` part)."""
+    grouped) and the key rotation's fp32 temporaries live in registers, so the tiles are
+    smaller than the sparse kernel's: chosen from ptxas's spill report for sm_90 (compiled
+    without a GPU: bf16 D=128 spills 84 bytes at 64 x 32 / 8 warps, 816 at 128 x 32, 1220 at
+    128 x 64), not from timings — retune with the benchmark's ``sweep`` part."""
     if dtype == torch.float32:      # a reference dtype: FMA dots, small tiles
-        return 32, 16, 4, 2
+        return 16, 16, 4, 2
     if _pow2(d) >= 256:
-        return 64, 32, 8, 2
-    return 128, 32, 8, 2
+        return 32, 32, 8, 2
+    return 64, 32, 8, 2
 
 
-DECODE_BLOCK_N = 32
+def _decode_block_n(dtype: torch.dtype, d: int) -> int:
+    """KV tile of decode programs (sm_90 spill report: D=128 at 32 keys and D=256 at 16 keys
+    spill at most 16 bytes; 64 keys spill ~900)."""
+    return 16 if dtype == torch.float32 or _pow2(d) >= 256 else 32
 
 
 def _launch(q, k, v, key_keep, scale, softcap, group, window, inv_freq, rope_style,
@@ -257,7 +261,7 @@ def _launch(q, k, v, key_keep, scale, softcap, group, window, inv_freq, rope_sty
         q_tile = _pow2(S)
         gp = _largest_divisor_at_most(G, MAX_ROWS // q_tile)
         bm = max(16, _pow2(gp * q_tile))
-        bn = block_n or (cfg_n if q.dtype == torch.float32 else DECODE_BLOCK_N)
+        bn = block_n or _decode_block_n(q.dtype, max(D, DV))
         warps, stages = 4, 3
     else:
         gp, bm, bn = 1, block_m or cfg_m, block_n or cfg_n
