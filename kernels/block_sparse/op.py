@@ -27,6 +27,7 @@ import contextlib
 import torch
 
 from longfx.kernels.block_sparse import gather, reference
+from longfx.kernels.sparse_attention.op import OP as SPARSE
 
 DECODE_MAX_S = 16
 
@@ -74,8 +75,7 @@ def _dense(q, k, v, key_keep, scale, softcap):
     if _STATS:
         for st in _STATS:
             st["dense_calls"] += 1
-    return torch.ops.longfx.sparse_attention(q, k, v, key_keep, scale, softcap, 0, 0, 0, None,
-                                             "rotate_half")
+    return SPARSE(q, k, v, key_keep, scale, softcap, 0, 0, 0, None, "rotate_half")
 
 
 def _skips_something(s, skv, bs, sink, window, topk, density) -> bool:
