@@ -151,7 +151,8 @@ def register(name: str):
 # Modules whose import registers a family's recipes; imported on the first parse so that
 # "yarn(factor=4)" works without the user importing anything.
 FAMILIES: list[str] = ["longfx.passes.rope", "longfx.passes.sparse", "longfx.passes.self_extend",
-                       "longfx.passes.kv_quant", "longfx.passes.block_sparse"]
+                       "longfx.passes.kv_quant", "longfx.passes.block_sparse",
+                       "longfx.passes.rope_dynamic"]
 _loaded: set[str] = set()
 
 

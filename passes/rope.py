@@ -457,28 +457,26 @@ class NTK(Recipe):
 class DynamicNTK(Recipe):
     """Dynamic NTK (HF "dynamic"): the base grows with the longest position seen in the call.
 
-    ``consistent=False`` is the documented HF behaviour: every call rotates its queries and
-    its *new* keys with the base of that call, while keys already in the cache keep the
-    rotation of the call that appended them (transformers issue #25104). A consistent
-    variant is not a table rewrite (it needs the KV state to hold un-rotated keys and the
-    rotation moved after the cache read: see docs/rope.md), so ``consistent=True`` is
-    refused.
+    ``consistent=True`` (the default): each call's queries get that call's base and the
+    whole key history is re-rotated to it at the attention (passes/rope_dynamic.py), so every
+    query scores every cached key with one base. ``consistent=False`` is transformers'
+    documented behaviour: the call rotates its queries and its *new* keys with its base, while
+    keys already in the cache keep the rotation of the call that appended them (transformers
+    issue #25104). Both equal transformers' "dynamic" on a call without a cache.
     """
 
     factor: float = 2.0
     original: int | None = _opt(None)
-    consistent: bool = _opt(False)
+    consistent: bool = _opt(True)
 
     def __post_init__(self):
         _positive("dynamic_ntk", factor=self.factor, original=self.original)
-        if self.consistent:
-            raise ValueError("consistent=True is not available: keys consistent with a base that "
-                             "changes need un-rotated keys in the KV state and the rotation "
-                             "applied after the cache read (a KV rewrite, not a frequency-table "
-                             "rewrite); see docs/rope.md. Use consistent=false (HF behaviour) "
-                             "or ntk(factor) with a fixed target length")
 
     def rules(self) -> list:
+        if self.consistent:
+            from longfx.passes.rope_dynamic import ConsistentDynamicRule
+
+            return [ConsistentDynamicRule("ntk", self.factor, self.original, recipe=str(self))]
         return [DynamicNTKRule(self.factor, self.original, str(self))]
 
 
@@ -607,8 +605,10 @@ class TruncatedBasis(Recipe):
 @register("extend")
 @dataclass(frozen=True)
 class Extend(Recipe):
-    """The recommended training-free way to reach ``to`` tokens: yarn(factor=to/original),
-    nothing when ``to`` ≤ the trained length."""
+    """The recommended training-free way to reach ``to`` tokens: ``dynamic_yarn(factor=
+    to/original)`` — the model unchanged up to its trained length, YaRN scaled to the current
+    length beyond it, keys re-rotated so the cache stays consistent (docs/rope.md says why
+    this choice, with the measurements behind it)."""
 
     to: int = 0
     original: int | None = _opt(None)
@@ -619,18 +619,6 @@ class Extend(Recipe):
         _positive("extend", original=self.original)
 
     def rules(self) -> list:
-        def fn(info, site):
-            original = _original(site, self.original)
-            if original is None:
-                return ("extend needs the trained context length: pass original=N (detection "
-                        "does not record it)")
-            factor = self.to / original
-            if factor <= 1:
-                return f"extend: {self.to} <= trained length {original}, nothing to do"
-            inner = YaRN(factor=factor, original=original)
-            out = inner._table(info, site)
-            if isinstance(out, str):
-                return out
-            new, m, extra = out
-            return new, m, {**extra, "chosen": str(inner)}
-        return [FrequencyRule("extend", fn, str(self))]
+        from longfx.passes.rope_dynamic import ExtendRule
+
+        return [ExtendRule(self.to, self.original, recipe=str(self))]

@@ -43,6 +43,7 @@ from longfx.rewrite.sites import Site
 aten = torch.ops.aten
 
 __all__ = ["SparseRule", "SinkWindow", "SlidingWindow", "RopeCap", "padding_of", "rope_of",
+           "rotation_of",
            "current_inv_freq", "key_keep", "native_window"]
 
 # ops a query passes through between the rotation and the attention (layout only)
@@ -64,19 +65,25 @@ def native_window(site: Site) -> int:
     return int(w) if w else 0
 
 
-def rope_of(q: fx.Node, sites: list[Site]) -> Site | None:
-    """The RoPE site whose rotation produced ``q`` (through layout-only ops)."""
+def rotation_of(q: fx.Node) -> fx.Node | None:
+    """The ``longfx::rope`` node that produced ``q`` (through layout-only ops), if any."""
     node = q
     for _ in range(8):
         if not isinstance(node, fx.Node):
             return None
         if node.target is ROPE:
-            break
+            return node
         if G.op(node) in _LAYOUT and node.all_input_nodes:
             node = node.all_input_nodes[0]
             continue
         return None
-    else:
+    return None
+
+
+def rope_of(q: fx.Node, sites: list[Site]) -> Site | None:
+    """The RoPE site whose rotation produced ``q`` (through layout-only ops)."""
+    node = rotation_of(q)
+    if node is None:
         return None
     for site in sites:
         if site.kind == "rope" and node in (site.nodes.get("canonical") or []):
