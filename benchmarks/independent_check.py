@@ -19,6 +19,10 @@ transformers. It differs from ``longfx.eval`` on purpose wherever the task allow
 
 ``--model`` is a folder transformers can load, or a ``.gguf`` file (loaded with
 ``gguf_file=``). Each row is a JSON line: task, length, depth, n, metrics, environment.
+
+``--recipe R`` (repeatable) also runs the same prompts through ``longfx.compile(model, R)`` —
+the only place longfx is imported, so the dense rows stay independent of it; the prompts
+then go through each recipe in one ``generate`` call (no chunked prefill).
 """
 from __future__ import annotations
 
@@ -111,6 +115,8 @@ def main(argv=None) -> int:
     ap.add_argument("--tasks", default="ppl,passkey")
     ap.add_argument("--out", required=True)
     ap.add_argument("--name", default="smollm2-135m")
+    ap.add_argument("--recipe", action="append", default=[],
+                    help="also run through longfx.compile(model, RECIPE); '' is the dense model")
     args = ap.parse_args(argv)
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -124,34 +130,54 @@ def main(argv=None) -> int:
     rows = []
 
     def emit(row):
-        row = {"model": args.name, "recipe": "", **row, "env": env}
+        row = {"model": args.name, **row, "env": env}
         rows.append(row)
         with open(args.out, "a") as f:
             f.write(json.dumps(row) + "\n")
         print(json.dumps({k: v for k, v in row.items() if k != "env"}), flush=True)
 
+    variants = args.recipe or [""]
+    for recipe in variants:
+        try:
+            run_variant(args, model, tok, device, recipe, tasks, lengths, ppl_lengths, emit)
+        except Exception as e:  # noqa: BLE001 - one failing recipe does not lose the others
+            print(f"{recipe or 'dense'} FAILED: {type(e).__name__}: {e}", flush=True)
+    return 0
+
+
+def run_variant(args, model, tok, device, recipe, tasks, lengths, ppl_lengths, emit):
+    m = model
+    if recipe:
+        import longfx   # only for recipe rows
+
+        m = longfx.compile(model, recipe)
+
+    def emit_r(row, recipe=recipe):
+        emit({**row, "recipe": recipe})
+
     if "ppl" in tasks:
         ids = torch.tensor(tok(text(), add_special_tokens=False).input_ids, device=device)
         for n in ppl_lengths:
             t1 = time.time()
-            emit({"task": "ppl", "length": n, "n": n - 1,
-                  "metrics": {"ppl": perplexity(model, ids[:n])}, "seconds": round(time.time() - t1, 2)})
+            emit_r({"task": "ppl", "length": n, "n": n - 1,
+                    "metrics": {"ppl": perplexity(m, ids[:n])},
+                    "seconds": round(time.time() - t1, 2)})
     if "passkey" in tasks:
         for n in lengths:
-            pooled = []
+            pooled, t1 = [], time.time()
             for depth in DEPTHS:
                 hits = []
                 for t in range(args.trials):
                     rng = random.Random(f"{args.seed}/{n}/{depth}/{t}")
                     ids, key = passkey_prompt(tok, n, depth, rng)
-                    got = re.findall(r"\d+", answer(model, tok, ids, device))
+                    got = re.findall(r"\d+", answer(m, tok, ids, device))
                     hits.append(bool(got) and got[0] == key)
                 pooled += hits
-                emit({"task": "passkey", "length": n, "depth": depth, "n": len(hits),
-                      "metrics": {"acc": sum(hits) / len(hits)}})
-            emit({"task": "passkey", "length": n, "depth": None, "n": len(pooled),
-                  "metrics": {"acc": sum(pooled) / len(pooled)}})
-    return 0
+                emit_r({"task": "passkey", "length": n, "depth": depth, "n": len(hits),
+                        "metrics": {"acc": sum(hits) / len(hits)}})
+            emit_r({"task": "passkey", "length": n, "depth": None, "n": len(pooled),
+                    "metrics": {"acc": sum(pooled) / len(pooled)},
+                    "seconds": round(time.time() - t1, 2)})
 
 
 if __name__ == "__main__":
