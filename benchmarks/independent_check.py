@@ -102,6 +102,12 @@ def environment(device: str) -> dict:
         env["hardware"] = torch.cuda.get_device_name()
     else:
         env["hardware"] = platform.processor() or platform.machine()
+        try:
+            with open("/proc/cpuinfo") as f:
+                env["hardware"] = next(ln.split(":", 1)[1].strip() for ln in f
+                                       if ln.startswith("model name"))
+        except (OSError, StopIteration):
+            pass
     return env
 
 

@@ -171,6 +171,50 @@ def kernels(results: Path) -> str:
                     f"{ms(dec['sdpa_full_cache']):.3f} ms, FlexAttention "
                     f"{ms(dec['flex']):.3f} ms."]
         out += [""]
+    bs = results / "block_sparse_h100.json"
+    if bs.exists():
+        d = json.loads(bs.read_text())
+        a = d["args"]
+        out += [f"## Dynamic block-sparse prefill and Quest decode (`kernels/block_sparse/`) · "
+                f"{d['gpu']}", "",
+                f"torch {d['torch']} · triton {d['triton']} · date {d['date']} · B=1, "
+                f"{a['heads']} query / {a['kv_heads']} KV heads, head_dim {a['head_dim']}, bf16, "
+                "random q/k/v, medians in ms (`benchmarks/bench_block_sparse.py`); \"total\" "
+                "includes the on-device estimation and table build. \"ideal\" = density × "
+                "dense SDPA.", "",
+                "| S | block | density | estimate | kernel | total | dense SDPA | speedup | ideal |",
+                "|---|---|---|---|---|---|---|---|---|"]
+        for r in d.get("prefill", []):
+            out.append(f"| {r['length']} | {r['block']} | {r['density_measured']:.3f} | "
+                       f"{r['estimate_ms']:.1f} | {r['kernel_ms']:.1f} | {r['total_ms']:.1f} | "
+                       f"{r['dense_sdpa_ms']:.1f} | {r['speedup_vs_dense']:.2f}× | "
+                       f"{r['ideal_ms']:.1f} |")
+        dec = d.get("decode")
+        if dec:
+            out += ["", f"Decode (S=1) at {dec['length']} keys keeping "
+                    f"{dec['decode_density_arg']:.0%} of the blocks (Quest bounds recomputed from "
+                    f"K each step): {dec['total_ms']:.3f} ms vs dense SDPA over the whole cache "
+                    f"{dec['dense_sdpa_ms']:.3f} ms ({dec['speedup_vs_dense']:.2f}×: slower)."]
+        out += [""]
+    se = results / "self_extend_h100.json"
+    if se.exists():
+        d = json.loads(se.read_text())
+        e, st = d["environment"], d["environment"]["setting"]
+        chk = d.get("check") or {}
+        out += [f"## SelfExtend kernel (`kernels/self_extend/triton.py`) · {e['gpu']}", "",
+                f"torch {e['torch']} · triton {e['triton']} · date {e['date'][:10]} · "
+                f"{st['H']} query / {st['Hkv']} KV heads, head_dim {st['D']}, group "
+                f"{st['group']}, window {st['window']}, {st['dtype'].replace('torch.', '')} "
+                "(`benchmarks/bench_self_extend.py`). Correctness on the GPU, max relative error:",
+                ""]
+        for name, c in chk.items():
+            if isinstance(c, dict):
+                vals = ", ".join(f"{k.replace('rel_err_', '')} {v:.4f}" for k, v in c.items()
+                                 if k.startswith("rel_err") and isinstance(v, float))
+                out.append(f"- {name}: {vals}")
+        for part, err in (d.get("errors") or {}).items():
+            out.append(f"- part `{part}` stopped: {err.strip()} (timings not taken)")
+        out += [""]
     kv = results / "kv_quant_decode_h100.json"
     if kv.exists():
         d = json.loads(kv.read_text())
@@ -187,6 +231,38 @@ def kernels(results: Path) -> str:
                        f"{r.get('quant_gbps', 0):.0f} |")
         out += [""]
     return "\n".join(out)
+
+
+def independent(results: Path, rows: list[dict]) -> str:
+    """The harness beside benchmarks/independent_check.py (torch + transformers only: ppl by one
+    ``labels=`` forward without a cache; passkey with its own filler, seeds and ``generate``),
+    recorded under results/independent/; harness cells are matched by device, recipe, length."""
+    ind = load_rows(sorted((results / "independent").glob("*.jsonl")))
+    if not ind:
+        return ""
+    out = ["## Independent implementation check", "",
+           "`benchmarks/independent_check.py` imports neither longfx nor its evaluation code "
+           "(longfx only to build a recipe's model). Perplexity: the same text and tokens in one "
+           "forward pass with `labels=` (no cache, no chunks) — it must agree to numerical "
+           "precision. Passkey: its own prompt (the Landmark Attention filler), its own seeds "
+           "(held out from the harness's), one `generate` call — accuracies agree within "
+           "sampling error only.", "",
+           "| device | task | recipe | length | independent | n | harness | n |",
+           "|---|---|---|---|---|---|---|---|"]
+    for r in ind:
+        if r["task"] == "passkey" and r.get("depth") is not None:
+            continue
+        dev = r["env"]["device"]
+        match = [h for h in rows if h["device"] == dev and h["task"] == r["task"]
+                 and h["length"] == r["length"] and h["recipe"] == r.get("recipe", "")
+                 and h.get("depth") is None and h["model"] == r["model"]
+                 and h["python"] == r["env"]["python"]]
+        key = "ppl" if r["task"] == "ppl" else "acc"
+        h = max(match, key=lambda x: x.get("n") or 0) if match else None
+        out.append(f"| {r['env']['hardware']} | {r['task']} | `{r.get('recipe') or 'dense'}` | "
+                   f"{r['length']} | {fmt(key, r['metrics'][key])} | {r['n']} | "
+                   f"{fmt(key, h['metrics'][key]) if h else '—'} | {h['n'] if h else ''} |")
+    return "\n".join(out) + "\n"
 
 
 def onnx_cpu(rows: list[dict]) -> str:
@@ -227,6 +303,9 @@ def main(argv=None) -> int:
     onnx = onnx_cpu([r for r in benches if r["bench"] == "onnx_cpu"])
     if onnx:
         text = text + "\n" + onnx.rstrip() + "\n"
+    ind = independent(Path(a.results), [r for r in rows if "bench" not in r])
+    if ind:
+        text = text + "\n" + ind.rstrip() + "\n"
     extra = kernels(Path(a.results))
     if extra:
         text = text + "\n" + extra.rstrip() + "\n"
