@@ -26,27 +26,16 @@ import argparse
 import datetime
 import json
 import platform
-import statistics
 import traceback
 
 import torch
 import torch.nn.functional as F
+from cuda_timing import median_ms
 
 
 def _time(fn, reps: int, warmup: int = 2) -> float:
     """Median milliseconds of ``fn`` (CUDA events)."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    out = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        out.append(a.elapsed_time(b))
-    return statistics.median(out)
+    return median_ms(fn, warmup, reps)
 
 
 def _qkv(S, Skv, H, Hkv, D, dtype, seed=0):

@@ -19,11 +19,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
 from datetime import datetime, timezone
 
 import torch
 import torch.nn.functional as F
+from cuda_timing import median_ms
 
 
 def parse_cases(text: str) -> list[tuple[int, int]]:
@@ -37,18 +37,7 @@ def parse_cases(text: str) -> list[tuple[int, int]]:
 
 
 def time_ms(fn, warmup: int, iters: int) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return median_ms(fn, warmup, iters)
 
 
 def graph_ms(fn, warmup: int, iters: int) -> float:

@@ -33,7 +33,6 @@ import json
 import math
 import os
 import platform
-import statistics
 import sys
 import time
 import types
@@ -71,21 +70,7 @@ DTYPE = torch.bfloat16
 
 # --- timing ----------------------------------------------------------------------------------
 
-def bench(fn, warmup: int, reps: int) -> dict:
-    """Median / min / max milliseconds of ``fn()`` over ``reps`` CUDA-event-timed calls."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times),
-            "reps": reps}
+from cuda_timing import bench  # noqa: E402 - a sibling script module
 
 
 def wall(fn) -> float:

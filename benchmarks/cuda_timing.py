@@ -1,0 +1,30 @@
+"""CUDA-event timing shared by the GPU benchmark scripts (imported as a sibling module: the
+scripts run as ``python benchmarks/NAME.py``, so this folder is on ``sys.path``)."""
+from __future__ import annotations
+
+import statistics
+
+import torch
+
+
+def bench(fn, warmup: int, reps: int) -> dict:
+    """Median / min / max milliseconds of ``fn()`` over ``reps`` CUDA-event-timed calls,
+    after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times),
+            "reps": reps}
+
+
+def median_ms(fn, warmup: int, reps: int) -> float:
+    """Median milliseconds of ``fn()`` (see :func:`bench`)."""
+    return bench(fn, warmup, reps)["median_ms"]
