@@ -39,3 +39,17 @@ def test_render_and_check(tmp_path):
     assert mr.main(["--results", str(res), "--out", str(out), "--check"]) == 0
     out.write_text(text + "edited\n")
     assert mr.main(["--results", str(res), "--out", str(out), "--check"]) == 1
+
+
+def test_independent_rows_sit_beside_the_harness(tmp_path):
+    mr = _module()
+    res = tmp_path / "results"
+    (res / "independent").mkdir(parents=True)
+    (res / "a.jsonl").write_text(json.dumps(_row("ppl", 2048, {"ppl": 11.91}, n=2047)) + "\n")
+    ind = {"model": "smollm2-135m", "recipe": "", "task": "ppl", "length": 2048, "n": 2047,
+           "metrics": {"ppl": 11.9082}, "env": {"device": "cpu", "hardware": "Test CPU",
+                                                "python": "3.11"}}
+    (res / "independent" / "b.jsonl").write_text(json.dumps(ind) + "\n")
+    out = tmp_path / "RESULTS.md"
+    assert mr.main(["--results", str(res), "--out", str(out)]) == 0
+    assert "| Test CPU | ppl | `dense` | 2048 | 11.91 | 2047 | 11.91 | 2047 |" in out.read_text()
