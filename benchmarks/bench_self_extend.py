@@ -73,7 +73,7 @@ def inv_freq(d: int = D, base: float = 10000.0, device="cuda") -> torch.Tensor:
 
 # --- timing ----------------------------------------------------------------------------------
 
-from cuda_timing import bench  # noqa: E402 - a sibling script module
+from cuda_timing import bench, rel  # noqa: E402 - a sibling script module
 
 
 def try_bench(row: dict, name: str, fn, warmup: int, reps: int) -> None:
@@ -87,10 +87,6 @@ def try_bench(row: dict, name: str, fn, warmup: int, reps: int) -> None:
 
 def ms(row: dict, name: str) -> float:
     return row.get(name, {}).get("median_ms", float("nan"))
-
-
-def rel(a, b) -> float:
-    return float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-12))
 
 
 def reps_for(s: int, quick: bool) -> tuple[int, int]:

@@ -70,7 +70,7 @@ DTYPE = torch.bfloat16
 
 # --- timing ----------------------------------------------------------------------------------
 
-from cuda_timing import bench  # noqa: E402 - a sibling script module
+from cuda_timing import bench, rel  # noqa: E402 - a sibling script module
 
 
 def wall(fn) -> float:
@@ -79,10 +79,6 @@ def wall(fn) -> float:
     out = fn()
     torch.cuda.synchronize()
     return (time.perf_counter() - t) * 1e3, out
-
-
-def rel(a, b) -> float:
-    return float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-12))
 
 
 def reps_for(s: int, quick: bool) -> tuple[int, int]:

@@ -1,4 +1,4 @@
-"""CUDA-event timing shared by the GPU benchmark scripts (imported as a sibling module: the
+"""CUDA-event timing (and the error measure) shared by the GPU benchmark scripts (imported as a sibling module: the
 scripts run as ``python benchmarks/NAME.py``, so this folder is on ``sys.path``)."""
 from __future__ import annotations
 
@@ -28,3 +28,8 @@ def bench(fn, warmup: int, reps: int) -> dict:
 def median_ms(fn, warmup: int, reps: int) -> float:
     """Median milliseconds of ``fn()`` (see :func:`bench`)."""
     return bench(fn, warmup, reps)["median_ms"]
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Max absolute difference relative to the largest magnitude of the reference ``b``."""
+    return float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-12))
