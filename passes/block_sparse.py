@@ -55,6 +55,10 @@ class BlockSparseRule(Rule):
         if unknown:
             raise ValueError(f"unknown block-sparse parameters {sorted(unknown)}")
         self.name, self.params, self.recipe = name, dict(params), recipe
+        self._sites: list[Site] = []
+
+    def prepare(self, gm: fx.GraphModule, sites: list[Site]) -> None:
+        self._sites = sites                  # KV sites tell a decode step from cross-attention
 
     def check(self, site: Site, gm: fx.GraphModule) -> dict[str, Any] | str:
         node = site.nodes.get("block_sparse") or site.nodes.get("sparse") or \
@@ -66,7 +70,7 @@ class BlockSparseRule(Rule):
         facts: dict[str, Any] = {"node": node}
         if node.target is BLOCK_SPARSE:
             return facts
-        pad = None if _one_query_no_mask(site) else padding_of(site)
+        pad = padding_of(site, self._sites)
         if isinstance(pad, str):
             return pad
         native = native_window(site)
@@ -97,19 +101,6 @@ class BlockSparseRule(Rule):
         site.nodes["block_sparse"] = new
         _describe(site, values)
         return made
-
-
-def _one_query_no_mask(site: Site) -> bool:
-    """A decode graph without any mask (HF builds none for one query and no padding input):
-    one query over all keys is exactly causal, and there is no padding to carry. The mask
-    analysis names it "full" and proves no spec, so it is accepted here explicitly."""
-    if site.facts.get("mask_spec") or site.facts.get("mask_kind") != "full":
-        return False
-    if isinstance(site.nodes.get("mask"), fx.Node) or site.facts.get("is_causal"):
-        return False
-    q = site.nodes.get("q")
-    val = q.meta.get("example_value", q.meta.get("val")) if isinstance(q, fx.Node) else None
-    return isinstance(val, torch.Tensor) and isinstance(val.shape[-2], int) and val.shape[-2] == 1
 
 
 def _describe(site: Site, v: dict[str, Any]) -> None:

@@ -71,7 +71,7 @@ class SelfExtendRule(Rule):
         native = native_window(site)
         if native:
             return f"local layer (window {native}): its distances are already bounded"
-        pad = padding_of(site)
+        pad = padding_of(site, self._sites)
         if isinstance(pad, str):
             return pad
         rope = rope_of(node.args[0], self._sites)

@@ -43,7 +43,7 @@ from longfx.rewrite.sites import Site
 aten = torch.ops.aten
 
 __all__ = ["SparseRule", "SinkWindow", "SlidingWindow", "RopeCap", "padding_of", "rope_of",
-           "rotation_of",
+           "rotation_of", "one_query_decode",
            "current_inv_freq", "key_keep", "native_window"]
 
 # ops a query passes through between the rotation and the attention (layout only)
@@ -104,11 +104,45 @@ def current_inv_freq(site: Site) -> fx.Node | None:
     return inv
 
 
-def padding_of(site: Site) -> fx.Node | None | str:
+def one_query_decode(site: Site, sites: list[Site]) -> bool:
+    """A self-attention decode step without any mask: one query, no mask node, not flagged
+    causal (HF builds no mask for one query without padding), and keys that come from a KV-cache
+    append (a KV site links to this attention as its keys). One query at the last position over
+    all cached keys is exactly causal, with no padding to carry — though the mask analysis
+    names it "full". The KV link keeps cross-attention (one decoder query over encoder keys,
+    where "the last position" means nothing) out."""
+    if site.facts.get("mask_spec") or site.facts.get("mask_kind") != "full":
+        return False
+    if isinstance(site.nodes.get("mask"), fx.Node) or site.facts.get("is_causal"):
+        return False
+    q = site.nodes.get("q")
+    val = q.meta.get("example_value", q.meta.get("val")) if isinstance(q, fx.Node) else None
+    if not (isinstance(val, torch.Tensor) and isinstance(val.shape[-2], int)
+            and val.shape[-2] == 1):
+        return False
+    return any(s.kind == "kv" and s.facts.get("attention") == site.key
+               and s.facts.get("role") == "key" and _appends_one(s) for s in sites)
+
+
+def _appends_one(kv: Site) -> bool:
+    """The KV append adds exactly one token (this step's own key): a cross-attention cache
+    filled on the first decode step appends the whole encoder output instead."""
+    new = kv.nodes.get("new")
+    val = new.meta.get("example_value", new.meta.get("val")) if isinstance(new, fx.Node) else None
+    axis = kv.facts.get("axis")
+    return isinstance(val, torch.Tensor) and isinstance(axis, int) and -val.dim() <= axis < \
+        val.dim() and isinstance(val.shape[axis], int) and val.shape[axis] == 1
+
+
+def padding_of(site: Site, sites: list[Site] | None = None) -> fx.Node | None | str:
     """The 2-D padding input the site's mask and-s in (None: no padding), or why the mask is
-    not "causal [∧ window] ∧ padding" — the only masks a rewrite may drop."""
+    not "causal [∧ window] ∧ padding" — the only masks a rewrite may drop. With ``sites`` (all
+    sites of the graph), a maskless one-query decode step fed by a KV cache counts as causal
+    without padding (:func:`one_query_decode`)."""
     spec = site.facts.get("mask_spec")
     if not spec:
+        if sites is not None and one_query_decode(site, sites):
+            return None
         why = site.facts.get("mask_spec_reason") or \
             f"mask {site.facts.get('mask_kind', 'unknown')!r}"
         return f"mask not understood as causal/window + padding ({why}); kept dense"
@@ -153,7 +187,7 @@ class SparseRule(Rule):
         if node.target is SPARSE:                  # amend a sparse site: keep its spec
             sink, window = int(node.args[6]), int(node.args[7])
         else:
-            pad = padding_of(site)
+            pad = padding_of(site, self._sites)
             if isinstance(pad, str):
                 return pad
             facts["padding"] = pad

@@ -192,3 +192,32 @@ def test_report_estimates_the_computed_fraction():
     ratio = est["attn_flops_after"] / est["attn_flops_before"]
     assert ratio == pytest.approx(R.density(32768, 32768, 4, 1024), rel=1e-9)
     assert ratio < 0.07
+
+
+@pytest.mark.parametrize("recipe", ["sink_window(sink=2, window=4)", "self_extend(group=2, window=4)"])
+def test_decode_steps_without_a_mask_are_rewritten_too(recipe):
+    """HF builds no mask for one query without padding; those decode steps must run the
+    recipe too (they ran dense before), so generate equals recomputing every prefix."""
+    model, _ = zoo.build("llama", "sdpa")
+    ids = torch.randint(3, zoo.VOCAB, (1, 12), generator=torch.Generator().manual_seed(0))
+    fast = longfx.compile(model, recipe)
+    with torch.no_grad():
+        out = fast.generate(ids, max_new_tokens=6, do_sample=False)
+        seq = ids
+        for _ in range(6):
+            seq = torch.cat([seq, fast(seq).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(out, seq)
+    rows = [r for r in fast.longfx_backend.report.rows() if r["kind"] == "attention"]
+    assert rows and all(r["status"] == "rewritten" for r in rows)
+
+
+def test_one_query_cross_attention_stays_dense():
+    """A decoder query over encoder keys has no KV append feeding it: not a decode step."""
+    model, inputs = zoo.build("t5", "eager")
+    fast = longfx.compile(model, "sink_window(sink=1, window=2)")
+    with torch.no_grad():
+        fast.generate(inputs["input_ids"], max_new_tokens=3, do_sample=False)
+    sites = [s for g in fast.longfx_backend.report.graphs for s in g.sites
+             if s.kind == "attention"]
+    cross = [s for s in sites if "EncDecAttention" in (s.module or "")]
+    assert cross and all(s.facts.get("sparse") is None for s in cross)
