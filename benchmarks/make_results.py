@@ -112,6 +112,9 @@ def render(rows: list[dict]) -> str:
         for t in ("passkey", "passkey_hard"):
             if t in tasks:
                 out += [f"### {t}", ""] + passkey_grid(rs, t)
+        warned = sorted({(r["recipe"], r["warning"]) for r in rs if r.get("warning")})
+        if warned:
+            out += ["Warnings recorded with rows:", ""] + [f"- `{rc}`: {w}" for rc, w in warned] + [""]
         wrong = [(r["task"], r["length"], a) for r in rs if r.get("depth") is None
                  for a in r.get("answers") or [] if "key" in a and first_number(a["answer"]) != a["key"]]
         if wrong:
