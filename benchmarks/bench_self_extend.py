@@ -33,7 +33,6 @@ import os
 import platform
 import sys
 import traceback
-import types
 from pathlib import Path
 
 import torch
@@ -50,11 +49,9 @@ def _import_longfx():
         return reference, blocked, impl, op
     except ImportError:
         pass
-    for name, path in (("longfx", ROOT / "longfx"), ("longfx.kernels", ROOT / "kernels")):
-        if name not in sys.modules:
-            mod = types.ModuleType(name)
-            mod.__path__ = [str(path)]
-            sys.modules[name] = mod
+    from cuda_timing import map_checkout
+
+    map_checkout(ROOT)
     from longfx.kernels.self_extend import blocked, op, reference, triton as impl
     return reference, blocked, impl, op
 

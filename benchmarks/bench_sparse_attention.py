@@ -33,9 +33,7 @@ import json
 import math
 import os
 import platform
-import sys
 import time
-import types
 from pathlib import Path
 
 import torch
@@ -52,11 +50,9 @@ def _import_longfx():
         return reference, impl
     except ImportError:
         pass
-    for name, path in (("longfx", ROOT / "longfx"), ("longfx.kernels", ROOT / "kernels")):
-        if name not in sys.modules:
-            mod = types.ModuleType(name)
-            mod.__path__ = [str(path)]
-            sys.modules[name] = mod
+    from cuda_timing import map_checkout
+
+    map_checkout(ROOT)
     from longfx.kernels.sparse_attention import reference, triton as impl
     return reference, impl
 

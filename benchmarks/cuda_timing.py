@@ -33,3 +33,17 @@ def median_ms(fn, warmup: int, reps: int) -> float:
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     """Max absolute difference relative to the largest magnitude of the reference ``b``."""
     return float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-12))
+
+
+def map_checkout(root) -> None:
+    """Make ``longfx.kernels`` importable straight from a checkout at ``root`` (no ``pip
+    install``): the folders are mapped into ``longfx`` the way setup.py maps them, without
+    running longfx/__init__."""
+    import sys
+    import types
+
+    for name, path in (("longfx", root / "longfx"), ("longfx.kernels", root / "kernels")):
+        if name not in sys.modules:
+            mod = types.ModuleType(name)
+            mod.__path__ = [str(path)]
+            sys.modules[name] = mod
