@@ -70,11 +70,13 @@ class ConsistentDynamicRule(Rule):
     stage = "transform"
 
     def __init__(self, method: str, factor: float, original: int | None,
-                 beta_fast: float = 32.0, beta_slow: float = 1.0, recipe: str = ""):
+                 beta_fast: float = 32.0, beta_slow: float = 1.0, recipe: str = "",
+                 margin: float = 1.0):
         if method not in D.METHODS:
             raise ValueError(f"method must be one of {D.METHODS}, got {method!r}")
         self.name = f"rope.dynamic_{method}"
         self.method, self.factor, self.original = method, float(factor), original
+        self.margin = float(margin)
         self.beta_fast, self.beta_slow, self.recipe = beta_fast, beta_slow, recipe
         self._sites: list[Site] = []
         self._tables: dict[tuple, tuple[fx.Node, fx.Node, fx.Node]] = {}
@@ -151,7 +153,7 @@ class ConsistentDynamicRule(Rule):
         first = min((u for t in (like, like_sin) for u in t.users), key=order.__getitem__)
         with g.inserting_before(first):
             s = G.call(g, made, D.scale_of, facts["pos"], facts["original"], self.factor,
-                       self.method)
+                       self.method, self.margin)
             inv_s = G.call(g, made, D.scaled_inv_freq, inv, s, self.method, shape_node)
             temp = G.call(g, made, D.temperature, s, self.method)
             tables = G.call(g, made, D.query_tables, facts["pos"], inv_s, temp, facts["style"],
@@ -179,15 +181,23 @@ class ConsistentDynamicRule(Rule):
         rope.facts["inv_freq_after"] = "computed at run time (dynamic, keys re-rotated)"
         site.facts["dynamic_rope"] = {"method": self.method, "factor": self.factor,
                                       "original": facts["original"]}
+        if self.margin != 1.0:
+            site.facts["dynamic_rope"]["margin"] = self.margin
         return made
 
 
+# extend(to=N)'s headroom: the scale at length L is EXTEND_MARGIN·L/L₀ (capped at
+# EXTEND_MARGIN·N/L₀), chosen on tuning prompts (benchmarks/RESULTS.md, "extend").
+EXTEND_MARGIN = 2.0
+
+
 class ExtendRule(ConsistentDynamicRule):
-    """``extend(to=N)``: ``dynamic_yarn(factor=N/L₀)`` with L₀ read per site; nothing when
-    N ≤ L₀ (the site stays as it is, with that reason)."""
+    """``extend(to=N)``: ``dynamic_yarn(factor=m·N/L₀, margin=m)`` with L₀ read per site and
+    m = ``EXTEND_MARGIN``; nothing when N ≤ L₀ (the site stays as it is, with that reason).
+    Up to L₀/m tokens the model is unchanged."""
 
     def __init__(self, to: int, original: int | None, recipe: str = ""):
-        super().__init__("yarn", 1.0, original, recipe=recipe)
+        super().__init__("yarn", 1.0, original, recipe=recipe, margin=EXTEND_MARGIN)
         self.name = "rope.extend"
         self.to = int(to)
 
@@ -195,15 +205,15 @@ class ExtendRule(ConsistentDynamicRule):
         facts = super().check(site, gm)
         if isinstance(facts, str):
             return facts
-        factor = self.to / facts["original"]
-        if factor <= 1:
+        if self.to <= facts["original"]:
             return f"extend: {self.to} <= trained length {facts['original']}, nothing to do"
-        return {**facts, "factor": factor}
+        return {**facts, "factor": self.margin * self.to / facts["original"]}
 
     def replace(self, site: Site, gm: fx.GraphModule, facts: dict[str, Any]) -> list[fx.Node]:
         self.factor = facts["factor"]
         made = super().replace(site, gm, facts)
-        chosen = DynamicYaRN(factor=round(facts["factor"], 6), original=facts["original"])
+        chosen = DynamicYaRN(factor=round(facts["factor"], 6), original=facts["original"],
+                             margin=self.margin)
         site.facts["dynamic_rope"]["chosen"] = str(chosen)
         return made
 
@@ -211,21 +221,22 @@ class ExtendRule(ConsistentDynamicRule):
 @register("dynamic_yarn")
 @dataclass(frozen=True)
 class DynamicYaRN(Recipe):
-    """YaRN with the scale set per call from the longest position (s = clamp(L/L₀, 1,
+    """YaRN with the scale set per call from the longest position (s = clamp(margin·L/L₀, 1,
     factor)), cache-consistent: keys are re-rotated to the call's frequencies at the attention.
-    Below the trained length the model is unchanged."""
+    Below L₀/margin tokens the model is unchanged."""
 
     factor: float = 4.0
     beta_fast: float = _opt(32.0)
     beta_slow: float = _opt(1.0)
     original: int | None = _opt(None)
+    margin: float = _opt(1.0)
 
     def __post_init__(self):
         from longfx.passes.rope import _positive
 
         _positive("dynamic_yarn", factor=self.factor, beta_fast=self.beta_fast,
-                  beta_slow=self.beta_slow, original=self.original)
+                  beta_slow=self.beta_slow, original=self.original, margin=self.margin)
 
     def rules(self) -> list:
         return [ConsistentDynamicRule("yarn", self.factor, self.original, self.beta_fast,
-                                      self.beta_slow, recipe=str(self))]
+                                      self.beta_slow, recipe=str(self), margin=self.margin)]

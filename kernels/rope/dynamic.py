@@ -15,7 +15,8 @@ Scale rules (L = max position id + 1 of the call, L₀ the trained length, f the
 
 * ``ntk`` (transformers ``"dynamic"``): s = max(f·L/L₀ − (f − 1), 1), θ'_i = θ_i·s^(−2i/(d−2)).
 * ``yarn`` (YaRN, Peng et al. 2023, with the scale of "dynamic" YaRN in its reference code):
-  s = clamp(L/L₀, 1, f), θ'_i = θ_i·(γ_i/s + 1 − γ_i) with YaRN's ramp γ (1: interpolate),
+  s = clamp(m·L/L₀, 1, f) with the margin m (1 in YaRN's code: the scale just covers the
+  length; m > 1 runs the scale ahead of the length, see ``scale_of``), θ'_i = θ_i·(γ_i/s + 1 − γ_i) with YaRN's ramp γ (1: interpolate),
   and its attention temperature 0.1·ln(s) + 1 on both q and k — applied here as its square on
   the query's tables, since the keys are not re-tabled.
 
@@ -38,13 +39,19 @@ def ntk_exponent(n: int, dim: int) -> torch.Tensor:
     return (-2.0 * i / (dim - 2)).float()
 
 
-def scale_of(positions: torch.Tensor, original: int, factor: float, method: str) -> torch.Tensor:
-    """The call's scale ``s`` (0-d float32) from its position ids (any shape)."""
+def scale_of(positions: torch.Tensor, original: int, factor: float, method: str,
+             margin: float = 1.0) -> torch.Tensor:
+    """The call's scale ``s`` (0-d float32) from its position ids (any shape).
+
+    ``margin`` (yarn only) multiplies the length before the clamp: with m = 2 a 16k call on a
+    model trained at 8k gets s = 4, not 2. An interpolated model retrieves poorly when its
+    longest distance sits right at the edge of the (scaled) trained range — transformers'
+    ``"dynamic"`` NTK builds in the same kind of headroom with its f·L/L₀ − (f − 1)."""
     L = positions.amax().to(torch.float32) + 1
     if method == "ntk":
         return torch.clamp_min(factor * L / original - (factor - 1), 1.0)
     if method == "yarn":
-        return torch.clamp(L / original, 1.0, float(factor))
+        return torch.clamp(margin * L / original, 1.0, float(factor))
     raise ValueError(f"unknown dynamic method {method!r}; expected one of {METHODS}")
 
 

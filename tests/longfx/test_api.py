@@ -126,7 +126,7 @@ def test_extend_reads_the_trained_length_from_the_config():
     model, _ = zoo.build("llama", "sdpa")                        # max_position_embeddings=128
     ids = torch.randint(3, zoo.VOCAB, (1, 200), generator=torch.Generator().manual_seed(0))
     a = longfx.compile(model, "extend(to=512)")
-    b = longfx.compile(model, "yarn(factor=1.5625, original=128)")   # 200 / 128: the call's s
+    b = longfx.compile(model, "yarn(factor=3.125, original=128)")    # 2·200/128: the call's s
     with torch.no_grad():
         la, lb, ref = a(ids).logits, b(ids).logits, model(ids).logits
     assert torch.allclose(la, lb, rtol=1e-5, atol=1e-5)

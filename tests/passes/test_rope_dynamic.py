@@ -87,13 +87,30 @@ def test_dynamic_yarn_is_yarn_at_the_call_length(llama):
         assert _rel(capped(IDS).logits, ref2(IDS).logits) <= 1e-5
 
 
-def test_unchanged_below_the_trained_length(llama):
-    short = IDS[:, :16]
-    for recipe in ("dynamic_yarn(factor=4, original=16)", "dynamic_ntk(factor=4, original=16)",
-                   "extend(to=64, original=16)"):
-        fast = longfx.compile(llama, recipe)
-        with torch.no_grad():
-            assert _rel(fast(short).logits, llama(short).logits) <= 1e-6, recipe
+def test_margin_runs_the_scale_ahead_of_the_length(llama):
+    """margin=2: 40 tokens over L₀ = 16 give s = 5 (not 2.5), capped at the factor."""
+    assert float(D.scale_of(torch.arange(40), 16, 8.0, "yarn", 2.0)) == 5.0
+    assert float(D.scale_of(torch.arange(40), 16, 4.0, "yarn", 2.0)) == 4.0
+    assert float(D.scale_of(torch.arange(8), 16, 8.0, "yarn", 2.0)) == 1.0
+    fast = longfx.compile(llama, "dynamic_yarn(factor=8, original=16, margin=2)")
+    ref = _hf(llama, {"rope_type": "yarn", "factor": 5.0, "original_max_position_embeddings": 16})
+    with torch.no_grad():
+        assert _rel(fast(IDS).logits, ref(IDS).logits) <= 1e-5
+    with pytest.raises(ValueError, match="margin"):
+        longfx.compile(llama, "dynamic_yarn(factor=8, margin=0)")
+
+
+@pytest.mark.parametrize("recipe, unchanged_up_to", [
+    ("dynamic_yarn(factor=4, original=16)", 16), ("dynamic_ntk(factor=4, original=16)", 16),
+    ("dynamic_yarn(factor=8, original=16, margin=2)", 8), ("extend(to=64, original=16)", 8)])
+def test_unchanged_below_the_trained_length(llama, recipe, unchanged_up_to):
+    """Unchanged up to L₀/margin tokens (extend's margin is 2: half the trained length)."""
+    fast = longfx.compile(llama, recipe)
+    with torch.no_grad():
+        short = IDS[:, :unchanged_up_to]
+        assert _rel(fast(short).logits, llama(short).logits) <= 1e-6, recipe
+        longer = IDS[:, :unchanged_up_to + 4]
+        assert _rel(fast(longer).logits, llama(longer).logits) > 1e-4, recipe
 
 
 def _decode_logits(model, ids, prefill: int):
@@ -137,7 +154,7 @@ def test_extend_reports_its_choice_and_refuses_short_targets(llama):
     with torch.no_grad():
         fast(IDS)
     att = [r for r in fast.longfx_backend.report.rows() if r["kind"] == "attention"]
-    assert att[0]["dynamic_rope"]["chosen"] == "dynamic_yarn(factor=4.0, original=16)"
+    assert att[0]["dynamic_rope"]["chosen"] == "dynamic_yarn(factor=8.0, original=16, margin=2.0)"
     none = longfx.compile(llama, "extend(to=16, original=16)")
     with torch.no_grad():
         assert _rel(none(IDS).logits, llama(IDS).logits) == 0
