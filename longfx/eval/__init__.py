@@ -56,17 +56,28 @@ class Context:
     tick: Callable[..., None] = lambda *a, **k: None
 
 
-def _resolve(model_or_name, tokenizer):
+def _device(device: str | None) -> str:
+    """``"auto"`` (or None): CUDA when available, else CPU; otherwise the name as given."""
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but torch sees no CUDA device")
+    return str(device)
+
+
+def _resolve(model_or_name, tokenizer, device: str | None = "auto"):
+    """(model, tokenizer, name). A model loaded here by name goes to ``device``; a model
+    object passed in stays where it is."""
     if isinstance(model_or_name, str):
         if model_or_name.startswith("zoo:"):
             from longfx.rewrite.testing import zoo
 
             model, _inputs = zoo.build(model_or_name[4:], "sdpa")
-            return model, tokenizer, model_or_name
+            return model.to(_device(device)), tokenizer, model_or_name
         from longfx.models import load
 
         model, tok = load(model_or_name)
-        return model, tokenizer or tok, model_or_name
+        return model.to(_device(device)), tokenizer or tok, model_or_name
     model = model_or_name
     name = getattr(model.config, "name_or_path", "") or type(model).__name__
     return model, tokenizer, Path(str(name)).name or type(model).__name__
@@ -129,7 +140,8 @@ def evaluate(model_or_name: Any, recipes: Sequence[Any] = (), tasks: Sequence[st
              lengths: Sequence[int] = (2048,), seed: int = 0, trials: int = 1,
              depths: Sequence[float] = DEFAULT_DEPTHS, out: str | Path | None = None,
              progress: bool = True, tokenizer: Any = None, chunk: int = infer.DEFAULT_CHUNK,
-             model_name: str | None = None, dense: bool = True, **options) -> list[dict]:
+             model_name: str | None = None, dense: bool = True, device: str | None = "auto",
+             **options) -> list[dict]:
     """Run ``tasks`` at ``lengths`` for the dense model and each recipe; return the rows.
 
     ``dense=False`` skips the dense rows (when they were recorded already with the same
@@ -137,6 +149,7 @@ def evaluate(model_or_name: Any, recipes: Sequence[Any] = (), tasks: Sequence[st
 
     ``model_or_name``: a model (``tokenizer=`` then needed for text tasks; tiny models without
     one get a character tokenizer), an embedded name such as ``"smollm2-135m"``, or ``"zoo:NAME"``.
+    A model loaded by name goes to ``device`` (``"auto"``: CUDA when torch sees one).
     ``options`` go to tasks: ``needle_modes``, ``keys``, ``values`` (needle), ``decode_tokens`` (cost).
     """
     unknown = [t for t in tasks if t not in TASKS]
@@ -146,7 +159,7 @@ def evaluate(model_or_name: Any, recipes: Sequence[Any] = (), tasks: Sequence[st
         raise ValueError(f"lengths must be integers >= 2, got {list(lengths)}")
     torch.manual_seed(seed)
     random.seed(seed)
-    model, tok, name = _resolve(model_or_name, tokenizer)
+    model, tok, name = _resolve(model_or_name, tokenizer, device)
     model.eval()
     name = model_name or name
     if tok is None:

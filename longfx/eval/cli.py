@@ -41,6 +41,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--trials", type=int, default=1, help="prompts per passkey cell / needle length")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--chunk", type=int, default=1024, help="tokens per forward through the cache")
+    p.add_argument("--device", default="auto",
+                   help="where the model runs: auto (CUDA when available), cpu, cuda, cuda:1 ...")
     p.add_argument("--out", help="append rows here as JSON lines")
     p.add_argument("--plot", help="write the figure (PNG) here")
     p.add_argument("--from", dest="from_", metavar="JSONL", action="append",
@@ -70,7 +72,8 @@ def run(args: argparse.Namespace) -> int:
             rows = evaluate(args.model, recipes=args.recipe, tasks=[t for t in args.task.split(",") if t],
                             lengths=_ints(args.length), seed=args.seed, trials=args.trials,
                             depths=_floats(args.depths), out=args.out, chunk=args.chunk,
-                            progress=not args.no_progress, dense=not args.no_dense)
+                            progress=not args.no_progress, dense=not args.no_dense,
+                            device=args.device)
         except ValueError as e:
             console.print(f"[red]error:[/red] {e}")
             return 2

@@ -114,6 +114,23 @@ def test_cli_table_and_plot(tmp_path, capsys):
     assert eval_cli.main(["eval", "zoo:llama", "--task", "bogus", "--no-progress"]) == 2
 
 
+def test_device_choice(monkeypatch):
+    """A model loaded by name goes to the GPU when there is one (``--device auto``), and asking
+    for CUDA where there is none is a clear error, not a silent CPU run."""
+    from longfx import eval as ev
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert ev._device("auto") == "cpu" and ev._device(None) == "cpu" and ev._device("cpu") == "cpu"
+    with pytest.raises(ValueError, match="no CUDA"):
+        ev._device("cuda:0")
+    rows = evaluate("zoo:llama", tasks=["ppl"], lengths=[32], chunk=32, progress=False,
+                    device="cpu")
+    assert rows[0]["device"] == "cpu"
+    assert eval_cli.main(["eval", "zoo:llama", "--device", "cuda", "--no-progress"]) == 2
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert ev._device("auto") == "cuda"
+
+
 def test_kv_bytes_counts_cache():
     from transformers import DynamicCache
     c = DynamicCache()
