@@ -152,7 +152,8 @@ def register(name: str):
 # "yarn(factor=4)" works without the user importing anything.
 FAMILIES: list[str] = ["longfx.passes.rope", "longfx.passes.sparse", "longfx.passes.self_extend",
                        "longfx.passes.kv_quant", "longfx.passes.block_sparse",
-                       "longfx.passes.rope_dynamic"]
+                       "longfx.passes.rope_dynamic", "longfx.passes.kv_evict"]
+FAMILIES += ["longfx.passes.vertical_slash", "longfx.passes.flex_prefill"]
 _loaded: set[str] = set()
 
 

@@ -1,0 +1,118 @@
+"""KV-cache eviction recipes: ``snapkv(...)``, ``h2o(...)``, ``streaming_kv(...)``.
+
+* ``snapkv(budget | ratio, window=32, kernel=7)`` — SnapKV (Li et al. 2024, arXiv:2404.14469):
+  after each prefill chunk the chunk's last ``window`` queries vote for prefix keys (softmax
+  probabilities summed over the window, averaged over a KV head's query heads, 1-D pooled with
+  size ``kernel``); each KV head keeps its top keys plus the window itself.
+* ``h2o(budget | ratio, recent)`` — H2O (Zhang et al. 2023, arXiv:2306.14048): heavy hitters by
+  accumulated attention plus the ``recent`` newest tokens (default: half the budget), applied
+  after every chunk and every decode token.
+* ``streaming_kv(sink=4, window=1024)`` — StreamingLLM (Xiao et al. 2023, arXiv:2309.17453):
+  the first ``sink`` tokens and the last ``window``, keys re-rotated to contiguous in-cache
+  positions. (``sink_window`` is the *mask* form of the same idea over a full cache; this one
+  frees the memory.)
+
+``budget`` is tokens per KV head; ``ratio`` in (0, 1) is the fraction of seen tokens evicted
+(``ratio=0.5`` keeps half). Like ``kv_quant`` the recipes change the model's runtime state, not
+its graph: ``make_cache(model)`` gives a :class:`longfx.runtime.evict_cache.EvictCache`, picked up
+by ``longfx.compile`` through :func:`longfx.passes.kv_quant.cache_recipe`; one KV-cache recipe per
+pipeline.
+"""
+from __future__ import annotations
+
+from dataclasses import field
+
+from longfx.kernels.kv_evict import reference as R
+from longfx.recipes import Recipe, RecipeError, register
+
+__all__ = ["SnapKV", "H2O", "StreamingKV"]
+
+
+def _check_budget(name: str, budget, ratio) -> None:
+    if (budget is None) == (ratio is None):
+        raise RecipeError(f"{name}: give exactly one of budget (tokens per KV head) or ratio "
+                          f"(fraction evicted), got budget={budget!r}, ratio={ratio!r}")
+    if budget is not None and (not isinstance(budget, int) or isinstance(budget, bool)
+                               or budget < 1):
+        raise RecipeError(f"{name}: budget must be an integer >= 1, got {budget!r}")
+    if ratio is not None and not (0.0 < float(ratio) < 1.0):
+        raise RecipeError(f"{name}: ratio (the fraction evicted) must be in (0, 1), got {ratio!r}")
+
+
+class _EvictRecipe(Recipe):
+    def make_cache(self, model=None):
+        """A fresh, empty evicting cache for ``model`` (query hooks installed on it)."""
+        from longfx.runtime.evict_cache import EvictCache
+
+        return EvictCache(self.policy, config=getattr(model, "config", None), model=model)
+
+
+@register("snapkv")
+class SnapKV(_EvictRecipe):
+    """SnapKV: observation-window voting after each prefill chunk, per-KV-head compaction
+    (Li et al. 2024, "SnapKV: LLM Knows What You are Looking for Before Generation")."""
+
+    budget: int | None = field(default=None, metadata={"omit_default": True})
+    ratio: float | None = field(default=None, metadata={"omit_default": True})
+    window: int = 32
+    kernel: int = 7
+    pool: str = field(default="avg", metadata={"omit_default": True})
+
+    def __post_init__(self):
+        _check_budget("snapkv", self.budget, self.ratio)
+        if not isinstance(self.window, int) or self.window < 1:
+            raise RecipeError(f"snapkv: window must be an integer >= 1, got {self.window!r}")
+        if self.budget is not None and self.budget < self.window:
+            raise RecipeError(f"snapkv: budget ({self.budget}) must hold the observation window "
+                              f"({self.window})")
+        if not isinstance(self.kernel, int) or self.kernel < 1 or self.kernel % 2 == 0:
+            raise RecipeError(f"snapkv: kernel must be an odd integer >= 1 (a same-length pool), "
+                              f"got {self.kernel!r}")
+        if self.pool not in R.POOLS:
+            raise RecipeError(f"snapkv: pool must be one of {', '.join(R.POOLS)}, got {self.pool!r}")
+
+    @property
+    def policy(self) -> R.SnapKVConfig:
+        return R.SnapKVConfig(self.budget, self.ratio, self.window, self.kernel, self.pool)
+
+
+@register("h2o")
+class H2O(_EvictRecipe):
+    """H2O: heavy hitters by accumulated attention plus a recent window, evicting as tokens
+    arrive (Zhang et al. 2023, "H2O: Heavy-Hitter Oracle for Efficient Generative Inference
+    of Large Language Models")."""
+
+    budget: int | None = field(default=None, metadata={"omit_default": True})
+    ratio: float | None = field(default=None, metadata={"omit_default": True})
+    recent: int | None = field(default=None, metadata={"omit_default": True})
+
+    def __post_init__(self):
+        _check_budget("h2o", self.budget, self.ratio)
+        if self.recent is not None and (not isinstance(self.recent, int) or self.recent < 0):
+            raise RecipeError(f"h2o: recent must be an integer >= 0, got {self.recent!r}")
+        if self.budget is not None and self.recent is not None and self.recent > self.budget:
+            raise RecipeError(f"h2o: recent ({self.recent}) exceeds the budget ({self.budget})")
+
+    @property
+    def policy(self) -> R.H2OConfig:
+        return R.H2OConfig(self.budget, self.ratio, self.recent)
+
+
+@register("streaming_kv")
+class StreamingKV(_EvictRecipe):
+    """StreamingLLM: attention sinks plus a window of recent tokens, the rest evicted, keys
+    re-rotated to in-cache positions (Xiao et al. 2023, "Efficient Streaming Language Models
+    with Attention Sinks")."""
+
+    sink: int = 4
+    window: int = 1024
+
+    def __post_init__(self):
+        if not isinstance(self.sink, int) or self.sink < 0:
+            raise RecipeError(f"streaming_kv: sink must be an integer >= 0, got {self.sink!r}")
+        if not isinstance(self.window, int) or self.window < 1:
+            raise RecipeError(f"streaming_kv: window must be an integer >= 1, got {self.window!r}")
+
+    @property
+    def policy(self) -> R.StreamingConfig:
+        return R.StreamingConfig(self.sink, self.window)

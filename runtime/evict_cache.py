@@ -1,0 +1,328 @@
+"""A longfx KV cache that evicts: SnapKV, H2O and StreamingLLM with compacted per-head storage.
+
+:class:`EvictCache` is a transformers ``Cache`` whose layers (:class:`EvictLayer`) hold the
+kept keys/values as compact tensors ``[B, Hkv, K, D]`` — every KV head keeps its own token set
+(SnapKV, H2O) but the same number ``K`` of tokens, so eviction really frees memory (unlike a
+mask over a full cache). Scoring and selection: ``kernels/kv_evict/reference.py``.
+
+When ``update`` runs (one prefill chunk of ``s`` tokens, or one decode token):
+
+1. attention of this step gets the stored past followed by the chunk — a transient
+   ``[B, Hkv, K + s, D]`` (for ``streaming_kv`` the past keys re-rotated, below);
+2. the policy scores ``past + chunk`` and the layer *stores* only the kept tokens, so after a
+   chunked prefill (``longfx.eval.infer.chunked_logits``) the cache — and the peak memory —
+   follows the budget, not the prompt (NVIDIA/kvpress#167, #178 ask for this).
+
+Policies and when they evict: SnapKV after every prefill chunk (``s > 1``; decode tokens are
+appended, as in the paper); H2O after every chunk and every decode token; StreamingLLM after
+every update.
+
+Queries. SnapKV and H2O score keys with the model's *queries*, which HF attention does not pass
+to ``Cache.update``. :func:`install_query_hooks` puts a forward pre-hook on every attention
+module (modules with ``q_proj`` and ``layer_idx``, the HF decoder layout): when the call's
+``past_key_values`` is an :class:`EvictCache`, it hands the layer the module, its
+``hidden_states`` and ``position_embeddings``; ``update`` then recomputes only the query rows
+it needs (``q_proj`` → optional ``q_norm`` → rotate-half RoPE with the same cos/sin: bit for
+bit the model's rotated queries). For any other cache the hook does nothing.
+
+Positions and masks. ``get_seq_length`` is the number of tokens *seen* (so HF gives queries
+their true positions for RoPE), ``get_mask_sizes`` the *kept* length plus the chunk, with
+offset ``seen − kept``: stored token ``j`` stands at mask position ``seen − kept + j`` (all
+before the chunk, so all visible) and the chunk's keys at their true positions (causal inside
+the chunk). StreamingLLM: keys are stored as the model rotated them, with their true
+positions, and re-rotated on read to exactly those mask positions, so the sinks sit right
+before the window and attention sees contiguous positions inside the cache — relative
+distances equal StreamingLLM's in-cache positions while queries keep their true ones.
+
+Limits: batch rows are compacted independently, but left padding is not tracked (pad with
+equal lengths or use B = 1); ``crop`` (assisted decoding) is not supported; the
+streaming re-rotation assumes rotate-half RoPE (Llama, Mistral, Qwen, SmolLM...).
+"""
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from longfx.kernels.kv_evict import reference as R
+
+__all__ = ["EvictLayer", "EvictCache", "install_query_hooks", "remove_query_hooks",
+           "attention_modules"]
+
+Policy = R.SnapKVConfig | R.H2OConfig | R.StreamingConfig
+
+
+class EvictLayer(CacheLayerMixin):
+    """One layer's kept keys/values ``[B, Hkv, K, D]`` and the policy's own state."""
+
+    is_compileable = False
+    is_croppable = False
+    is_sliding = False
+
+    def __init__(self, policy: Policy, inv_freq: torch.Tensor | None = None):
+        super().__init__()
+        self.policy = policy
+        self.inv_freq = inv_freq
+        self.keys = self.values = None
+        self.acc: torch.Tensor | None = None        # H2O: accumulated attention [B, Hkv, K]
+        self.pos: torch.Tensor | None = None        # streaming: true positions [K]
+        self.seen = 0                               # tokens seen (= the next true position)
+        self.pending: tuple | None = None           # (module, hidden_states, (cos, sin))
+
+    def __repr__(self):
+        return f"EvictLayer({self.policy}, kept={self.kept}, seen={self.seen})"
+
+    @property
+    def kept(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[2]
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        B, Hkv, _, D = key_states.shape
+        self.keys = key_states.new_empty(B, Hkv, 0, D)
+        self.values = value_states.new_empty(B, Hkv, 0, value_states.shape[-1])
+        if isinstance(self.policy, R.H2OConfig):
+            self.acc = torch.zeros(B, Hkv, 0, dtype=torch.float32, device=self.device)
+        if isinstance(self.policy, R.StreamingConfig):
+            self.pos = torch.zeros(0, dtype=torch.long, device=self.device)
+        self.batch_size = B
+        self.is_initialized = True
+
+    # ------------------------------------------------------------------ queries
+
+    def _queries(self, rows: int) -> tuple[torch.Tensor, float]:
+        """The model's rotated queries of the chunk's last ``rows`` tokens, [B, H, rows, D],
+        and the attention scaling, recomputed from what the pre-hook captured."""
+        if self.pending is None:
+            raise RuntimeError(f"{type(self.policy).__name__}: eviction scores need the model's "
+                               "queries and none were captured; build the cache with "
+                               "EvictCache(..., model=model) (or longfx.compile(model, recipe)) "
+                               "so its query hooks are installed")
+        module, hidden, pe = self.pending
+        self.pending = None
+        if pe is None:
+            raise RuntimeError("the attention module got no position_embeddings: eviction "
+                               "supports HF decoders that pass (cos, sin) to attention")
+        cos, sin = pe
+        h = hidden[:, -rows:]                                                # [B, rows, E]
+        B = h.shape[0]
+        q = module.q_proj(h)                                                 # [B, rows, H·D]
+        D = self.keys.shape[-1]
+        q = q.view(B, rows, -1, D)                                           # [B, rows, H, D]
+        if getattr(module, "q_norm", None) is not None:
+            q = module.q_norm(q)
+        q = q.transpose(1, 2)                                                # [B, H, rows, D]
+        cos, sin = cos[:, -rows:].unsqueeze(1), sin[:, -rows:].unsqueeze(1)  # [B, 1, rows, D]
+        if cos.shape[-1] != D:
+            raise RuntimeError(f"partial rotary (cos has {cos.shape[-1]} of {D} channels) is not "
+                               "supported by the eviction query hook")
+        q = q * cos + R.rotate_half(q) * sin
+        scaling = getattr(module, "scaling", None) or D ** -0.5
+        return q, float(scaling)
+
+    # ------------------------------------------------------------------ HF interface
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args,
+               **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        p, s, past = self.policy, key_states.shape[-2], self.kept
+        seen0 = self.seen
+        self.seen = seen0 + s
+        keys = torch.cat((self.keys, key_states), 2)                 # [B, Hkv, past + s, D]
+        values = torch.cat((self.values, value_states), 2)
+        T = past + s
+        budget = p.budget_for(self.seen)
+
+        if isinstance(p, R.StreamingConfig):
+            pos = torch.cat((self.pos, torch.arange(seen0, seen0 + s, device=self.pos.device)))
+            out_k = keys
+            if past and seen0 != past and self.inv_freq is not None:
+                # stored token j at mask position seen0 − past + j (right before the chunk)
+                target = torch.arange(seen0 - past, seen0, device=pos.device)
+                delta = target - self.pos                                # [past]
+                out_k = torch.cat((R.rerotate(self.keys, delta, self.inv_freq), key_states), 2)
+            elif past and seen0 != past:
+                raise RuntimeError("streaming_kv needs the model's RoPE inv_freq to re-rotate "
+                                   "keys: build the cache with EvictCache(..., model=model)")
+            idx = R.streaming_keep(T, p.sink, p.window, device=keys.device)  # [K]
+            self.keys, self.values, self.pos = keys[:, :, idx], values[:, :, idx], pos[idx]
+            self.pending = None
+            return out_k, values
+
+        if isinstance(p, R.H2OConfig):
+            q, scaling = self._queries(s)
+            acc = torch.cat((self.acc, self.acc.new_zeros(*self.acc.shape[:2], s)), 2)
+            acc = acc + R.h2o_accumulate(q, keys, scaling)               # [B, Hkv, T]
+            if T > budget:
+                idx = R.h2o_keep(acc, budget, p.recent_for(budget))      # [B, Hkv, K]
+                self.keys, self.values = R.gather_tokens(keys, idx), R.gather_tokens(values, idx)
+                self.acc = acc.gather(2, idx)
+            else:
+                self.keys, self.values, self.acc = keys, values, acc
+            return keys, values
+
+        # SnapKV: compress after a prefill chunk; decode tokens are appended
+        if s > 1 and T > budget:
+            w = min(p.window, s)
+            q, scaling = self._queries(w)
+            scores = R.snapkv_scores(q, keys, scaling, p.kernel, p.pool)     # [B, Hkv, T − w]
+            idx = R.snapkv_keep(scores, budget, w)                           # [B, Hkv, K]
+            self.keys, self.values = R.gather_tokens(keys, idx), R.gather_tokens(values, idx)
+        else:
+            self.keys, self.values = keys, values
+        self.pending = None
+        return keys, values
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.kept + query_length, self.seen - self.kept
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.keys = self.values = self.acc = self.pos = None
+        self.seen = 0
+        self.pending = None
+        self.is_initialized = False
+
+    def offload(self):
+        pass
+
+    def prefetch(self):
+        pass
+
+    def _per_row(self):
+        return [n for n in ("keys", "values", "acc") if getattr(self, n) is not None]
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        for n in self._per_row():
+            t = getattr(self, n)
+            setattr(self, n, t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        for n in self._per_row():
+            setattr(self, n, getattr(self, n).repeat_interleave(repeats, 0))
+        if self.keys is not None:
+            self.batch_size = self.keys.shape[0]
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.reorder_cache(indices)
+        if self.keys is not None:
+            self.batch_size = self.keys.shape[0]
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("an evicting KV cache cannot be cropped (evicted tokens are "
+                                  "gone): assisted decoding is not supported")
+
+    def nbytes(self) -> int:
+        """Bytes of the layer's tensors (kept keys and values, H2O scores, positions)."""
+        return sum(t.numel() * t.element_size()
+                   for t in (self.keys, self.values, self.acc, self.pos) if t is not None)
+
+
+class EvictCache(Cache):
+    """``past_key_values`` that evicts with ``policy`` (a config of
+    ``kernels/kv_evict/reference.py``) and stores compacted per-head K/V.
+
+    ``EvictCache(SnapKVConfig(ratio=0.5), model=model)`` sizes the layer list from
+    ``model.config``, installs the query hooks (SnapKV, H2O) and reads RoPE's ``inv_freq``
+    (StreamingLLM's re-rotation)."""
+
+    def __init__(self, policy: Policy, config=None, model: torch.nn.Module | None = None):
+        self.policy = policy
+        if config is None and model is not None:
+            config = getattr(model, "config", None)
+        self.inv_freq = _inv_freq(model) if model is not None else None
+        if model is not None and not isinstance(policy, R.StreamingConfig):
+            install_query_hooks(model)
+        n = getattr(config.get_text_config(decoder=True), "num_hidden_layers", None) \
+            if config is not None else None
+        if n:
+            super().__init__(layers=[self._new_layer() for _ in range(n)])
+        else:
+            super().__init__(layer_class_to_replicate=self._new_layer)
+
+    def _new_layer(self) -> EvictLayer:
+        return EvictLayer(self.policy, self.inv_freq)
+
+    def __repr__(self):
+        return f"EvictCache({self.policy}, layers={len(self.layers)}, seen={self.get_seq_length()})"
+
+    def capture(self, layer_idx: int, module: torch.nn.Module, hidden: torch.Tensor,
+                position_embeddings: Any) -> None:
+        """Called by the attention pre-hook: what ``update`` needs to recompute the queries."""
+        if self.layer_class_to_replicate is not None:
+            while len(self.layers) <= layer_idx:
+                self.layers.append(self.layer_class_to_replicate())
+        self.layers[layer_idx].pending = (module, hidden, position_embeddings)
+
+    def kept(self) -> int:
+        """Tokens each KV head holds (layer 0; every layer holds the same number)."""
+        return self.layers[0].kept if self.layers else 0
+
+    def nbytes(self) -> int:
+        return sum(layer.nbytes() for layer in self.layers)
+
+    def dense_nbytes(self) -> int:
+        """Bytes a plain K + V cache of every seen token would hold."""
+        total = 0
+        for layer in self.layers:
+            if layer.keys is not None:
+                B, H, _, D = layer.keys.shape
+                total += B * H * layer.seen * (D + layer.values.shape[-1]) * layer.keys.element_size()
+        return total
+
+
+# ---------------------------------------------------------------------------------- hooks
+
+
+def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """Attention modules of an HF decoder: those with a ``q_proj`` and a ``layer_idx``."""
+    return [m for m in model.modules()
+            if isinstance(getattr(m, "q_proj", None), torch.nn.Module)
+            and isinstance(getattr(m, "layer_idx", None), int)]
+
+
+def _capture_hook(module, args, kwargs):
+    cache = kwargs.get("past_key_values")
+    if isinstance(cache, EvictCache):
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        cache.capture(module.layer_idx, module, hidden, kwargs.get("position_embeddings"))
+    return None
+
+
+_HOOKED: "weakref.WeakKeyDictionary[torch.nn.Module, Any]" = weakref.WeakKeyDictionary()
+
+
+def install_query_hooks(model: torch.nn.Module) -> int:
+    """Put the query-capturing pre-hook on every attention module of ``model`` (once; a hook is
+    inert unless the call's cache is an :class:`EvictCache`). Returns the modules hooked."""
+    mods = attention_modules(model)
+    if not mods:
+        raise ValueError(f"{type(model).__name__}: no attention module with q_proj and "
+                         "layer_idx: SnapKV/H2O eviction cannot capture queries")
+    for m in mods:
+        if m not in _HOOKED:
+            _HOOKED[m] = m.register_forward_pre_hook(_capture_hook, with_kwargs=True)
+    return len(mods)
+
+
+def remove_query_hooks(model: torch.nn.Module) -> None:
+    for m in attention_modules(model):
+        handle = _HOOKED.pop(m, None)
+        if handle is not None:
+            handle.remove()
+
+
+def _inv_freq(model: torch.nn.Module) -> torch.Tensor | None:
+    """The (first) RoPE frequency table of ``model``: a module buffer named ``inv_freq``."""
+    for name, buf in model.named_buffers():
+        if name.endswith("inv_freq"):
+            return buf.detach().clone()
+    return None
