@@ -1,4 +1,5 @@
-"""SmolLM2-135M on a GPU: perplexity and classic passkey, dense vs the long-context recipes.
+"""SmolLM2-135M (or another GGUF: ``--model-name``) on a GPU: perplexity and classic passkey,
+dense vs the long-context recipes.
 
 Run on the lent H100 (the device tool), with the GGUF carried in two chunks and joined first:
 
@@ -35,6 +36,7 @@ def main(argv=None) -> int:
     p.add_argument("--passkey-lengths", default="4096,8192,16384,32768")
     p.add_argument("--chunk", type=int, default=1024, help="prefill chunk (tokens per forward)")
     p.add_argument("--seed", type=int, default=0, help="passkey seed (another seed = held-out prompts)")
+    p.add_argument("--model-name", default="smollm2-135m", help="the name the rows carry")
     args = p.parse_args(argv)
     import torch
 
@@ -57,7 +59,7 @@ def main(argv=None) -> int:
                 evaluate(model, recipes=[recipe] if recipe else [], tokenizer=tok,
                          tasks=[task], lengths=[int(n) for n in lengths.split(",")],
                          trials=args.trials, seed=args.seed, chunk=args.chunk, out=args.out,
-                         progress=False, model_name="smollm2-135m", dense=not recipe)
+                         progress=False, model_name=args.model_name, dense=not recipe)
             print(f"{recipe or 'dense'}: {time.time() - t1:.1f}s", flush=True)
         except Exception:  # noqa: BLE001 - record and go on with the next recipe
             print(f"{recipe or 'dense'} FAILED:\n{traceback.format_exc()}", flush=True)

@@ -33,7 +33,7 @@ import torch.fx as fx
 from longfx.kernels.attention.op import OP as DENSE
 from longfx.kernels.rope import dynamic as D
 from longfx.kernels.rope.op import OP as ROPE
-from longfx.passes.sparse import rope_of, rotation_of
+from longfx.passes.sparse import native_window, rope_of, rotation_of
 from longfx.recipes import Recipe, register
 from longfx.rewrite import graph as G
 from longfx.rewrite.rule import Rule
@@ -111,6 +111,11 @@ class ConsistentDynamicRule(Rule):
         original = _original(rope, self.original)
         if original is None:
             return f"dynamic_{self.method} needs the trained context length: pass original=N"
+        native = native_window(site)
+        if native and native <= original:
+            # Gemma 2/3, Mistral-style local layers: no distance ever exceeds the window, so
+            # their frequencies stay (transformers scales only the global layers' RoPE too)
+            return f"local layer (window {native}): its distances are already bounded"
         scaling = rope.facts.get("attention_scaling")
         if isinstance(scaling, (int, float)) and abs(float(scaling) - 1.0) > 1e-6:
             return (f"the model already scales its RoPE tables (attention factor {scaling}): "

@@ -160,3 +160,15 @@ def test_extend_reports_its_choice_and_refuses_short_targets(llama):
         assert _rel(none(IDS).logits, llama(IDS).logits) == 0
     reasons = [r["reason"] for r in none.longfx_backend.report.rows() if r["kind"] == "attention"]
     assert reasons and all("nothing to do" in (r or "") for r in reasons)
+
+
+def test_local_layers_keep_their_frequencies():
+    """Gemma3: the sliding layer (window 4 < L₀) is left alone with its reason; the global
+    layer is rewritten."""
+    model, _ = zoo.build("gemma3", "sdpa")
+    fast = longfx.compile(model, "extend(to=512, original=16)")
+    with torch.no_grad():
+        fast(IDS)
+    att = [r for r in fast.longfx_backend.report.rows() if r["kind"] == "attention"]
+    assert sorted(r["status"] for r in att) == ["rejected", "rewritten"]
+    assert any("local layer (window 4)" in (r["reason"] or "") for r in att)
