@@ -154,6 +154,7 @@ FAMILIES: list[str] = ["longfx.passes.rope", "longfx.passes.sparse", "longfx.pas
                        "longfx.passes.kv_quant", "longfx.passes.block_sparse",
                        "longfx.passes.rope_dynamic", "longfx.passes.kv_evict"]
 FAMILIES += ["longfx.passes.vertical_slash", "longfx.passes.flex_prefill"]
+FAMILIES += ["longfx.passes.gear"]
 _loaded: set[str] = set()
 
 

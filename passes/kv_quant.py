@@ -34,6 +34,7 @@ class KVQuant(Recipe):
     group: int = 64
     residual: int = 128
     scales: str = field(default="u8", metadata={"omit_default": True})
+    sink: int = field(default=0, metadata={"omit_default": True})
 
     def __post_init__(self):
         if self.bits not in BITS:
@@ -46,6 +47,8 @@ class KVQuant(Recipe):
         if self.scales not in SCALES:
             raise RecipeError(f"kv_quant: scales must be one of {', '.join(SCALES)}, "
                               f"got {self.scales!r}")
+        if not isinstance(self.sink, int) or self.sink < 0:
+            raise RecipeError(f"kv_quant: sink must be an integer >= 0, got {self.sink!r}")
 
     @property
     def kv_config(self) -> KVQuantConfig:
@@ -55,7 +58,7 @@ class KVQuant(Recipe):
         """A fresh, empty quantized cache for ``model`` (its config sizes the layer list)."""
         from longfx.runtime.cache import QuantizedCache
 
-        return QuantizedCache(self.kv_config, config=getattr(model, "config", None))
+        return QuantizedCache(self.kv_config, config=getattr(model, "config", None), sink=self.sink)
 
 
 def cache_recipe(pipeline) -> Recipe | None:

@@ -24,6 +24,15 @@ the growth is done before the traced forward (:meth:`QuantizedCache.reserve`). T
 Python int on each layer (as ``cumulative_length`` in HF's quantized layers), so under
 ``torch.compile`` Dynamo guards on it and treats it as a dynamic size after the first change.
 
+Attention sinks (``sink=n``): the first ``n`` tokens of the sequence carry a large share of the
+attention mass (Xiao et al. 2023), so an error in their keys shifts every query's softmax. With
+``sink > 0`` the layer keeps an exact copy of them (``sink_k``, ``sink_v``, model dtype, counted in
+``nbytes``) and every read returns them exact; the packed state is unchanged (they are also
+quantized there, as before; the copy costs ``n`` tokens of full-precision K + V per layer).
+
+:class:`GearCache` / :class:`GearKVLayer` hold GEAR's correction (stored outliers and low-rank
+factors of the quantization error, ``kernels/kv_quant/gear.py``) beside the same packed state.
+
 Beam search works (``reorder_cache`` permutes the state); ``crop`` (assisted decoding) does not:
 packed groups cannot be un-quantized.
 """
@@ -32,11 +41,13 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from longfx.kernels.kv_quant import gear as gear_ref
 from longfx.kernels.kv_quant import op as kv_op  # noqa: F401 - registers longfx::kv_quant_*
+from longfx.kernels.kv_quant.gear import GearConfig
 from longfx.kernels.kv_quant.reference import (KVQuantConfig, QuantizedKV, dequantize_keys,
                                                 dequantize_values, n_packed)
 
-__all__ = ["QuantizedKVLayer", "QuantizedCache", "DEFAULT_BLOCK"]
+__all__ = ["QuantizedKVLayer", "QuantizedCache", "GearKVLayer", "GearCache", "DEFAULT_BLOCK"]
 
 DEFAULT_BLOCK = 256
 
@@ -48,17 +59,39 @@ class QuantizedKVLayer(CacheLayerMixin):
     is_croppable = False
     is_sliding = False
 
-    def __init__(self, config: KVQuantConfig = KVQuantConfig(), block: int = DEFAULT_BLOCK):
+    def __init__(self, config: KVQuantConfig = KVQuantConfig(), block: int = DEFAULT_BLOCK,
+                 sink: int = 0):
         super().__init__()
         if block < 1:
             raise ValueError(f"block must be >= 1, got {block}")
+        if not isinstance(sink, int) or sink < 0:
+            raise ValueError(f"sink must be an integer >= 0, got {sink!r}")
         self.config = config
         self.block = -(-block // config.group) * config.group     # whole groups
+        self.sink = sink
         self.state: QuantizedKV | None = None
+        self.sink_k: torch.Tensor | None = None                    # [B, Hkv, sink, D] exact
+        self.sink_v: torch.Tensor | None = None
         self.length = 0                                            # tokens held (all rows)
 
     def __repr__(self):
-        return f"QuantizedKVLayer({self.config}, length={self.length})"
+        extra = f", sink={self.sink}" if self.sink else ""
+        return f"{type(self).__name__}({self.config}{extra}, length={self.length})"
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor the layer holds (the state's, the sink copy's), by name."""
+        if self.state is None:
+            return {}
+        out = dict(zip(QuantizedKV.NAMES, self.state.tensors()))
+        if self.sink_k is not None:
+            out.update(sink_k=self.sink_k, sink_v=self.sink_v)
+        return out
+
+    def _set(self, name: str, t: torch.Tensor) -> None:
+        if name.startswith("sink_"):
+            setattr(self, name, t)
+        else:
+            setattr(self.state, name, t)
 
     # ------------------------------------------------------------------ state
 
@@ -67,6 +100,9 @@ class QuantizedKVLayer(CacheLayerMixin):
         B, Hkv, _, D = key_states.shape
         self.config.check_head_dim(D)
         self.state = QuantizedKV.empty(B, Hkv, D, 0, self.config, self.dtype, self.device)
+        if self.sink:
+            self.sink_k = key_states.new_zeros(B, Hkv, self.sink, D)
+            self.sink_v = value_states.new_zeros(B, Hkv, self.sink, D)
         self.batch_size = B
         self.is_initialized = True
 
@@ -89,14 +125,27 @@ class QuantizedKVLayer(CacheLayerMixin):
         st.v_codes = more(st.v_codes, grow)
         st.v_params = more(st.v_params, grow)                            # [B, Hkv, Sp, 2, Jv]
 
+    def _keep_sinks(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Copy the part of the chunk at positions < sink (the chunk starts at self.length)."""
+        n = min(self.sink - self.length, key_states.shape[2])
+        if n > 0:
+            self.sink_k[:, :, self.length:self.length + n] = key_states[:, :, :n]
+            self.sink_v[:, :, self.length:self.length + n] = value_states[:, :, :n]
+
+    def _with_sinks(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v [B, Hkv, L, D] with the first min(sink, L) positions replaced by the exact copy."""
+        n = min(self.sink, k.shape[2])
+        if n <= 0:
+            return k, v
+        return (torch.cat((self.sink_k[:, :, :n].to(k.dtype), k[:, :, n:]), 2),
+                torch.cat((self.sink_v[:, :, :n].to(v.dtype), v[:, :, n:]), 2))
+
     def _append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         st, c = self.state, self.config
         torch.ops.longfx.kv_quant_append(*st.tensors(), key_states.contiguous(),
                                          value_states.contiguous(), c.bits, c.group)
 
-    def _read(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The first ``length`` tokens of the state, [B, Hkv, length, D] in the model's dtype:
-        packed groups dequantized, the rest from the ring."""
+    def _read_state(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         st, c = self.state, self.config
         n = n_packed(length, c)
         k = dequantize_keys(st.k_codes[:, :, :n], st.k_params[:, :, :n // c.group], c)
@@ -104,6 +153,11 @@ class QuantizedKVLayer(CacheLayerMixin):
         slots = torch.arange(n, length, device=k.device) % c.ring       # ring slot of each
         return (torch.cat((k.to(self.dtype), st.k_ring[:, :, slots]), 2),
                 torch.cat((v.to(self.dtype), st.v_ring[:, :, slots]), 2))
+
+    def _read(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first ``length`` tokens of the state, [B, Hkv, length, D] in the model's dtype:
+        packed groups dequantized, the rest from the ring, the sink tokens exact."""
+        return self._with_sinks(*self._read_state(length))
 
     # ------------------------------------------------------------------ HF interface
 
@@ -115,6 +169,8 @@ class QuantizedKVLayer(CacheLayerMixin):
             raise TypeError(f"the cache holds {self.dtype}, the model gave {key_states.dtype}")
         past, s = self.length, key_states.shape[-2]
         self._reserve(past + s)
+        if self.sink:
+            self._keep_sinks(key_states, value_states)
         if s == 1:                                   # decode: read the state after the append
             self._append(key_states, value_states)
             self.length = past + s
@@ -135,6 +191,7 @@ class QuantizedKVLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.state = None
+        self.sink_k = self.sink_v = None
         self.length = 0
         self.is_initialized = False
 
@@ -145,20 +202,17 @@ class QuantizedKVLayer(CacheLayerMixin):
         pass
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        if self.state is None:
-            return
-        st = self.state
-        for name in QuantizedKV.NAMES[:-1]:                              # all but length
-            t = getattr(st, name)
-            setattr(st, name, t.index_select(0, beam_idx.to(t.device)))
+        for name, t in self._tensors().items():
+            if name != "length":                                         # all but length
+                self._set(name, t.index_select(0, beam_idx.to(t.device)))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self.state is None:
             return
-        st = self.state
-        for name in QuantizedKV.NAMES[:-1]:
-            setattr(st, name, getattr(st, name).repeat_interleave(repeats, 0))
-        self.batch_size = st.k_ring.shape[0]
+        for name, t in self._tensors().items():
+            if name != "length":
+                self._set(name, t.repeat_interleave(repeats, 0))
+        self.batch_size = self.state.k_ring.shape[0]
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         self.reorder_cache(indices)
@@ -170,10 +224,9 @@ class QuantizedKVLayer(CacheLayerMixin):
                                   "cannot be un-quantized): assisted decoding is not supported")
 
     def nbytes(self) -> int:
-        """Bytes of the state's tensors (codes, scales, ring, length) as allocated."""
-        if self.state is None:
-            return 0
-        return sum(t.numel() * t.element_size() for t in self.state.tensors())
+        """Bytes of the layer's tensors (codes, scales, ring, length, sink copy, any correction
+        state) as allocated."""
+        return sum(t.numel() * t.element_size() for t in self._tensors().values())
 
 
 class QuantizedCache(Cache):
@@ -183,21 +236,24 @@ class QuantizedCache(Cache):
     decoder layer; without ``config`` layers are added as ``update`` meets them."""
 
     def __init__(self, kv: KVQuantConfig = KVQuantConfig(), config=None,
-                 block: int = DEFAULT_BLOCK):
+                 block: int = DEFAULT_BLOCK, sink: int = 0):
         self.kv = kv
         self.block = block
+        self.sink = sink
         n = getattr(config.get_text_config(decoder=True), "num_hidden_layers", None) \
             if config is not None else None
         if n:
-            super().__init__(layers=[QuantizedKVLayer(kv, block) for _ in range(n)])
+            super().__init__(layers=[self._new_layer() for _ in range(n)])
         else:
             super().__init__(layer_class_to_replicate=self._new_layer)
 
     def _new_layer(self) -> QuantizedKVLayer:
-        return QuantizedKVLayer(self.kv, self.block)
+        return QuantizedKVLayer(self.kv, self.block, self.sink)
 
     def __repr__(self):
-        return f"QuantizedCache({self.kv}, layers={len(self.layers)}, length={self.get_seq_length()})"
+        extra = f", sink={self.sink}" if self.sink else ""
+        return (f"{type(self).__name__}({self.kv}{extra}, layers={len(self.layers)}, "
+                f"length={self.get_seq_length()})")
 
     def reserve(self, tokens: int) -> None:
         """Make room for ``tokens`` more tokens in every initialized layer. ``compiled_copy``
@@ -219,3 +275,71 @@ class QuantizedCache(Cache):
                 B, H, _, D = layer.state.k_ring.shape
                 total += 2 * B * H * layer.length * D * layer.state.k_ring.element_size()
         return total
+
+
+class GearKVLayer(QuantizedKVLayer):
+    """A ``QuantizedKVLayer`` whose packed groups carry GEAR's correction (``gear.py``): the
+    outliers of each group kept exactly and rank-r factors of the quantization error, stored
+    beside the KIVI codes (same layout), grown with them and counted in ``nbytes``. Appends run
+    the reference (``gear.append``: plain torch, any device); reads add the correction."""
+
+    def __init__(self, gear: GearConfig, block: int = DEFAULT_BLOCK, sink: int = 0):
+        super().__init__(gear.kv, block, sink)
+        self.gear = gear
+        self.extras: dict[str, torch.Tensor] = {}
+
+    def __repr__(self):
+        extra = f", sink={self.sink}" if self.sink else ""
+        return (f"GearKVLayer({self.config}, rank={self.gear.rank}, outliers={self.gear.outliers}"
+                f"{extra}, length={self.length})")
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        B, Hkv, _, D = key_states.shape
+        self.extras = gear_ref.empty_extras(B, Hkv, D, 0, self.gear, self.device)
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        out = super()._tensors()
+        if self.state is not None:
+            out.update(self.extras)
+        return out
+
+    def _set(self, name: str, t: torch.Tensor) -> None:
+        if name in self.extras:
+            self.extras[name] = t
+        else:
+            super()._set(name, t)
+
+    def _reserve(self, total: int) -> None:
+        super()._reserve(total)
+        groups = self.state.k_codes.shape[2] // self.config.group
+        for name, t in self.extras.items():                              # [B, Hkv, Gp, ...]
+            if t.shape[2] < groups:
+                pad = t.new_zeros(*t.shape[:2], groups - t.shape[2], *t.shape[3:])
+                self.extras[name] = torch.cat((t, pad), 2)
+
+    def _append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        c, g = self.config, self.gear
+        torch.ops.longfx.gear_append(*self.state.tensors(),
+                                     *(self.extras[n] for n in gear_ref.EXTRA_NAMES),
+                                     key_states.contiguous(), value_states.contiguous(),
+                                     c.bits, c.group, g.rank, float(g.outliers))
+
+    def _read_state(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return gear_ref.read(self.state, self.extras, length, self.gear, self.dtype)
+
+    def reset(self) -> None:
+        super().reset()
+        self.extras = {}
+
+
+class GearCache(QuantizedCache):
+    """``past_key_values`` holding a GEAR-corrected quantized state per layer (``gear(...)``)."""
+
+    def __init__(self, gear: GearConfig | None = None, config=None, block: int = DEFAULT_BLOCK,
+                 sink: int = 0):
+        self.gear = gear if gear is not None else gear_ref.GearConfig()
+        super().__init__(self.gear.kv, config, block, sink)
+
+    def _new_layer(self) -> GearKVLayer:
+        return GearKVLayer(self.gear, self.block, self.sink)

@@ -16,6 +16,10 @@ runtime (HF ``Cache``, ONNX runner) can own it:
   gear_outliers)`` — fp tensors in, the output token-by-token decoding over a quantized state
   would give (quantize -> dequantize, optional GEAR): for perplexity at model level.
 
+* ``gear_append(*state, *gear_extras, k, v, bits, group, rank, outliers)`` — the append of
+  a ``gear(...)`` state (gear.py): the same 7 tensors plus GEAR's 8 stored-correction tensors
+  (``gear.EXTRA_NAMES`` order), mutated in place.
+
 The ring size and scale format are read off the tensors (``k_ring.shape[2]``,
 ``k_params.dtype``). Lowering: the Triton kernels (triton.py) on CUDA when they support the
 shapes (the append only with LONGFX_KV_QUANT_TRITON_APPEND=1, see TRITON_APPEND below), else
@@ -106,3 +110,37 @@ def _(q, k, v, scale, bits, group, residual, scales, gear_rank, gear_outliers):
 APPEND = torch.ops.longfx.kv_quant_append.default
 ATTENTION = torch.ops.longfx.kv_quant_attention.default
 EMULATED = torch.ops.longfx.kv_quant_attention_emulated.default
+
+
+# ---------------------------------------------------------------- GEAR (gear.py)
+
+GEAR_ARGS = STATE_ARGS + ("k_out_val", "k_out_idx", "k_lr_a", "k_lr_b",
+                          "v_out_val", "v_out_idx", "v_lr_a", "v_lr_b")
+
+
+@torch.library.custom_op("longfx::gear_append", mutates_args=GEAR_ARGS)
+def gear_append(k_codes: torch.Tensor, k_params: torch.Tensor, v_codes: torch.Tensor,
+                v_params: torch.Tensor, k_ring: torch.Tensor, v_ring: torch.Tensor,
+                length: torch.Tensor, k_out_val: torch.Tensor, k_out_idx: torch.Tensor,
+                k_lr_a: torch.Tensor, k_lr_b: torch.Tensor, v_out_val: torch.Tensor,
+                v_out_idx: torch.Tensor, v_lr_a: torch.Tensor, v_lr_b: torch.Tensor,
+                k: torch.Tensor, v: torch.Tensor, bits: int, group: int, rank: int,
+                outliers: float) -> None:
+    """``gear.append`` on the state's 7 tensors + GEAR's 8 correction tensors, in place (the
+    reference on every device)."""
+    from longfx.kernels.kv_quant import gear
+
+    state = reference.QuantizedKV.from_tensors(
+        (k_codes, k_params, v_codes, v_params, k_ring, v_ring, length), bits, group)
+    extras = dict(zip(gear.EXTRA_NAMES, (k_out_val, k_out_idx, k_lr_a, k_lr_b,
+                                         v_out_val, v_out_idx, v_lr_a, v_lr_b)))
+    gear.append(state, extras, k, v, gear.GearConfig(state.config, rank, outliers))
+
+
+@gear_append.register_fake
+def _(k_codes, k_params, v_codes, v_params, k_ring, v_ring, length, k_out_val, k_out_idx,
+      k_lr_a, k_lr_b, v_out_val, v_out_idx, v_lr_a, v_lr_b, k, v, bits, group, rank, outliers):
+    return None
+
+
+GEAR_APPEND = torch.ops.longfx.gear_append.default

@@ -106,3 +106,79 @@ def test_crop_is_refused_and_beam_reorder_permutes():
     before = layer._read(20)[0]
     layer.reorder_cache(torch.tensor([2, 0, 1]))
     assert torch.equal(layer._read(20)[0], before[[2, 0, 1]])
+
+
+def test_sink_tokens_are_read_exact_and_counted():
+    config = R.KVQuantConfig(bits=2, group=8, residual=8)
+    plain, sunk = QuantizedKVLayer(config, block=8), QuantizedKVLayer(config, block=8, sink=4)
+    k, v = _kv(2, 3, 70, 16, seed=4)
+    pos = 0
+    for s in (1, 2, 1, 30, 1, 35):                       # sinks arrive across several appends
+        a = plain.update(k[:, :, pos:pos + s], v[:, :, pos:pos + s], 0)
+        b = sunk.update(k[:, :, pos:pos + s], v[:, :, pos:pos + s], 0)
+        pos += s
+        n = min(4, b[0].shape[2])
+        assert torch.equal(b[0][:, :, :n], k[:, :, :n]) and torch.equal(b[1][:, :, :n], v[:, :, :n])
+        assert torch.equal(a[0][:, :, n:], b[0][:, :, n:]) and torch.equal(a[1][:, :, n:], b[1][:, :, n:])
+    assert not torch.equal(plain._read(70)[0][:, :, :4], k[:, :, :4])     # quantized without
+    for name in R.QuantizedKV.NAMES:                       # the packed state itself is unchanged
+        assert torch.equal(getattr(plain.state, name), getattr(sunk.state, name)), name
+    assert sunk.nbytes() == plain.nbytes() + 2 * 2 * 3 * 4 * 16 * 4
+    sunk.reorder_cache(torch.tensor([1, 0]))
+    assert torch.equal(sunk._read(70)[0][:, :, :4], k[[1, 0], :, :4])
+
+
+def test_gear_layer_corrects_and_counts_its_bytes():
+    from longfx.kernels.kv_quant import gear as G
+    from longfx.runtime.cache import GearKVLayer
+
+    config = R.KVQuantConfig(bits=2, group=8, residual=8)
+    cfg = G.GearConfig(config, rank=2, outliers=0.05)
+    plain, gear = QuantizedKVLayer(config, block=8), GearKVLayer(cfg, block=8)
+    k, v = _kv(1, 2, 60, 16, seed=5)
+    k[0, 1, 17, 5] += 30.0                                 # a spike
+    pos = 0
+    for s in (20, 1, 1, 38):
+        plain.update(k[:, :, pos:pos + s], v[:, :, pos:pos + s], 0)
+        gear.update(k[:, :, pos:pos + s], v[:, :, pos:pos + s], 0)
+        pos += s
+    (pk, pv), (gk, gv) = plain._read(60), gear._read(60)
+    assert float((gk - k).norm()) < 0.8 * float((pk - k).norm())
+    assert float((gv - v).norm()) < float((pv - v).norm())
+    n = R.n_packed(60, config)
+    torch.testing.assert_close(gk[:, :, :n], G.roundtrip(k[:, :, :n], "keys", cfg), rtol=0, atol=0)
+    groups = gear.state.k_codes.shape[2] // 8
+    assert all(t.shape[2] == groups for t in gear.extras.values())
+    assert gear.nbytes() == plain.nbytes() + G.extras_bytes(gear.extras) > plain.nbytes()
+
+
+def test_eager_generate_through_gear_and_sink_caches():
+    from longfx.kernels.kv_quant import gear as G
+    from longfx.runtime.cache import GearCache
+
+    model, _ = zoo.build("llama")
+    ids = torch.randint(3, 120, (2, 40), generator=torch.Generator().manual_seed(6))
+    kw = dict(input_ids=ids, max_new_tokens=24, do_sample=False)
+    small = R.KVQuantConfig(bits=2, group=16, residual=16)
+    with torch.no_grad():
+        dense = model.generate(**kw, past_key_values=DynamicCache(config=model.config))
+        caches = {"gear": GearCache(G.GearConfig(small, rank=4, outliers=0.02), model.config),
+                  "sink": QuantizedCache(small, model.config, sink=4),
+                  "plain": QuantizedCache(small, model.config)}
+        outs = {name: model.generate(**kw, past_key_values=c) for name, c in caches.items()}
+        full = torch.cat((ids, dense[:, 40:]), 1)          # teacher-forced logits over dense text
+        logits = {}
+        for name, c in [("dense", DynamicCache(config=model.config))] + [
+                (n, type(c)(c.gear if n == "gear" else c.kv, model.config, sink=c.sink))
+                for n, c in caches.items()]:
+            logits[name] = torch.cat([model(input_ids=full[:, s:s + 16], past_key_values=c,
+                                            use_cache=True).logits for s in range(0, 64, 16)], 1)
+    for name, out in outs.items():
+        assert out.shape == (2, 64) and torch.equal(out[:, :40], ids)
+        assert caches[name].get_seq_length() == 63        # the last token is never fed back
+    err = {n: float((logits[n] - logits["dense"]).abs().max()) for n in caches}
+    assert err["gear"] < err["plain"], err
+    assert caches["gear"].nbytes() > caches["plain"].nbytes()
+    assert caches["sink"].nbytes() == caches["plain"].nbytes() + 2 * 2 * 4 * 4 * \
+        model.config.num_key_value_heads * (model.config.hidden_size // model.config.num_attention_heads) \
+        * model.config.num_hidden_layers
