@@ -53,3 +53,11 @@ def test_independent_rows_sit_beside_the_harness(tmp_path):
     out = tmp_path / "RESULTS.md"
     assert mr.main(["--results", str(res), "--out", str(out)]) == 0
     assert "| Test CPU | ppl | `dense` | 2048 | 11.91 | 2047 | 11.91 | 2047 |" in out.read_text()
+
+
+def test_block_density_rows_get_their_own_table():
+    mr = _module()
+    rows = [{"model": "smollm2-135m", "recipe": "vertical_slash(vertical=96)", "task": "block_density",
+             "length": 8192, "prefill": {"density": 0.2418}, "date": "2026-11-23"}]
+    text = mr.block_density(rows)
+    assert "| smollm2-135m | `vertical_slash(vertical=96)` | 8192 | 0.242 | 2026-11-23 |" in text
