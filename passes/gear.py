@@ -1,4 +1,4 @@
-"""GEAR KV-cache compression recipe: ``gear(bits=4, rank=4, outliers=0.01, group=64, residual=128)``.
+"""GEAR KV-cache compression recipe: ``gear(bits=4, rank=4, outliers=0.01, group=64, residual=128, sink=4)``.
 
 GEAR (Kang et al. 2024, "GEAR: An Efficient KV Cache Compression Recipe for Near-Lossless
 Generative Inference of LLM"): the KIVI state of ``kv_quant`` (keys per channel, values per
@@ -6,7 +6,7 @@ token, ``residual`` recent tokens in full precision) plus, for every packed grou
 tokens and each KV head, the ``outliers`` fraction of entries kept exactly (sparse) and a
 rank-``rank`` approximation of the remaining quantization error (low rank), both **stored** in
 the cache (``runtime.cache.GearCache``; layout and bytes in ``kernels/kv_quant/gear.py``) and
-added back on every read. ``sink`` keeps the first tokens exact as in ``kv_quant``.
+added back on every read. ``sink`` (default 4) keeps the first tokens exact as in ``kv_quant``.
 
 Like ``kv_quant`` it changes the runtime state, not the graph: ``longfx.compile(model,
 "gear(bits=2)")`` swaps in a ``GearCache``. Its bytes are its own (``gear.memory_ratio``):
@@ -33,7 +33,7 @@ class GearRecipe(Recipe):
     group: int = 64
     residual: int = 128
     scales: str = field(default="u8", metadata={"omit_default": True})
-    sink: int = field(default=0, metadata={"omit_default": True})
+    sink: int = 4
 
     def __post_init__(self):
         if self.bits not in BITS:

@@ -15,14 +15,13 @@ pytestmark = pytest.mark.filterwarnings("ignore")
 
 def test_parse_and_string_form():
     p = recipes.parse("gear")
-    assert str(p) == "gear(bits=4, rank=4, outliers=0.01, group=64, residual=128)"
+    assert str(p) == "gear(bits=4, rank=4, outliers=0.01, group=64, residual=128, sink=4)"
     assert recipes.parse(str(p)) == p
     q = recipes.parse("gear(bits=2, rank=2, outliers=0.02, group=32, residual=64, sink=4)")
     assert recipes.parse(str(q)) == q and "sink=4" in str(q)
+    assert "sink=0" in str(recipes.parse("gear(sink=0)"))
     cfg = q.recipes[0].gear_config
     assert (cfg.kv.bits, cfg.kv.group, cfg.kv.ring, cfg.rank, cfg.outliers) == (2, 32, 64, 2, 0.02)
-    assert str(recipes.parse("kv_quant(bits=2, sink=4)")) == \
-        "kv_quant(bits=2, group=64, residual=128, sink=4)"
 
 
 @pytest.mark.parametrize("text,match", [

@@ -15,12 +15,14 @@ pytestmark = pytest.mark.filterwarnings("ignore")
 
 def test_parse_and_string_form():
     p = recipes.parse("kv_quant(bits=2, group=32, residual=64)")
-    assert str(p) == "kv_quant(bits=2, group=32, residual=64)"
+    assert str(p) == "kv_quant(bits=2, group=32, residual=64, sink=4)"
     assert recipes.parse(str(p)) == p
-    assert str(recipes.parse("kv_quant")) == "kv_quant(bits=4, group=64, residual=128)"
-    assert str(recipes.parse("kv_quant(4, scales=fp16)")) == \
-        "kv_quant(bits=4, group=64, residual=128, scales=fp16)"
+    assert str(recipes.parse("kv_quant")) == "kv_quant(bits=4, group=64, residual=128, sink=4)"
+    assert str(recipes.parse("kv_quant(4, scales=fp16, sink=0)")) == \
+        "kv_quant(bits=4, group=64, residual=128, scales=fp16, sink=0)"
     assert p.recipes[0].kv_config.ring == 64
+    assert p.recipes[0].make_cache().sink == 4 and recipes.parse("kv_quant(sink=0)").recipes[0] \
+        .make_cache().sink == 0                                    # the plain KIVI state
 
 
 @pytest.mark.parametrize("text,match", [

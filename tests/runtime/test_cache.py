@@ -182,3 +182,16 @@ def test_eager_generate_through_gear_and_sink_caches():
     assert caches["sink"].nbytes() == caches["plain"].nbytes() + 2 * 2 * 4 * 4 * \
         model.config.num_key_value_heads * (model.config.hidden_size // model.config.num_attention_heads) \
         * model.config.num_hidden_layers
+
+
+@pytest.mark.parametrize("bits,budget", [(4, 0.27), (2, 0.15)])
+def test_memory_with_sink_tokens_still_meets_the_issue_budget(bits, budget):
+    """The exact sink copy (4 tokens of K + V) is counted and keeps the state within budget."""
+    cache = QuantizedCache(R.KVQuantConfig(bits=bits), sink=4)
+    k, v = _kv(1, 1, 32768, 128, seed=0, dtype=torch.bfloat16)
+    cache.update(k, v, 0)
+    layer = cache.layers[0]
+    assert layer.sink_k.shape == (1, 1, 4, 128)
+    assert cache.nbytes() == sum(t.numel() * t.element_size() for t in layer.state.tensors()) \
+        + 2 * 4 * 128 * 2
+    assert cache.nbytes() / cache.dense_nbytes() <= budget
