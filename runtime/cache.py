@@ -44,8 +44,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from longfx.kernels.kv_quant import gear as gear_ref
 from longfx.kernels.kv_quant import op as kv_op  # noqa: F401 - registers longfx::kv_quant_*
 from longfx.kernels.kv_quant.gear import GearConfig
-from longfx.kernels.kv_quant.reference import (KVQuantConfig, QuantizedKV, dequantize_keys,
-                                                dequantize_values, n_packed)
+from longfx.kernels.kv_quant.reference import KVQuantConfig, QuantizedKV, n_packed
 
 __all__ = ["QuantizedKVLayer", "QuantizedCache", "GearKVLayer", "GearCache", "DEFAULT_BLOCK"]
 
@@ -147,12 +146,9 @@ class QuantizedKVLayer(CacheLayerMixin):
 
     def _read_state(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         st, c = self.state, self.config
-        n = n_packed(length, c)
-        k = dequantize_keys(st.k_codes[:, :, :n], st.k_params[:, :, :n // c.group], c)
-        v = dequantize_values(st.v_codes[:, :, :n], st.v_params[:, :, :n], c)
-        slots = torch.arange(n, length, device=k.device) % c.ring       # ring slot of each
-        return (torch.cat((k.to(self.dtype), st.k_ring[:, :, slots]), 2),
-                torch.cat((v.to(self.dtype), st.v_ring[:, :, slots]), 2))
+        # one custom op (kernels/kv_quant/op.py says why the unpacking is kept from Inductor)
+        return kv_op.READ(st.k_codes, st.k_params, st.v_codes, st.v_params, st.k_ring,
+                          st.v_ring, length, c.bits, c.group, c.residual, c.scales)
 
     def _read(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The first ``length`` tokens of the state, [B, Hkv, length, D] in the model's dtype:

@@ -107,7 +107,36 @@ def _(q, k, v, scale, bits, group, residual, scales, gear_rank, gear_outliers):
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
 
 
+@torch.library.custom_op("longfx::kv_quant_read", mutates_args=())
+def kv_quant_read(k_codes: torch.Tensor, k_params: torch.Tensor, v_codes: torch.Tensor,
+                  v_params: torch.Tensor, k_ring: torch.Tensor, v_ring: torch.Tensor,
+                  length: int, bits: int, group: int, residual: int,
+                  scales: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``length`` tokens of the state, dequantized: keys and values [B, Hkv, length,
+    D] in the ring's dtype (packed groups, then the ring's tokens in order).
+
+    One opaque op, so that torch.compile does not trace the bit unpacking: Inductor's CUDA
+    code for the traced unpack/affine chain gave wrong keys (SmolLM2 4-bit perplexity 638 at
+    4k where eager CUDA and CPU agree to 3e-6; benchmarks/results/debug/), and a second
+    ``bits`` in one process made Dynamo treat it as a symbolic int (``lshift(1, s1)``)."""
+    config = reference.KVQuantConfig(bits, group, residual, scales)
+    n = reference.n_packed(length, config)
+    k = reference.dequantize_keys(k_codes[:, :, :n], k_params[:, :, :n // group], config)
+    v = reference.dequantize_values(v_codes[:, :, :n], v_params[:, :, :n], config)
+    slots = torch.arange(n, length, device=k.device) % config.ring          # ring slot of each
+    return (torch.cat((k.to(k_ring.dtype), k_ring[:, :, slots]), 2),
+            torch.cat((v.to(v_ring.dtype), v_ring[:, :, slots]), 2))
+
+
+@kv_quant_read.register_fake
+def _(k_codes, k_params, v_codes, v_params, k_ring, v_ring, length, bits, group, residual,
+      scales):
+    B, H, _, D = k_ring.shape
+    return k_ring.new_empty((B, H, length, D)), v_ring.new_empty((B, H, length, D))
+
+
 APPEND = torch.ops.longfx.kv_quant_append.default
+READ = torch.ops.longfx.kv_quant_read.default
 ATTENTION = torch.ops.longfx.kv_quant_attention.default
 EMULATED = torch.ops.longfx.kv_quant_attention_emulated.default
 

@@ -69,6 +69,19 @@ def test_compiled_forward_reads_through_the_quantized_cache():
     assert not [w for w in report.warnings if "graph break" in w], report.warnings
 
 
+def test_two_widths_compiled_in_one_process_read_like_eager():
+    """4-bit then 2-bit through longfx.compile in one process: the state is read by one opaque
+    op (longfx::kv_quant_read), so a second width is a new constant, not a symbolic int that
+    the unpacking cannot shift by, and the compiled read equals the eager one."""
+    model, _ = zoo.build("llama")
+    ids = torch.randint(3, 120, (1, 96), generator=torch.Generator().manual_seed(1))
+    for bits in (4, 2):
+        fast = longfx.compile(model, f"kv_quant(bits={bits}, group=16, residual=16)")
+        got = _chunked(fast, ids, 32, fast.longfx_new_cache())
+        eager = _chunked(model, ids, 32, fast.longfx_new_cache())
+        torch.testing.assert_close(got, eager, rtol=1e-4, atol=1e-4)
+
+
 def test_generate_swaps_in_the_cache_and_handles_left_padding():
     model, _ = zoo.build("llama")
     ids = torch.randint(3, 120, (2, 12), generator=torch.Generator().manual_seed(1))
