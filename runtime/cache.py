@@ -322,7 +322,11 @@ class GearKVLayer(QuantizedKVLayer):
                                      c.bits, c.group, g.rank, float(g.outliers))
 
     def _read_state(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return gear_ref.read(self.state, self.extras, length, self.gear, self.dtype)
+        st, c, g = self.state, self.config, self.gear
+        return kv_op.GEAR_READ(st.k_codes, st.k_params, st.v_codes, st.v_params, st.k_ring,
+                               st.v_ring, *(self.extras[n] for n in gear_ref.EXTRA_NAMES),
+                               length, c.bits, c.group, c.residual, c.scales, g.rank,
+                               float(g.outliers))
 
     def reset(self) -> None:
         super().reset()

@@ -18,7 +18,7 @@ runtime (HF ``Cache``, ONNX runner) can own it:
 
 * ``gear_append(*state, *gear_extras, k, v, bits, group, rank, outliers)`` — the append of
   a ``gear(...)`` state (gear.py): the same 7 tensors plus GEAR's 8 stored-correction tensors
-  (``gear.EXTRA_NAMES`` order), mutated in place.
+  (``gear.EXTRA_NAMES`` order), mutated in place; ``gear_read(...)`` its dequantized read.
 
 The ring size and scale format are read off the tensors (``k_ring.shape[2]``,
 ``k_params.dtype``). Lowering: the Triton kernels (triton.py) on CUDA when they support the
@@ -172,4 +172,34 @@ def _(k_codes, k_params, v_codes, v_params, k_ring, v_ring, length, k_out_val, k
     return None
 
 
+@torch.library.custom_op("longfx::gear_read", mutates_args=())
+def gear_read(k_codes: torch.Tensor, k_params: torch.Tensor, v_codes: torch.Tensor,
+              v_params: torch.Tensor, k_ring: torch.Tensor, v_ring: torch.Tensor,
+              k_out_val: torch.Tensor, k_out_idx: torch.Tensor, k_lr_a: torch.Tensor,
+              k_lr_b: torch.Tensor, v_out_val: torch.Tensor, v_out_idx: torch.Tensor,
+              v_lr_a: torch.Tensor, v_lr_b: torch.Tensor, length: int, bits: int, group: int,
+              residual: int, scales: str, rank: int,
+              outliers: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``gear.read``: the first ``length`` tokens, packed groups decompressed (quantized + low
+    rank + outliers), in the ring's dtype; one opaque op for the reason ``kv_quant_read`` is."""
+    from longfx.kernels.kv_quant import gear
+
+    config = gear.GearConfig(reference.KVQuantConfig(bits, group, residual, scales), rank,
+                             outliers)
+    state = reference.QuantizedKV(k_codes, k_params, v_codes, v_params, k_ring, v_ring,
+                                  torch.zeros(1, dtype=torch.int64), config.kv)
+    extras = dict(zip(gear.EXTRA_NAMES, (k_out_val, k_out_idx, k_lr_a, k_lr_b,
+                                         v_out_val, v_out_idx, v_lr_a, v_lr_b)))
+    return gear.read(state, extras, length, config)
+
+
+@gear_read.register_fake
+def _(k_codes, k_params, v_codes, v_params, k_ring, v_ring, k_out_val, k_out_idx, k_lr_a,
+      k_lr_b, v_out_val, v_out_idx, v_lr_a, v_lr_b, length, bits, group, residual, scales, rank,
+      outliers):
+    B, H, _, D = k_ring.shape
+    return k_ring.new_empty((B, H, length, D)), v_ring.new_empty((B, H, length, D))
+
+
 GEAR_APPEND = torch.ops.longfx.gear_append.default
+GEAR_READ = torch.ops.longfx.gear_read.default
