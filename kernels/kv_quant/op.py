@@ -115,10 +115,12 @@ def kv_quant_read(k_codes: torch.Tensor, k_params: torch.Tensor, v_codes: torch.
     """The first ``length`` tokens of the state, dequantized: keys and values [B, Hkv, length,
     D] in the ring's dtype (packed groups, then the ring's tokens in order).
 
-    One opaque op, so that torch.compile does not trace the bit unpacking: Inductor's CUDA
-    code for the traced unpack/affine chain gave wrong keys (SmolLM2 4-bit perplexity 638 at
-    4k where eager CUDA and CPU agree to 3e-6; benchmarks/results/debug/), and a second
-    ``bits`` in one process made Dynamo treat it as a symbolic int (``lshift(1, s1)``)."""
+    One opaque op, so that Dynamo does not trace the bit unpacking: traced, a second ``bits``
+    in one process made it treat the width as a symbolic int, and the unpacking failed
+    (``lshift(1, s1)``). Not the fix for the open CUDA problem: through ``longfx.compile`` on
+    CUDA the quantized cache still gives wrong logits (SmolLM2 4-bit perplexity 616 at 4k),
+    while the same cache driven eagerly on CUDA matches CPU to 3e-6
+    (benchmarks/results/debug/kv_quant_cuda_compiled_*.json)."""
     config = reference.KVQuantConfig(bits, group, residual, scales)
     n = reference.n_packed(length, config)
     k = reference.dequantize_keys(k_codes[:, :, :n], k_params[:, :, :n // group], config)
