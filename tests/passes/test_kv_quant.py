@@ -118,3 +118,24 @@ def test_eval_harness_uses_the_cache_and_counts_its_bytes():
     assert isinstance(cache, QuantizedCache) and cache.get_seq_length() == 64
     assert infer.kv_bytes(cache) == cache.nbytes() < cache.dense_nbytes()
     assert type(infer.new_cache(model)).__name__ == "DynamicCache"
+
+
+def test_cuda_quantized_cache_runs_eagerly_or_refuses(monkeypatch):
+    """On CUDA the compiled quantized-cache forward is wrong (open bug): kv_quant alone runs the
+    model eagerly (equal to the eager cache, with a report warning); combined with graph
+    rewrites it is refused. Emulated on CPU by declaring the inputs CUDA."""
+    from longfx.runtime import hf
+
+    monkeypatch.setattr(hf, "_quantized_on_cuda", lambda args, kwargs: isinstance(
+        kwargs.get("past_key_values"), QuantizedCache))
+    model, _ = zoo.build("llama")
+    ids = torch.randint(3, 120, (1, 64), generator=torch.Generator().manual_seed(2))
+    fast = longfx.compile(model, "kv_quant(bits=4, group=16, residual=16)")
+    got = _chunked(fast, ids, 32, fast.longfx_new_cache())
+    eager = _chunked(model, ids, 32, fast.longfx_new_cache())
+    assert torch.equal(got, eager)
+    assert hf.QUANTIZED_CUDA_NOTE in fast.longfx_backend.report.warnings
+    assert not fast.longfx_backend.report.graphs                  # nothing was captured
+    both = longfx.compile(model, "sink_window(sink=2, window=8) + kv_quant(bits=4, group=16, residual=16)")
+    with pytest.raises(RuntimeError, match="wrong results on CUDA"):
+        _chunked(both, ids, 32, both.longfx_new_cache())
