@@ -17,7 +17,8 @@ from __future__ import annotations
 from dataclasses import field
 
 from longfx.kernels.kv_quant.gear import GearConfig
-from longfx.kernels.kv_quant.reference import BITS, SCALES, KVQuantConfig
+from longfx.kernels.kv_quant.reference import KVQuantConfig
+from longfx.passes.kv_quant import check_state_args
 from longfx.recipes import Recipe, RecipeError, register
 
 __all__ = ["GearRecipe"]
@@ -36,22 +37,11 @@ class GearRecipe(Recipe):
     sink: int = 4
 
     def __post_init__(self):
-        if self.bits not in BITS:
-            raise RecipeError(f"gear: bits must be one of {', '.join(map(str, BITS))}, "
-                              f"got {self.bits!r}")
+        check_state_args("gear", self)
         if not isinstance(self.rank, int) or self.rank < 0:
             raise RecipeError(f"gear: rank must be an integer >= 0, got {self.rank!r}")
         if not isinstance(self.outliers, (int, float)) or not 0 <= self.outliers < 1:
             raise RecipeError(f"gear: outliers must be a fraction in [0, 1), got {self.outliers!r}")
-        if not isinstance(self.group, int) or self.group < 1:
-            raise RecipeError(f"gear: group must be an integer >= 1, got {self.group!r}")
-        if not isinstance(self.residual, int) or self.residual < 0:
-            raise RecipeError(f"gear: residual must be an integer >= 0, got {self.residual!r}")
-        if self.scales not in SCALES:
-            raise RecipeError(f"gear: scales must be one of {', '.join(SCALES)}, "
-                              f"got {self.scales!r}")
-        if not isinstance(self.sink, int) or self.sink < 0:
-            raise RecipeError(f"gear: sink must be an integer >= 0, got {self.sink!r}")
 
     @property
     def gear_config(self) -> GearConfig:

@@ -29,6 +29,23 @@ from longfx.recipes import Recipe, RecipeError, register
 __all__ = ["KVQuant", "cache_recipe"]
 
 
+def check_state_args(name: str, r: Recipe) -> None:
+    """The KIVI-state arguments shared by ``kv_quant`` and ``gear``: bits, group, residual,
+    scales, sink; a RecipeError naming the recipe."""
+    if r.bits not in BITS:
+        raise RecipeError(f"{name}: bits must be one of {', '.join(map(str, BITS))}, "
+                          f"got {r.bits!r}")
+    if not isinstance(r.group, int) or r.group < 1:
+        raise RecipeError(f"{name}: group must be an integer >= 1, got {r.group!r}")
+    if not isinstance(r.residual, int) or r.residual < 0:
+        raise RecipeError(f"{name}: residual must be an integer >= 0, got {r.residual!r}")
+    if r.scales not in SCALES:
+        raise RecipeError(f"{name}: scales must be one of {', '.join(SCALES)}, "
+                          f"got {r.scales!r}")
+    if not isinstance(r.sink, int) or r.sink < 0:
+        raise RecipeError(f"{name}: sink must be an integer >= 0, got {r.sink!r}")
+
+
 @register("kv_quant")
 class KVQuant(Recipe):
     """KIVI KV-cache quantization: keys per channel, values per token, recent tokens and the
@@ -41,18 +58,7 @@ class KVQuant(Recipe):
     sink: int = 4
 
     def __post_init__(self):
-        if self.bits not in BITS:
-            raise RecipeError(f"kv_quant: bits must be one of {', '.join(map(str, BITS))}, "
-                              f"got {self.bits!r}")
-        if not isinstance(self.group, int) or self.group < 1:
-            raise RecipeError(f"kv_quant: group must be an integer >= 1, got {self.group!r}")
-        if not isinstance(self.residual, int) or self.residual < 0:
-            raise RecipeError(f"kv_quant: residual must be an integer >= 0, got {self.residual!r}")
-        if self.scales not in SCALES:
-            raise RecipeError(f"kv_quant: scales must be one of {', '.join(SCALES)}, "
-                              f"got {self.scales!r}")
-        if not isinstance(self.sink, int) or self.sink < 0:
-            raise RecipeError(f"kv_quant: sink must be an integer >= 0, got {self.sink!r}")
+        check_state_args("kv_quant", self)
 
     @property
     def kv_config(self) -> KVQuantConfig:
