@@ -46,7 +46,8 @@ from longfx.kernels.kv_quant import op as kv_op  # noqa: F401 - registers longfx
 from longfx.kernels.kv_quant.gear import GearConfig
 from longfx.kernels.kv_quant.reference import KVQuantConfig, QuantizedKV, n_packed
 
-__all__ = ["QuantizedKVLayer", "QuantizedCache", "GearKVLayer", "GearCache", "DEFAULT_BLOCK"]
+__all__ = ["QuantizedKVLayer", "QuantizedCache", "GearKVLayer", "GearCache", "DEFAULT_BLOCK",
+           "init_layers"]
 
 DEFAULT_BLOCK = 256
 
@@ -225,6 +226,17 @@ class QuantizedKVLayer(CacheLayerMixin):
         return sum(t.numel() * t.element_size() for t in self._tensors().values())
 
 
+def init_layers(cache: Cache, config) -> None:
+    """``Cache.__init__`` for a longfx cache whose layers come from ``cache._new_layer()``: one
+    per decoder layer of ``config``, or added as ``update`` meets them when there is none."""
+    n = getattr(config.get_text_config(decoder=True), "num_hidden_layers", None) \
+        if config is not None else None
+    if n:
+        Cache.__init__(cache, layers=[cache._new_layer() for _ in range(n)])
+    else:
+        Cache.__init__(cache, layer_class_to_replicate=cache._new_layer)
+
+
 class QuantizedCache(Cache):
     """``past_key_values`` holding a KIVI-quantized state per layer (``kv_quant(...)``).
 
@@ -236,12 +248,7 @@ class QuantizedCache(Cache):
         self.kv = kv
         self.block = block
         self.sink = sink
-        n = getattr(config.get_text_config(decoder=True), "num_hidden_layers", None) \
-            if config is not None else None
-        if n:
-            super().__init__(layers=[self._new_layer() for _ in range(n)])
-        else:
-            super().__init__(layer_class_to_replicate=self._new_layer)
+        init_layers(self, config)
 
     def _new_layer(self) -> QuantizedKVLayer:
         return QuantizedKVLayer(self.kv, self.block, self.sink)

@@ -47,6 +47,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from longfx.kernels.kv_evict import reference as R
+from longfx.runtime.cache import init_layers
 
 __all__ = ["EvictLayer", "EvictCache", "install_query_hooks", "remove_query_hooks",
            "attention_modules"]
@@ -241,12 +242,7 @@ class EvictCache(Cache):
         self.inv_freq = _inv_freq(model) if model is not None else None
         if model is not None and not isinstance(policy, R.StreamingConfig):
             install_query_hooks(model)
-        n = getattr(config.get_text_config(decoder=True), "num_hidden_layers", None) \
-            if config is not None else None
-        if n:
-            super().__init__(layers=[self._new_layer() for _ in range(n)])
-        else:
-            super().__init__(layer_class_to_replicate=self._new_layer)
+        init_layers(self, config)
 
     def _new_layer(self) -> EvictLayer:
         return EvictLayer(self.policy, self.inv_freq)
