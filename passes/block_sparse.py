@@ -31,7 +31,7 @@ from longfx.kernels.block_sparse import op as bs_op
 from longfx.kernels.block_sparse.op import OP as BLOCK_SPARSE
 from longfx.kernels.block_sparse.reference import ESTIMATES, expected_density
 from longfx.kernels.sparse_attention.op import OP as SPARSE
-from longfx.passes.sparse import key_keep, native_window, padding_of
+from longfx.passes.sparse import key_keep, padding_or_reason
 from longfx.recipes import Recipe, register
 from longfx.rewrite import graph as G
 from longfx.rewrite.rule import Rule, replace_uses
@@ -70,12 +70,9 @@ class BlockSparseRule(Rule):
         facts: dict[str, Any] = {"node": node}
         if node.target is BLOCK_SPARSE:
             return facts
-        pad = padding_of(site, self._sites)
+        pad = padding_or_reason(site, self._sites)
         if isinstance(pad, str):
             return pad
-        native = native_window(site)
-        if native:
-            return f"the layer attends a native window of {native}; left as the model has it"
         facts["padding"] = pad
         return facts
 

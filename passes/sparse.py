@@ -134,6 +134,19 @@ def _appends_one(kv: Site) -> bool:
         val.dim() and isinstance(val.shape[axis], int) and val.shape[axis] == 1
 
 
+def padding_or_reason(site: Site, sites: list[Site]):
+    """For a rule that replaces a dense attention by a sparse one: the key padding
+    (``padding_of``), or why the site stays — a str: padding it cannot read, or a native
+    window of the model's own (Gemma/Mistral local layers are left as they are)."""
+    pad = padding_of(site, sites)
+    if isinstance(pad, str):
+        return pad
+    native = native_window(site)
+    if native:
+        return f"the layer attends a native window of {native}; left as the model has it"
+    return pad
+
+
 def padding_of(site: Site, sites: list[Site] | None = None) -> fx.Node | None | str:
     """The 2-D padding input the site's mask and-s in (None: no padding), or why the mask is
     not "causal [∧ window] ∧ padding" — the only masks a rewrite may drop. With ``sites`` (all

@@ -26,7 +26,7 @@ from longfx.kernels.attention.op import OP as DENSE
 from longfx.kernels.block_sparse import estimate
 from longfx.kernels.block_sparse.estimate import OP as DYNAMIC
 from longfx.passes.block_sparse import REPORT_CONTEXT, _check_block, _check_int
-from longfx.passes.sparse import key_keep, native_window, padding_of
+from longfx.passes.sparse import key_keep, padding_or_reason
 from longfx.recipes import Recipe, register
 from longfx.rewrite import graph as G
 from longfx.rewrite.rule import Rule, replace_uses
@@ -62,12 +62,9 @@ class DynamicSparseRule(Rule):
         node = site.nodes.get("canonical")
         if not isinstance(node, fx.Node) or node.target is not DENSE or not node.users:
             return site.reason or "the site is not canonical (no longfx::attention to rewrite)"
-        pad = padding_of(site, self._sites)
+        pad = padding_or_reason(site, self._sites)
         if isinstance(pad, str):
             return pad
-        native = native_window(site)
-        if native:
-            return f"the layer attends a native window of {native}; left as the model has it"
         return {"node": node, "padding": pad}
 
     def replace(self, site: Site, gm: fx.GraphModule, facts: dict[str, Any]) -> list[fx.Node]:
