@@ -25,7 +25,7 @@ HERE = Path(__file__).parent
 PLANNED = {
     ("smollm2-135m", "cpu"): {
         "ppl": ([2048, 4096, 8192, 16384], "not measured: too slow on the shared 2-core CPU within the session"),
-        "passkey": ([1024, 2048, 4096, 8192, 12288, 16384],
+        "passkey_alt": ([1024, 2048, 4096, 8192, 12288, 16384],
                     "not measured: too slow on the shared 2-core CPU within the session"),
     },
 }
@@ -71,7 +71,7 @@ def passkey_grid(rows: list[dict], task: str) -> list[str]:
 def timings(rows: list[dict], task: str) -> str:
     """Mean wall time per cell: ``cell_s`` where recorded, else the step in ``elapsed_s``
     (cumulative inside one evaluate() task run; a drop starts a new run)."""
-    cells = [r for r in rows if r["task"] == task and (task != "passkey" or r.get("depth") is not None)]
+    cells = [r for r in rows if r["task"] == task and (task == "ppl" or r.get("depth") is not None)]
     by = defaultdict(list)
     prev = 0.0
     for r in cells:
@@ -99,8 +99,12 @@ def render(rows: list[dict]) -> str:
            "do not edit by hand. Each row was measured by `longfx.eval.evaluate` (the dense",
            "baseline is the plain, uncompiled model). Perplexity: first N tokens of CPython's",
            "`pydoc_data.topics` text, one chunked pass through the model's cache (1024-token",
-           "chunks on CPU, 4096 in the H100 runs; each row records its `chunk`), each length a prefix. Passkey: classic filler haystack, 5-digit key, raw-continuation",
-           "prompt ending \"The pass key is\", greedy answer; n prompts per cell (seed 0).", ""]
+           "chunks on CPU, 4096 in the H100 runs; each row records its `chunk`), each length a prefix.",
+           "Passkey: 5-digit key, raw-continuation prompt ending \"The pass key is\", greedy answer,",
+           "n prompts per cell (seed 0 unless the row says). `passkey` is the classic prompt (the",
+           "Landmark Attention template: \"The grass is green. ...\" filler); `passkey_alt` is longfx's",
+           "own filler, the harness's passkey before 2026-11-23 (session 5); `passkey_hard` hides",
+           "the key in prose.", ""]
     for (model, hw, dev), rs in sorted(groups.items()):
         texts = sorted({str(r.get("data")) for r in rs if r.get("data")})
         out += [f"## {model} · {hw} ({dev})", "", env_line(rs), ""]
@@ -110,7 +114,7 @@ def render(rows: list[dict]) -> str:
         tasks = list(dict.fromkeys(r["task"] for r in rs))
         if "ppl" in tasks:
             out += ["### perplexity", "", markdown([r for r in rs if r["task"] == "ppl"]), ""]
-        for t in ("passkey", "passkey_hard"):
+        for t in ("passkey", "passkey_alt", "passkey_hard"):
             if t in tasks:
                 out += [f"### {t}", ""] + passkey_grid(rs, t)
         warned = sorted({(r["recipe"], r["warning"]) for r in rs if r.get("warning")})
@@ -122,10 +126,10 @@ def render(rows: list[dict]) -> str:
             out += ["Wrong answers (what the model wrote after \"The pass key is\"):", ""]
             out += [f"- {t} {n} depth {a['depth']:g}: key {a['key']}, answered `{a['answer'].replace(chr(10), ' ⏎ ')}`"
                     for t, n, a in sorted(wrong, key=lambda w: (w[0], w[1], w[2]["depth"]))] + [""]
-        other = [r for r in rs if r["task"] not in ("ppl", "passkey", "passkey_hard")]
+        other = [r for r in rs if r["task"] not in ("ppl", "passkey", "passkey_alt", "passkey_hard")]
         if other:
             out += ["### other tasks", "", markdown(other), ""]
-        times = [f"{t}: {timings(rs, t)}" for t in ("ppl", "passkey") if t in tasks]
+        times = [f"{t}: {timings(rs, t)}" for t in ("ppl", "passkey", "passkey_alt") if t in tasks]
         if times:
             out += ["Wall time on this machine (ppl: the one pass, by its length; passkey: one "
                     "prompt, prefill + greedy answer, by length; the 2 cores were shared with "
@@ -307,13 +311,22 @@ def block_density(rows: list[dict]) -> str:
     return "\n".join(out) + "\n"
 
 
+def relabel_alt_passkey(rows: list[dict]) -> list[dict]:
+    """Harness ``passkey`` rows measured before the classic prompt (2026-11-23, session 5) carry
+    no ``prompt`` field: they used longfx's own filler, today's ``passkey_alt`` task."""
+    for r in rows:
+        if r.get("task") == "passkey" and "prompt" not in r:
+            r["task"], r["prompt"] = "passkey_alt", "alt"
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--results", default=str(HERE / "results"))
     ap.add_argument("--out", default=str(HERE / "RESULTS.md"))
     ap.add_argument("--check", action="store_true")
     a = ap.parse_args(argv)
-    rows = load_rows(sorted(Path(a.results).glob("*.jsonl")))
+    rows = relabel_alt_passkey(load_rows(sorted(Path(a.results).glob("*.jsonl"))))
     benches = [r for r in rows if "bench" in r]          # rows of benchmark scripts, not eval
     density = [r for r in rows if r.get("task") == "block_density"]
     text = render([r for r in rows if "bench" not in r and r.get("task") != "block_density"])

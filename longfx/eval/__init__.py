@@ -32,6 +32,7 @@ DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 TASKS: dict[str, tuple[Callable, Callable]] = {
     "ppl": (ppl.run, ppl.units),
     "passkey": (passkey.run, passkey.units),
+    "passkey_alt": (passkey.run_alt, passkey.units),
     "passkey_hard": (passkey.run_hard, passkey.units),
     "needle": (needle.run, needle.units),
     "kl": (kl.run, kl.units),

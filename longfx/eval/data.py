@@ -94,13 +94,31 @@ def prose_tokens(tok, n: int, rng: random.Random) -> list[int]:
 
 # ---------------------------------------------------------------- prompts
 
-# Written for longfx: neutral sentences that carry no information and repeat cleanly.
+# The classic passkey prompt: the template of Mohtashami & Jaggi (2023, "Landmark Attention",
+# arXiv:2305.16300), reused by LongLoRA and YaRN, and the one the issue's reference numbers were
+# measured with. It is a benchmark definition, so its text is kept as published.
+LANDMARK_INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and "
+                  "memorize it. I will quiz you about the important information there.")
+LANDMARK_FILLER = (" The grass is green. The sky is blue. The sun is yellow. Here we go. There and"
+                   " back again.")
+LANDMARK_LINE = " The pass key is {key}. Remember it. {key} is the pass key."
+LANDMARK_QUESTION = " What is the pass key? The pass key is"
+
+# Written for longfx: neutral sentences that carry no information and repeat cleanly. The
+# harness's passkey prompt before 2026-11-23 (session 5); now ``style="alt"`` (task
+# ``passkey_alt``) and the frame of ``passkey_hard``.
 FILLER = (" The river runs past the old mill. Clouds drift slowly over the hills."
           " A bell rings somewhere in the valley. Then everything is quiet again.")
 PASSKEY_INTRO = ("Somewhere in the long text below a pass key is hidden. Read carefully and"
                  " remember the key; you will be asked for it at the end.\n")
 PASSKEY_LINE = " The pass key is {key}. Remember it: {key} is the pass key.\n"
 PASSKEY_QUESTION = "\nWhat is the pass key? The pass key is"
+
+# style -> (intro, filler, key line, question)
+PASSKEY_STYLES = {
+    "classic": (LANDMARK_INTRO, LANDMARK_FILLER, LANDMARK_LINE, LANDMARK_QUESTION),
+    "alt": (PASSKEY_INTRO, FILLER, PASSKEY_LINE, PASSKEY_QUESTION),
+}
 
 NEEDLE_INTRO = ("The long text below hides several secret codes, each one given for a name."
                 " Remember them; you will be asked about them at the end.\n")
@@ -120,18 +138,18 @@ class Prompt:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
-def _filler_tokens(tok, n: int) -> list[int]:
-    unit = encode(tok, FILLER)
+def _filler_tokens(tok, n: int, filler: str = FILLER) -> list[int]:
+    unit = encode(tok, filler)
     reps = n // len(unit) + 1
     return (unit * reps)[:n]
 
 
-def _boundaries(tok, hay: list[int], prose: bool) -> list[int]:
+def _boundaries(tok, hay: list[int], prose: bool, filler: str = FILLER) -> list[int]:
     """Token offsets in ``hay`` where a sentence ends (insertion points that keep text readable)."""
     if not prose:
-        unit = len(encode(tok, FILLER))
+        unit = len(encode(tok, filler))
         # the filler is built from whole units; sentence ends inside a unit are found once
-        ends = [i + 1 for i, t in enumerate(encode(tok, FILLER)) if decode(tok, [t]).rstrip().endswith(".")]
+        ends = [i + 1 for i, t in enumerate(encode(tok, filler)) if decode(tok, [t]).rstrip().endswith(".")]
         out = [0] + [u * unit + e for u in range(len(hay) // unit + 1) for e in ends]
         return [b for b in out if b <= len(hay)]
     out = [0]
@@ -143,24 +161,32 @@ def _boundaries(tok, hay: list[int], prose: bool) -> list[int]:
     return out
 
 
-def _place(tok, hay: list[int], depth: float, prose: bool) -> int:
+def _place(tok, hay: list[int], depth: float, prose: bool, filler: str = FILLER) -> int:
     target = round(depth * len(hay))
-    b = _boundaries(tok, hay, prose)
+    b = _boundaries(tok, hay, prose, filler)
     return min(b, key=lambda x: (abs(x - target), x))
 
 
-def passkey(tok, length: int, depth: float, rng: random.Random, hard: bool = False) -> Prompt:
+def passkey(tok, length: int, depth: float, rng: random.Random, hard: bool = False,
+            style: str = "classic") -> Prompt:
     """A prompt of about ``length`` tokens with a 5-digit key at ``depth`` (0 = start, 1 = end).
 
-    Classic: the haystack is repeated filler sentences. Hard: corpus prose from a seeded offset.
+    ``style="classic"``: the Landmark Attention template (repeated "The grass is green. ..."
+    filler). ``style="alt"``: longfx's own filler and wording. Hard: the ``alt`` wording with
+    corpus prose from a seeded offset as the haystack.
     """
+    if style not in PASSKEY_STYLES:
+        raise ValueError(f"passkey style must be one of {', '.join(PASSKEY_STYLES)}, got {style!r}")
+    if hard:
+        style = "alt"
+    intro_t, filler, line_t, q_t = PASSKEY_STYLES[style]
     key = str(rng.randrange(10000, 100000))
-    intro, line, q = encode(tok, PASSKEY_INTRO), encode(tok, PASSKEY_LINE.format(key=key)), encode(tok, PASSKEY_QUESTION)
+    intro, line, q = encode(tok, intro_t), encode(tok, line_t.format(key=key)), encode(tok, q_t)
     n = max(0, length - len(intro) - len(line) - len(q))
-    hay = prose_tokens(tok, n, rng) if hard else _filler_tokens(tok, n)
-    at = _place(tok, hay, depth, hard)
+    hay = prose_tokens(tok, n, rng) if hard else _filler_tokens(tok, n, filler)
+    at = _place(tok, hay, depth, hard, filler)
     ids = intro + hay[:at] + line + hay[at:] + q
-    return Prompt(ids, [key], depth, [len(intro) + at], {"key": key, "hard": hard})
+    return Prompt(ids, [key], depth, [len(intro) + at], {"key": key, "hard": hard, "style": style})
 
 
 def needle(tok, length: int, rng: random.Random, mode: str = "multikey", keys: int = 4, values: int = 4) -> Prompt:

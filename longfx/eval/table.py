@@ -7,8 +7,8 @@ from typing import Iterable
 
 from rich.table import Table
 
-PRIMARY = {"ppl": "ppl", "passkey": "acc", "passkey_hard": "acc", "needle": "acc", "kl": "kl",
-           "cost": "prefill_s"}
+PRIMARY = {"ppl": "ppl", "passkey": "acc", "passkey_alt": "acc", "passkey_hard": "acc",
+           "needle": "acc", "kl": "kl", "cost": "prefill_s"}
 EXTRA = {"kl": ("top1_agree",), "cost": ("decode_s_per_token", "kv_bytes", "peak_mem_bytes")}
 
 

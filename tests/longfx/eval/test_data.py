@@ -54,3 +54,24 @@ def test_needle_prompts():
                                        ("no digits here", None), ("\n\n 00123", "00123")])
 def test_number_parser(text, want):
     assert data.first_number(text) == want
+
+
+@pytest.mark.parametrize("style", ["classic", "alt"])
+def test_passkey_styles(style):
+    p = data.passkey(TOK, 1500, 0.5, random.Random(1), style=style)
+    intro, filler, line, question = data.PASSKEY_STYLES[style]
+    text = TOK.decode(p.ids)
+    assert text.startswith(intro) and text.endswith(question.strip())
+    assert line.format(key=p.answers[0]).strip() in text
+    assert filler.strip()[:20] in text and p.meta["style"] == style
+    with pytest.raises(ValueError, match="style"):
+        data.passkey(TOK, 1500, 0.5, random.Random(1), style="bogus")
+
+
+def test_passkey_task_is_classic():
+    """``passkey`` is the Landmark Attention prompt; the same seed gives the same keys in ``alt``."""
+    a = passkey.prompts(TOK, 900, 0.25, seed=0, trials=2)
+    b = passkey.prompts(TOK, 900, 0.25, seed=0, trials=2, style="alt")
+    assert "The grass is green." in TOK.decode(a[0].ids)
+    assert "old mill" in TOK.decode(b[0].ids)
+    assert [p.answers for p in a] == [p.answers for p in b]

@@ -35,10 +35,24 @@ def test_render_and_check(tmp_path):
     assert "| ppl | 2048 | 1 | 11.91 |" in text
     assert "| 1024 | 100% (1/1) | 0% (0/1) | 50% (1/2) |" in text
     assert "Test CPU" in text and "2026-11-23" in text
-    assert "passkey at 2048, 4096, 8192, 12288, 16384: not measured" in text
+    # rows without a "prompt" field were measured with longfx's own filler: passkey_alt
+    assert "### passkey_alt" in text and "### passkey\n" not in text
+    assert "passkey_alt at 2048, 4096, 8192, 12288, 16384: not measured" in text
     assert mr.main(["--results", str(res), "--out", str(out), "--check"]) == 0
     out.write_text(text + "edited\n")
     assert mr.main(["--results", str(res), "--out", str(out), "--check"]) == 1
+
+
+def test_classic_passkey_rows_keep_their_task(tmp_path):
+    mr = _module()
+    rows = [_row("passkey", 1024, {"acc": 1.0}, depth=0.5, prompt="classic", cell_s=2.0),
+            _row("passkey", 1024, {"acc": 1.0}, depth=None, prompt="classic")]
+    res = tmp_path / "results"
+    res.mkdir()
+    (res / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "RESULTS.md"
+    assert mr.main(["--results", str(res), "--out", str(out)]) == 0
+    assert "### passkey\n" in out.read_text() and "### passkey_alt" not in out.read_text()
 
 
 def test_independent_rows_sit_beside_the_harness(tmp_path):
