@@ -31,3 +31,13 @@ def test_unknown_model_is_a_clear_error(capsys):
     assert main(["inspect", "no-such-model-xyz"]) == 2
     out = capsys.readouterr().out
     assert "smollm2-135m" in out                      # the message lists the known names
+
+
+def test_python_dash_m_runs_the_cli():
+    """``python -m longfx`` is the ``longfx`` script."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "longfx", "eval", "--help"], capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0 and "usage: longfx eval" in out.stdout
