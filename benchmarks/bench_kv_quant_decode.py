@@ -13,6 +13,13 @@ split count are swept over the ``--num-*`` lists and the fastest is reported (``
 every point). Also recorded: GB/s of state bytes the kernel reads (packed codes, scales,
 zeros and the full-precision ring), the largest relative difference from the reference
 (dequantize + attention, in fp32), and the time of a one-token append (quantize-on-append).
+
+Both decode kernels are timed (``--variants``: "planes", the bit-plane kernel, and "joined",
+the unpack-to-[N, D] one) over the sweep ``--block-n`` x ``--num-splits`` x ``--num-warps`` x
+``--num-stages``; each row's ``quant_ms`` and knobs are the fastest point over all variants
+(``variant`` names it) and ``variants`` keeps the best point of each, with its GB/s, speedup
+and error. ``--quick``: the 4- and 2-bit rows of 128k:1 and 32k:8 with a smaller sweep
+(under 2 minutes on an H100).
 """
 from __future__ import annotations
 
@@ -77,6 +84,14 @@ def random_state(R, batch, kv_heads, dim, length, config, device):
     return st
 
 
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def _rel_err(out, want) -> float:
+    return float((out.float() - want).abs().max() / want.abs().max())
+
+
 def bench_case(R, T, length, batch, bits, a) -> dict:
     device = torch.device("cuda")
     config = R.KVQuantConfig(bits=bits, group=a.group, residual=a.residual, scales=a.scales)
@@ -85,22 +100,33 @@ def bench_case(R, T, length, batch, bits, a) -> dict:
     q = torch.randn(batch, a.heads, a.queries, a.dim, generator=g, device=device,
                     dtype=torch.bfloat16)
     scale = a.dim ** -0.5
-    tuned = []
-    for warps in (int(w) for w in a.num_warps.split(",")):
-        for stages in (int(x) for x in a.num_stages.split(",")):
-            for splits in (int(x) or None for x in a.num_splits.split(",")):
-                def run(warps=warps, stages=stages, splits=splits):
-                    return T.attention_decode(q, st, scale, splits, warps, stages)
-                tuned.append((graph_ms(run, a.warmup, a.iters), warps, stages, splits, run))
-    t_quant, warps, stages, splits, run = min(tuned, key=lambda x: x[0])
+    read = T.packed_bytes_read(st, length)
+    block_ns = [bn for bn in _ints(a.block_n) if a.group % bn == 0] or [min(64, a.group)]
+    tuned = []                   # (ms, variant, block_n, warps, stages, splits, run)
+    for variant in a.variants.split(","):
+        for block_n in block_ns:
+            for warps in _ints(a.num_warps):
+                for stages in _ints(a.num_stages):
+                    for splits in (x or None for x in _ints(a.num_splits)):
+                        def run(variant=variant, block_n=block_n, warps=warps, stages=stages,
+                                splits=splits):
+                            return T.attention_decode(q, st, scale, splits, warps, stages,
+                                                      variant=variant, block_n=block_n)
+                        tuned.append((graph_ms(run, a.warmup, a.iters), variant, block_n, warps,
+                                      stages, splits, run))
+    best = {}                                                        # variant -> fastest point
+    for x in tuned:
+        if x[1] not in best or x[0] < best[x[1]][0]:
+            best[x[1]] = x
+    t_quant, variant, block_n, warps, stages, splits, run = min(tuned, key=lambda x: x[0])
     t_quant_eager = time_ms(run, a.warmup, a.iters)
 
-    out = run()
     kd, vd = R.dequantize_state(st)                                  # [B, Hkv, L, D] bf16
     mask = torch.ones(a.queries, length, dtype=torch.bool, device=device).tril(length - a.queries)
     want = F.scaled_dot_product_attention(q.float(), kd.float(), vd.float(), attn_mask=mask,
                                           scale=scale, enable_gqa=True)
-    err = float((out.float() - want).abs().max() / want.abs().max())
+    errs = {v: _rel_err(x[6](), want) for v, x in best.items()}
+    err = errs[variant]
 
     k = torch.randn(batch, a.kv_heads, length, a.dim, generator=g, device=device,
                     dtype=torch.bfloat16)
@@ -124,19 +150,24 @@ def bench_case(R, T, length, batch, bits, a) -> dict:
         T.append(st, kn, kn)
 
     t_append = graph_ms(append, a.warmup, a.iters)
-    read = T.packed_bytes_read(st, length)
+    st.length.fill_(length)
     bf16_bytes = 2 * batch * a.kv_heads * length * a.dim * 2
+    variants = {v: dict(ms=x[0], block_n=x[2], num_warps=x[3], num_stages=x[4],
+                        num_splits=x[5], gbps=read / x[0] / 1e6, speedup=t_sdpa / x[0],
+                        max_rel_err_vs_reference=errs[v])
+                for v, x in best.items()}
     return dict(length=length, batch=batch, bits=bits, group=a.group, residual=a.residual,
                 scales=a.scales, heads=a.heads, kv_heads=a.kv_heads, dim=a.dim,
                 queries=a.queries, quant_ms=t_quant, sdpa_bf16_ms=t_sdpa,
                 speedup=t_sdpa / t_quant, target_speedup=3.0 if bits == 4 else None,
                 quant_eager_ms=t_quant_eager, sdpa_bf16_eager_ms=t_sdpa_eager,
                 num_warps=warps, num_stages=stages, num_splits=splits,
-                tuning=[dict(ms=x[0], num_warps=x[1], num_stages=x[2], num_splits=x[3])
-                        for x in tuned],
+                tuning=[dict(ms=x[0], variant=x[1], block_n=x[2], num_warps=x[3],
+                             num_stages=x[4], num_splits=x[5]) for x in tuned],
                 state_bytes_read=read, quant_gbps=read / t_quant / 1e6,
                 sdpa_gbps=bf16_bytes / t_sdpa / 1e6, max_rel_err_vs_reference=err,
-                append_1tok_ms=t_append)
+                append_1tok_ms=t_append, variant=variant, block_n=block_n,
+                default_variant=T.DEFAULT_VARIANT, variants=variants)
 
 
 def main(argv=None):
@@ -151,13 +182,23 @@ def main(argv=None):
     ap.add_argument("--residual", type=int, default=128)
     ap.add_argument("--scales", default="u8", choices=("u8", "fp16"))
     ap.add_argument("--queries", type=int, default=1, help="query tokens per step (S)")
-    ap.add_argument("--num-warps", default="8", help="decode kernel warps to try")
-    ap.add_argument("--num-stages", default="4", help="decode kernel stages to try")
-    ap.add_argument("--num-splits", default="0,128", help="split-KV programs per kv head to try "
-                    "(0: the kernel's heuristic)")
+    ap.add_argument("--variants", default="planes,joined",
+                    help="decode kernels to time (longfx.kernels.kv_quant.triton.VARIANTS)")
+    ap.add_argument("--block-n", default="32,64", help="decode tile sizes to try (those that "
+                    "do not divide --group are skipped)")
+    ap.add_argument("--num-warps", default="4,8", help="decode kernel warps to try")
+    ap.add_argument("--num-stages", default="2,3,4", help="decode kernel stages to try")
+    ap.add_argument("--num-splits", default="0,64,128,256", help="split-KV programs per kv "
+                    "head to try (0: the kernel's heuristic)")
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--iters", type=int, default=50)
+    ap.add_argument("--quick", action="store_true", help="4- and 2-bit rows of 128k:1 and "
+                    "32k:8, sweep block_n 32,64 x splits 0,128 x warps 4,8 x stages 3, "
+                    "20 iterations (under 2 minutes on an H100); overrides those options")
     a = ap.parse_args(argv)
+    if a.quick:
+        a.cases, a.bits, a.block_n, a.num_splits = "128k:1,32k:8", "4,2", "32,64", "0,128"
+        a.num_warps, a.num_stages, a.warmup, a.iters = "4,8", "3", 5, 20
     if not torch.cuda.is_available():
         raise SystemExit("bench_kv_quant_decode needs a CUDA GPU")
     import triton
@@ -170,6 +211,12 @@ def main(argv=None):
         for bits in (int(b) for b in a.bits.split(",")):
             row = bench_case(R, T, length, batch, bits, a)
             print(json.dumps(row), flush=True)
+            print(f"# {length} tokens B={batch} {bits}-bit: sdpa {row['sdpa_bf16_ms']:.4f} ms; "
+                  + "; ".join(f"{v} {x['ms']:.4f} ms {x['gbps']:.0f} GB/s x{x['speedup']:.2f} "
+                              f"(block_n {x['block_n']}, splits {x['num_splits']}, warps "
+                              f"{x['num_warps']}, stages {x['num_stages']}, err "
+                              f"{x['max_rel_err_vs_reference']:.1e})"
+                              for v, x in row["variants"].items()), flush=True)
             rows.append(row)
             torch.cuda.empty_cache()
     meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,

@@ -324,6 +324,227 @@ if triton is not None:
         _store_partial(ACC, LSE, bh, split, NSPLIT + 1, m_i, l_i, acc, G * S, D, BLOCK_M, BLOCK_D)
 
     @triton.jit
+    def _plane(x, i: tl.constexpr, BITS: tl.constexpr, QMAX: tl.constexpr):
+        """Codes of bit plane i of packed bytes x (any shape): the channels per_byte·j + i."""
+        if BITS == 8:
+            out = x
+        else:
+            out = (x >> (BITS * i)) & QMAX
+        return out
+
+    @triton.jit
+    def _load_q_plane(Q, b, h, sq_b, sq_h, sq_s, i: tl.constexpr, G: tl.constexpr,
+                      S: tl.constexpr, D: tl.constexpr, PB: tl.constexpr, ROWS: tl.constexpr,
+                      BLOCK_M: tl.constexpr, DP: tl.constexpr):
+        # row r holds query row r % (G·S) (query head h·G + m // S, query m % S), for
+        # r < ROWS; plane i's column j is channel PB·j + i
+        r = tl.arange(0, BLOCK_M)
+        m = r % (G * S)
+        j = tl.arange(0, DP)
+        ptr = Q + b * sq_b + (h * G + m // S)[:, None] * sq_h + (m % S)[:, None] * sq_s
+        return tl.load(ptr + (PB * j + i)[None, :],
+                       mask=(r < ROWS)[:, None] & (j < D // PB)[None, :], other=0.0)
+
+    @triton.jit
+    def _plane_operand(x, i: tl.constexpr, BITS: tl.constexpr, QMAX: tl.constexpr,
+                       dt: tl.constexpr, MAGIC: tl.constexpr):
+        """Plane i of packed bytes x as a dot operand of dtype dt, without int -> float
+        conversion instructions (a quarter-rate I2F each code on Hopper): the code is OR-ed
+        into the mantissa of a float whose exponent makes one mantissa step 1 (the "magic
+        number" trick of int4 GEMM kernels, e.g. FasterTransformer's fast int -> half).
+        MAGIC 1: bf16 128 + c (codes < 128), 2: fp16 1024 + c; the dot then carries OFFSET
+        (128 / 1024) times the other operand's row sum, which the caller subtracts. MAGIC 0:
+        fp32 2^23 + c, minus 2^23 in fp32, then cast to dt (exact, no offset left)."""
+        c = _plane(x, i, BITS, QMAX)
+        if MAGIC == 1:
+            out = (c.to(tl.int16) | 0x4300).to(tl.bfloat16, bitcast=True)
+        elif MAGIC == 2:
+            out = (c.to(tl.int16) | 0x6400).to(tl.float16, bitcast=True)
+        else:
+            out = ((c.to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0).to(dt)
+        return out
+
+    @triton.jit
+    def _key_plane_scores(qf, xt, kp, i: tl.constexpr, dt: tl.constexpr, BITS: tl.constexpr,
+                          QMAX: tl.constexpr, D: tl.constexpr, PB: tl.constexpr,
+                          DP: tl.constexpr, FP16: tl.constexpr, PREC: tl.constexpr,
+                          MAGIC: tl.constexpr, OFFSET: tl.constexpr):
+        """(q∘a)·c over plane i's channels, and Σ q·z over them: qf fp32 [M, DP], xt the
+        tile's packed key bytes transposed [DP, N], kp the tile's key-group params."""
+        j = tl.arange(0, DP)
+        ok = j < D // PB
+        ch = PB * j + i
+        a, z = _affine(tl.load(kp + ch, mask=ok, other=0), tl.load(kp + D + ch, mask=ok, other=0),
+                       QMAX, FP16)                                           # [DP]
+        qa = (qf * a[None, :]).to(dt)
+        s = tl.dot(qa, _plane_operand(xt, i, BITS, QMAX, dt, MAGIC),
+                   input_precision=PREC)                                     # [M, N]
+        qz = tl.sum(qf * z[None, :], 1)
+        if OFFSET != 0:      # the operand was OFFSET + c: take OFFSET · Σ (q∘a) as rounded back
+            qz -= OFFSET * tl.sum(qa.to(tl.float32), 1)
+        return s, qz
+
+    @triton.jit
+    def _value_plane(acc, alpha, pa, xv, i: tl.constexpr, BITS: tl.constexpr, QMAX: tl.constexpr,
+                     dt: tl.constexpr, MAGIC: tl.constexpr, PREC: tl.constexpr):
+        # acc [M, DP] of plane i: rescale, add (p∘a) · codes [N, DP]
+        return acc * alpha[:, None] + tl.dot(pa, _plane_operand(xv, i, BITS, QMAX, dt, MAGIC),
+                                             input_precision=PREC)
+
+    @triton.jit
+    def _store_plane(ACC, base, acc, i: tl.constexpr, M: tl.constexpr, ROWS: tl.constexpr,
+                     D: tl.constexpr, PB: tl.constexpr, GROUP: tl.constexpr,
+                     BLOCK_M: tl.constexpr, DP: tl.constexpr):
+        # row r carries value group r // M (see _decode_planes_kernel): it owns the columns
+        # of that group, channel PB·j + i lies in group (PB·j) // GROUP = j // (GROUP / PB)
+        r = tl.arange(0, BLOCK_M)
+        j = tl.arange(0, DP)
+        own = (j // (GROUP // PB))[None, :] == (r // M)[:, None]
+        ok = own & (r < ROWS)[:, None] & (j < D // PB)[None, :]
+        tl.store(ACC + (base + r % M)[:, None] * D + (PB * j + i)[None, :], acc, mask=ok)
+
+    @triton.jit
+    def _decode_planes_kernel(
+            Q, KC, KP, VC, VP, LEN, ACC, LSE, qk_scale, sq_b, sq_h, sq_s, SP, NSPLIT,
+            HKV: tl.constexpr, G: tl.constexpr, S: tl.constexpr, D: tl.constexpr,
+            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+            BITS: tl.constexpr, GROUP: tl.constexpr, RING: tl.constexpr, JV: tl.constexpr,
+            FP16: tl.constexpr, PREC: tl.constexpr, DOT_F32: tl.constexpr,
+            MAGIC: tl.constexpr, OFFSET: tl.constexpr):
+        """``_decode_packed_kernel`` without unpacking to [N, D]: the PB = 8 / BITS bit planes
+        of the packed bytes stay apart (plane i of byte column j is channel PB·j + i, so a
+        plane is a plain [N, D / PB] operand: shift and mask, no join/reshape, no layout
+        shuffle). Keys: scores = Σ_i (q_i∘a_i)·c_iᵀ + Σ_i q_i·z_i, q_i the query's plane-i
+        channels. Values: one accumulator per plane. The value groups (JV per token) are
+        carried by the rows, not by per-element selects: the G·S query rows are repeated JV
+        times (rows fill the 16-row MMA tile anyway), row block g scales the probabilities by
+        group g's per-token scale, (p∘a_g)·c_i + Σ p·z_g, and at the end owns only the
+        columns of group g — the same fold as KIVI's group-wise dequant-GEMV, done as one dot.
+        """
+        PB: tl.constexpr = 8 // BITS
+        QMAX: tl.constexpr = (1 << BITS) - 1
+        M: tl.constexpr = G * S
+        ROWS: tl.constexpr = JV * M
+        DP: tl.constexpr = BLOCK_D // PB
+        EVEN: tl.constexpr = D // PB == DP
+        bh = tl.program_id(0)
+        split = tl.program_id(1)
+        b = bh // HKV
+        h = bh % HKV
+        q0 = _load_q_plane(Q, b, h, sq_b, sq_h, sq_s, 0, G, S, D, PB, ROWS, BLOCK_M, DP)
+        dt = q0.dtype
+        if DOT_F32:
+            dt = tl.float32
+        q0 = q0.to(tl.float32)
+        q1 = q0
+        q2 = q0
+        q3 = q0
+        if PB >= 2:
+            q1 = _load_q_plane(Q, b, h, sq_b, sq_h, sq_s, 1, G, S, D, PB, ROWS, BLOCK_M, DP)
+            q1 = q1.to(tl.float32)
+        if PB == 4:
+            q2 = _load_q_plane(Q, b, h, sq_b, sq_h, sq_s, 2, G, S, D, PB, ROWS, BLOCK_M, DP)
+            q3 = _load_q_plane(Q, b, h, sq_b, sq_h, sq_s, 3, G, S, D, PB, ROWS, BLOCK_M, DP)
+            q2 = q2.to(tl.float32)
+            q3 = q3.to(tl.float32)
+        L = tl.load(LEN).to(tl.int32)
+        n = _n_packed(L, GROUP, RING)
+        chunk = tl.cdiv(tl.cdiv(n, NSPLIT), BLOCK_N) * BLOCK_N                # BLOCK_N | GROUP
+        start = split * chunk
+        end = tl.minimum(start + chunk, n)
+        r = tl.arange(0, BLOCK_M)
+        qpos = L - S + (r % M) % S                                           # [M] positions
+        rg = (r // M)[:, None]                                               # row's value group
+        j = tl.arange(0, DP)
+        jok = j < D // PB
+        nn = tl.arange(0, BLOCK_N)
+        bh64 = bh.to(tl.int64)
+        kc = KC + bh64 * SP * (D // PB)
+        vc = VC + bh64 * SP * (D // PB)
+        kpar = KP + bh64 * (SP // GROUP) * 2 * D
+        vpar = VP + bh64 * SP * 2 * JV
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc_z = tl.zeros([BLOCK_M], tl.float32)                              # Σ p·z (all planes)
+        acc0 = tl.zeros([BLOCK_M, DP], tl.float32)
+        acc1 = acc0
+        acc2 = acc0
+        acc3 = acc0
+        for n0 in range(start, end, BLOCK_N):
+            t = n0 + nn
+            # keys: packed bytes transposed [DP, N]; the tile lies in one key group
+            kptr = kc + t[None, :] * (D // PB) + j[:, None]
+            if EVEN:
+                xk = tl.load(kptr)
+            else:
+                xk = tl.load(kptr, mask=jok[:, None], other=0)
+            kp = kpar + (n0 // GROUP) * 2 * D
+            scores, qz = _key_plane_scores(q0, xk, kp, 0, dt, BITS, QMAX, D, PB, DP, FP16, PREC,
+                                             MAGIC, OFFSET)
+            if PB >= 2:
+                s1, z1 = _key_plane_scores(q1, xk, kp, 1, dt, BITS, QMAX, D, PB, DP, FP16, PREC,
+                                             MAGIC, OFFSET)
+                scores += s1
+                qz += z1
+            if PB == 4:
+                s2, z2 = _key_plane_scores(q2, xk, kp, 2, dt, BITS, QMAX, D, PB, DP, FP16, PREC,
+                                             MAGIC, OFFSET)
+                s3, z3 = _key_plane_scores(q3, xk, kp, 3, dt, BITS, QMAX, D, PB, DP, FP16, PREC,
+                                             MAGIC, OFFSET)
+                scores += s2 + s3
+                qz += z2 + z3
+            scores = (scores + qz[:, None]) * qk_scale
+            if S > 1:
+                scores = tl.where(t[None, :] <= qpos[:, None], scores, float("-inf"))
+            m_i, l_i, alpha, p = _online_softmax(scores, m_i, l_i)
+            # values: per-token (a, z) of the row's group, folded into the probabilities
+            vp = vpar + t * (2 * JV)
+            if JV == 1:
+                a, z = _affine(tl.load(vp), tl.load(vp + 1), QMAX, FP16)         # [N]
+                pa = p * a[None, :]
+                pz = p * z[None, :]
+            else:
+                a = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+                z = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+                for jv in tl.static_range(JV):
+                    aj, zj = _affine(tl.load(vp + jv), tl.load(vp + JV + jv), QMAX, FP16)
+                    a = tl.where(rg == jv, aj[None, :], a)
+                    z = tl.where(rg == jv, zj[None, :], z)
+                pa = p * a
+                pz = p * z
+            pa = pa.to(dt)
+            pz = tl.sum(pz, 1)
+            if OFFSET != 0:  # the value operands are OFFSET + c (_plane_operand)
+                pz -= OFFSET * tl.sum(pa.to(tl.float32), 1)
+            acc_z = acc_z * alpha + pz
+            vptr = vc + t[:, None] * (D // PB) + j[None, :]
+            if EVEN:
+                xv = tl.load(vptr)
+            else:
+                xv = tl.load(vptr, mask=jok[None, :], other=0)
+            acc0 = _value_plane(acc0, alpha, pa, xv, 0, BITS, QMAX, dt, MAGIC, PREC)
+            if PB >= 2:
+                acc1 = _value_plane(acc1, alpha, pa, xv, 1, BITS, QMAX, dt, MAGIC, PREC)
+            if PB == 4:
+                acc2 = _value_plane(acc2, alpha, pa, xv, 2, BITS, QMAX, dt, MAGIC, PREC)
+                acc3 = _value_plane(acc3, alpha, pa, xv, 3, BITS, QMAX, dt, MAGIC, PREC)
+        base = (bh * (NSPLIT + 1) + split) * M
+        full = l_i > 0
+        inv = 1.0 / tl.where(full, l_i, 1.0)
+        _store_plane(ACC, base, (acc0 + acc_z[:, None]) * inv[:, None], 0, M, ROWS, D, PB, GROUP,
+                     BLOCK_M, DP)
+        if PB >= 2:
+            _store_plane(ACC, base, (acc1 + acc_z[:, None]) * inv[:, None], 1, M, ROWS, D, PB,
+                         GROUP, BLOCK_M, DP)
+        if PB == 4:
+            _store_plane(ACC, base, (acc2 + acc_z[:, None]) * inv[:, None], 2, M, ROWS, D, PB,
+                         GROUP, BLOCK_M, DP)
+            _store_plane(ACC, base, (acc3 + acc_z[:, None]) * inv[:, None], 3, M, ROWS, D, PB,
+                         GROUP, BLOCK_M, DP)
+        tl.store(LSE + base + r, tl.where(full, m_i + tl.log2(tl.where(full, l_i, 1.0)),
+                                          float("-inf")), mask=r < M)
+
+    @triton.jit
     def _decode_ring_kernel(
             Q, KR, VR, LEN, ACC, LSE, qk_scale, sq_b, sq_h, sq_s, NSPLIT,
             HKV: tl.constexpr, G: tl.constexpr, S: tl.constexpr, D: tl.constexpr,
@@ -421,12 +642,36 @@ def _num_splits(rows: int, packed: int, block_n: int, device: torch.device) -> i
     return max(1, min(-(-4 * sms // rows), packed // block_n))
 
 
+VARIANTS = ("planes", "joined")
+DEFAULT_VARIANT = "planes"
+
+
+def planes_ok(q: torch.Tensor, state: reference.QuantizedKV) -> bool:
+    """Whether the "planes" decode takes this shape: every query row repeated once per value
+    group must fit one program (JV·G·S <= MAX_ROWS), and a plane must be a dot operand of at
+    least 16 columns (pow2(D) / per_byte >= 16)."""
+    c = state.config
+    D = state.head_dim
+    rows = q.shape[1] // state.k_ring.shape[1] * q.shape[2] * c.value_groups(D)
+    return rows <= MAX_ROWS and max(16, _pow2(D)) // c.per_byte >= 16
+
+
 def attention_decode(q: torch.Tensor, state: reference.QuantizedKV, scale: float | None = None,
                      num_splits: int | None = None, num_warps: int = 8,
-                     num_stages: int = 4) -> torch.Tensor:
+                     num_stages: int = 4, variant: str | None = None,
+                     block_n: int | None = None) -> torch.Tensor:
     """``reference.attention_decode`` reading the packed state: q [B, H, S, D] (S ≤ 16 or so:
-    G·S ≤ 128 rows per kv head) -> [B, H, S, D] in q's dtype."""
+    G·S ≤ 128 rows per kv head) -> [B, H, S, D] in q's dtype.
+
+    ``variant``: "planes" (``_decode_planes_kernel``; shapes it does not take, see
+    ``planes_ok``, run "joined") or "joined" (``_decode_packed_kernel``); None: DEFAULT_VARIANT.
+    Tile knobs: ``block_n`` packed tokens a tile (a power of two in 16..group, default
+    min(64, group)), ``num_splits`` programs per kv head over the packed tokens (default: a
+    heuristic, about 4 programs per SM), ``num_warps``, ``num_stages``."""
     _require()
+    variant = DEFAULT_VARIANT if variant is None else variant
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     if not supports_attention(q, state):
         raise ValueError(f"the Triton decode does not take q {tuple(q.shape)} {q.dtype} for a "
                          f"state of {state.config}, ring {tuple(state.k_ring.shape)} "
@@ -435,12 +680,20 @@ def attention_decode(q: torch.Tensor, state: reference.QuantizedKV, scale: float
     reference.check_query(q, state.k_ring.shape[1], state.head_dim, None)
     if scale is None:
         scale = q.shape[-1] ** -0.5
+    block_n = min(64, c.group) if block_n is None else block_n
+    if block_n < 16 or block_n & (block_n - 1) or c.group % block_n:
+        raise ValueError(f"block_n must be a power of two >= 16 dividing the group {c.group}, "
+                         f"got {block_n}")
+    if variant == "planes" and not planes_ok(q, state):
+        variant = "joined"
     B, H, S, D = q.shape
     hkv = state.k_ring.shape[1]
     G = H // hkv
     M = G * S
+    jv = c.value_groups(D)
     sp = state.k_codes.shape[2]
-    block_m, block_d, block_n = max(16, _pow2(M)), max(16, _pow2(D)), min(64, c.group)
+    block_d = max(16, _pow2(D))
+    block_m = max(16, _pow2(M * jv if variant == "planes" else M))
     splits = num_splits or _num_splits(B * hkv, sp, block_n, q.device)
     acc = torch.empty(B * hkv, splits + 1, M, D, device=q.device, dtype=torch.float32)
     lse = torch.empty(B * hkv, splits + 1, M, device=q.device, dtype=torch.float32)
@@ -448,19 +701,27 @@ def attention_decode(q: torch.Tensor, state: reference.QuantizedKV, scale: float
     # the interpreter's bf16 tl.dot returns garbage (triton 3.9): dot in fp32 there
     dot_f32 = INTERPRET and q.dtype == torch.bfloat16
     prec = "ieee" if q.dtype == torch.float32 or dot_f32 else "tf32"
-    qs = (q.stride(0), q.stride(1), q.stride(2))
     if q.stride(-1) != 1:
         q = q.contiguous()
-        qs = (q.stride(0), q.stride(1), q.stride(2))
-    common = dict(HKV=hkv, G=G, S=S, D=D, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-                  GROUP=c.group, RING=c.ring, PREC=prec, DOT_F32=dot_f32)
-    _decode_packed_kernel[(B * hkv, splits)](
+    qs = (q.stride(0), q.stride(1), q.stride(2))
+    common = dict(HKV=hkv, G=G, S=S, D=D, BLOCK_D=block_d, GROUP=c.group, RING=c.ring,
+                  PREC=prec, DOT_F32=dot_f32)
+    extra = {}
+    if variant == "planes":
+        kernel = _decode_planes_kernel
+        # codes as dot operands by the magic-number trick (_plane_operand)
+        magic = 0 if dot_f32 or q.dtype == torch.float32 else (
+            2 if q.dtype == torch.float16 else (1 if c.bits < 8 else 0))
+        extra = dict(MAGIC=magic, OFFSET=(0.0, 128.0, 1024.0)[magic])
+    else:
+        kernel = _decode_packed_kernel
+    kernel[(B * hkv, splits)](
         q, state.k_codes, state.k_params, state.v_codes, state.v_params, state.length, acc, lse,
-        scale * LOG2E, *qs, sp, splits, BITS=c.bits, JV=c.value_groups(D),
-        FP16=c.scales == "fp16", num_warps=num_warps, num_stages=num_stages, **common)
+        scale * LOG2E, *qs, sp, splits, BLOCK_M=block_m, BLOCK_N=block_n, BITS=c.bits, JV=jv,
+        FP16=c.scales == "fp16", num_warps=num_warps, num_stages=num_stages, **common, **extra)
     _decode_ring_kernel[(B * hkv,)](
         q, state.k_ring, state.v_ring, state.length, acc, lse, scale * LOG2E, *qs, splits,
-        **common)
+        BLOCK_M=max(16, _pow2(M)), BLOCK_N=min(64, c.group), **common)
     _combine_kernel[(B * hkv, M)](
         acc, lse, out, out.stride(0), out.stride(1), out.stride(2), splits + 1, HKV=hkv, G=G,
         S=S, D=D, BLOCK_S=_pow2(splits + 1), BLOCK_D=block_d)
