@@ -113,9 +113,14 @@ def restore(m: MergedKV, which: int) -> torch.Tensor:
     out = m.dir * m.norm[which][..., None]
     if which == 0:
         return torch.where(m.keep[..., None], m.dir, out)
-    out_t = out.permute(2, 0, 1, 3)                                        # [T, B, Hkv, D] view
-    out_t[m.keep.permute(2, 0, 1)] = m.extra
-    return out
+    # layer l+1's retained tokens from ``extra``: the k-th True of the token-major mask reads
+    # extra[k] (a cumsum + gather, no data-dependent shape, so Dynamo traces it)
+    keep_t = m.keep.permute(2, 0, 1)                                       # [T, B, Hkv]
+    pos = (keep_t.reshape(-1).cumsum(0) - 1).clamp_min(0).view(keep_t.shape)
+    if m.extra.shape[0] == 0:
+        return out
+    exact = m.extra[pos].permute(1, 2, 0, 3)                               # [B, Hkv, T, D]
+    return torch.where(m.keep[..., None], exact, out)
 
 
 def concat(a: MergedKV, b: MergedKV) -> MergedKV:
