@@ -204,8 +204,10 @@ class _Recorder:
         self.ref: dict[str, torch.Tensor] = {}
         self.meta: dict[str, dict[str, Any]] = {}
 
-    def __call__(self, key: str, q, k, v, keep, scale, softcap):
+    def __call__(self, key: str, kv_heads: int, q, k, v, keep, scale, softcap):
         full, err, ref = head_errors(q, k, v, keep, scale, softcap, self.sink, self.window)
+        if err.numel() != kv_heads:               # k was repeated to the query heads
+            err, ref = err.view(kv_heads, -1).sum(1), ref.view(kv_heads, -1).sum(1)
         self.err[key] = self.err.get(key, 0) + err.cpu()
         self.ref[key] = self.ref.get(key, 0) + ref.cpu()
         if self.tick:
@@ -216,9 +218,9 @@ class _Recorder:
 _RECORDERS: dict[int, _Recorder] = {}
 
 
-def record_attention(token: int, key: str, q, k, v, keep, scale, softcap):
+def record_attention(token: int, key: str, kv_heads: int, q, k, v, keep, scale, softcap):
     """Graph target of the recording rule: score the site's heads, return the full output."""
-    return _RECORDERS[token](key, q, k, v, keep, scale, softcap)
+    return _RECORDERS[token](key, kv_heads, q, k, v, keep, scale, softcap)
 
 
 class RecordRule(Rule):
@@ -242,19 +244,22 @@ class RecordRule(Rule):
         pad = padding_or_reason(site, self._sites)
         if isinstance(pad, str):
             return pad
-        return {"node": node, "padding": pad}
+        h, hkv = _kv_heads(site, node)
+        if not h or not hkv:
+            return f"duo_heads: head counts not known from the graph (q {h}, kv {hkv})"
+        return {"node": node, "padding": pad, "heads": h, "kv_heads": hkv}
 
     def replace(self, site: Site, gm: fx.GraphModule, facts: dict[str, Any]) -> list[fx.Node]:
         node, g, made = facts["node"], gm.graph, []
         q, k, v, _mask, scale, _causal, softcap = node.args
         rec = _RECORDERS[self.token]
-        rec.meta[site.key] = {"layer": site.layer, "num_heads": _heads(q),
-                              "num_kv_heads": _heads(k), "head_dim": _dim(q)}
+        rec.meta[site.key] = {"layer": site.layer, "num_heads": facts["heads"],
+                              "num_kv_heads": facts["kv_heads"], "head_dim": _dim(q)}
         with g.inserting_before(node):
             keep = key_keep(g, made, facts["padding"], k) if facts["padding"] is not None \
                 else None
-            new = g.call_function(record_attention, (self.token, site.key, q, k, v, keep,
-                                                     scale, softcap))
+            new = g.call_function(record_attention, (self.token, site.key, facts["kv_heads"],
+                                                     q, k, v, keep, scale, softcap))
             made.append(new)
         replace_uses(node, new)
         return made
@@ -263,6 +268,17 @@ class RecordRule(Rule):
 def _heads(node: Any) -> int | None:
     val = G.val(node)
     return int(val.shape[1]) if isinstance(val, torch.Tensor) and val.dim() == 4 else None
+
+
+def _kv_heads(site: Site, node: fx.Node) -> tuple[int | None, int | None]:
+    """(query heads, the model's KV heads) of a canonical attention node. The node's k may
+    be repeated to the query heads (the export capture spells GQA that way); the site's
+    ``num_kv_heads`` fact then still names the model's KV heads."""
+    h, hk = _heads(node.args[0]), _heads(node.args[1])
+    hkv = site.facts.get("num_kv_heads") or hk
+    if not h or not hk or not isinstance(hkv, int) or h % hkv or (hk != hkv and hk != h):
+        return h, None
+    return h, hkv
 
 
 def _dim(node: Any) -> int | None:
@@ -451,9 +467,14 @@ class DuoRule(Rule):
             return site.reason or "the site is not canonical (no longfx::attention to rewrite)"
         if node.target is SPARSE:
             return f"already sparse ({site.facts.get('sparse')}): one sparse recipe per site"
-        h, hkv = _heads(node.args[0]), _heads(node.args[1])
-        if not h or not hkv or h % hkv:
-            return f"duo_heads: head counts not known from the graph (q {h}, kv {hkv})"
+        h, hkv = _kv_heads(site, node)
+        if not h or not hkv:
+            return (f"duo_heads: head counts not known from the graph (q {_heads(node.args[0])}"
+                    f", kv {_heads(node.args[1])})")
+        entry = (self._calib or {}).get("sites", {}).get(site.key) or {}
+        c = entry.get("num_kv_heads")
+        if isinstance(c, int) and 0 < c < hkv == h == entry.get("num_heads") and h % c == 0:
+            hkv = c         # this graph repeats k to the query heads; the file knows the KV heads
         heads = self._streaming_heads(site, hkv, h)
         if isinstance(heads, str):
             return heads
@@ -463,14 +484,20 @@ class DuoRule(Rule):
         pad = padding_or_reason(site, self._sites)
         if isinstance(pad, str):
             return pad
-        return {"node": node, "padding": pad, "stream": heads, "hkv": hkv, "group": h // hkv}
+        group = h // hkv
+        graph_stream, graph_hkv = heads, hkv
+        if _heads(node.args[1]) == h and hkv != h:      # k repeated: one graph head per query
+            graph_stream = [j * group + i for j in heads for i in range(group)]
+            graph_hkv, group = h, 1
+        return {"node": node, "padding": pad, "stream": graph_stream, "hkv": graph_hkv,
+                "group": group, "kv_stream": heads, "kv_heads": hkv}
 
     def replace(self, site: Site, gm: fx.GraphModule, facts: dict[str, Any]) -> list[fx.Node]:
         node: fx.Node = facts["node"]
         g, made = gm.graph, []
         q, k, v, _mask, scale, _causal, softcap = node.args
         hkv, group, stream = facts["hkv"], facts["group"], facts["stream"]
-        full = [h for h in range(hkv) if h not in stream]
+        full = [h for h in range(hkv) if h not in stream]            # graph k heads
         with g.inserting_before(node):
             keep = key_keep(g, made, facts["padding"], k) if facts["padding"] is not None \
                 else None
@@ -497,9 +524,11 @@ class DuoRule(Rule):
                 new = G.call(g, made, aten.cat.default, pieces, 1)       # [B, H, S, Dv]
         replace_uses(node, new)
         site.nodes["sparse"] = streamed
-        site.facts["sparse"] = (f"duo: kv heads {stream} stream (sink={self.sink}, "
-                                f"window={self.window}), {full} full")
-        site.facts["duo"] = {"streaming_kv_heads": stream, "retrieval_kv_heads": full,
+        kv_stream = facts["kv_stream"]
+        kv_full = [h for h in range(facts["kv_heads"]) if h not in kv_stream]
+        site.facts["sparse"] = (f"duo: kv heads {kv_stream} stream (sink={self.sink}, "
+                                f"window={self.window}), {kv_full} full")
+        site.facts["duo"] = {"streaming_kv_heads": kv_stream, "retrieval_kv_heads": kv_full,
                              "sink": self.sink, "window": self.window}
         if not full:
             site.facts["sparse_spec"] = {"sink": self.sink, "window": self.window, "cap": 0}
