@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Any, Iterable
 
+import torch
 import torch.fx as fx
 
 from longfx.rewrite.rule import Rule
@@ -73,23 +74,39 @@ class PassManager:
 
 
 def is_impure(node: fx.Node) -> bool:
-    """FX's purity test plus in-place methods and item assignment.
+    """FX's purity test plus in-place methods, item assignment and mutating ops.
 
     Dynamo records ``cache.index_copy_(...)`` as ``call_method`` and ``buf[i] = x`` as
     ``operator.setitem``; FX's own check sees neither as a side effect, so a plain
-    dead-code pass would drop a static KV cache's writes.
+    dead-code pass would drop a static KV cache's writes. A custom op called through its
+    packet (``torch.ops.longfx.kv_quant_append(...)``) is recorded as the packet, which
+    torch 2.11's ``Node.is_impure`` does not resolve to its mutable schema: the pass dropped
+    every quantize-on-append of the kv_quant cache, which read as a "CUDA-only" bug because
+    the GPU machine runs torch 2.11 (benchmarks/results/debug/kv_quant_dce_h100.json).
     """
     if node.is_impure():
         return True
     if node.op == "call_method":
         return str(node.target).endswith("_")
     if node.op == "call_function":
+        if mutates(node.target):
+            return True
         if node.target in _INPLACE_OPERATORS or node.target in (operator.setitem, operator.delitem):
             return True
         if getattr(node.target, "__module__", None) in ("_operator", "operator"):
             return False                     # and_, or_, not_: pure despite the underscore
         name = getattr(node.target, "__name__", "")
         return name.endswith("_") and not name.startswith("_")   # torch.relu_, Tensor.add_
+    return False
+
+
+def mutates(target: Any) -> bool:
+    """Whether an op writes one of its arguments (a ``Tensor(a!)`` in its schema): an
+    ``OpOverload``, or a packet any of whose overloads does."""
+    if isinstance(target, torch._ops.OpOverload):
+        return target._schema.is_mutable
+    if isinstance(target, torch._ops.OpOverloadPacket):
+        return any(getattr(target, name)._schema.is_mutable for name in target.overloads())
     return False
 
 

@@ -42,7 +42,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from longfx.kernels.kv_quant import gear as gear_ref
-from longfx.kernels.kv_quant import op as kv_op  # noqa: F401 - registers longfx::kv_quant_*
+from longfx.kernels.kv_quant import op as kv_op
 from longfx.kernels.kv_quant.gear import GearConfig
 from longfx.kernels.kv_quant.reference import KVQuantConfig, QuantizedKV, n_packed
 
@@ -142,8 +142,10 @@ class QuantizedKVLayer(CacheLayerMixin):
 
     def _append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         st, c = self.state, self.config
-        torch.ops.longfx.kv_quant_append(*st.tensors(), key_states.contiguous(),
-                                         value_states.contiguous(), c.bits, c.group)
+        # the overload, not the packet: a graph records what is called, and the overload's
+        # mutable schema is what keeps dead-code passes from dropping the write (manager.py)
+        kv_op.APPEND(*st.tensors(), key_states.contiguous(), value_states.contiguous(), c.bits,
+                     c.group)
 
     def _read_state(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         st, c = self.state, self.config
@@ -323,10 +325,9 @@ class GearKVLayer(QuantizedKVLayer):
 
     def _append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         c, g = self.config, self.gear
-        torch.ops.longfx.gear_append(*self.state.tensors(),
-                                     *(self.extras[n] for n in gear_ref.EXTRA_NAMES),
-                                     key_states.contiguous(), value_states.contiguous(),
-                                     c.bits, c.group, g.rank, float(g.outliers))
+        kv_op.GEAR_APPEND(*self.state.tensors(), *(self.extras[n] for n in gear_ref.EXTRA_NAMES),
+                          key_states.contiguous(), value_states.contiguous(), c.bits, c.group,
+                          g.rank, float(g.outliers))
 
     def _read_state(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         st, c, g = self.state, self.config, self.gear

@@ -34,8 +34,6 @@ def compiled_copy(model: torch.nn.Module, backend: Backend, *, dynamic: bool | N
         if new_cache is not None and _wants_new_cache(kwargs):
             kwargs["past_key_values"] = new_cache()
         _reserve(kwargs)
-        if _quantized_on_cuda(args, kwargs):
-            return _eager_quantized(model, backend, args, kwargs)
         before = graph_breaks()
         with capture_config():
             out = compiled_forward(*args, **kwargs)
@@ -51,36 +49,6 @@ def compiled_copy(model: torch.nn.Module, backend: Backend, *, dynamic: bool | N
     if new_cache is not None:
         object.__setattr__(clone, "longfx_new_cache", new_cache)
     return clone
-
-
-QUANTIZED_CUDA_NOTE = ("quantized KV cache on CUDA: the forward runs eagerly, because the "
-                       "captured cache code gives wrong logits there (an open bug, "
-                       "docs/kv_compression.md); results are right, the graph is not compiled")
-
-
-def _quantized_on_cuda(args: tuple, kwargs: dict[str, Any]) -> bool:
-    """The call reads a quantized longfx cache (kv_quant, gear) with inputs on a CUDA device."""
-    from longfx.runtime.cache import QuantizedCache
-
-    x = kwargs.get("input_ids")
-    x = kwargs.get("inputs_embeds") if x is None else x
-    x = args[0] if x is None and args else x
-    return isinstance(kwargs.get("past_key_values"), QuantizedCache) and \
-        isinstance(x, torch.Tensor) and x.is_cuda
-
-
-def _eager_quantized(model, backend: Backend, args: tuple, kwargs: dict[str, Any]) -> Any:
-    """The quantized cache on CUDA: eager, which equals the CPU results to 3e-6 — possible
-    only when the recipe rewrites no graph site (kv_quant / gear alone); combined with graph
-    rewrites it is refused rather than run wrong or without them."""
-    if backend.rules:
-        raise RuntimeError(
-            f"longfx: {backend.report.recipe!r} combines a quantized KV cache with graph "
-            "rewrites, which gives wrong results on CUDA (an open bug, docs/kv_compression.md); "
-            "run it on CPU, or the cache recipe alone on CUDA")
-    if QUANTIZED_CUDA_NOTE not in backend.report.warnings:
-        backend.report.warnings.append(QUANTIZED_CUDA_NOTE)
-    return model.forward(*args, **kwargs)
 
 
 def _reserve(kwargs: dict[str, Any]) -> None:

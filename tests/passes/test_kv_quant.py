@@ -120,22 +120,25 @@ def test_eval_harness_uses_the_cache_and_counts_its_bytes():
     assert type(infer.new_cache(model)).__name__ == "DynamicCache"
 
 
-def test_cuda_quantized_cache_runs_eagerly_or_refuses(monkeypatch):
-    """On CUDA the compiled quantized-cache forward is wrong (open bug): kv_quant alone runs the
-    model eagerly (equal to the eager cache, with a report warning); combined with graph
-    rewrites it is refused. Emulated on CPU by declaring the inputs CUDA."""
-    from longfx.runtime import hf
+def test_compiled_cache_keeps_its_appends_under_torch_2_11_purity(monkeypatch):
+    """torch 2.11's ``Node.is_impure`` does not see that a custom op called through its packet
+    writes its arguments; the canonical passes' dead-code rule then dropped every append of the
+    kv_quant cache (wrong logits through ``longfx.compile`` on the GPU machine, which runs
+    2.11). Emulated here: the compiled model still equals the eager cache, chunk after chunk."""
+    import torch.fx as fx
 
-    monkeypatch.setattr(hf, "_quantized_on_cuda", lambda args, kwargs: isinstance(
-        kwargs.get("past_key_values"), QuantizedCache))
+    original = fx.Node.is_impure
+
+    def blind_to_packets(self, *args, **kwargs):
+        if self.op == "call_function" and isinstance(self.target, torch._ops.OpOverloadPacket):
+            return False
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(fx.Node, "is_impure", blind_to_packets)
     model, _ = zoo.build("llama")
-    ids = torch.randint(3, 120, (1, 64), generator=torch.Generator().manual_seed(2))
+    ids = torch.randint(3, 120, (1, 70), generator=torch.Generator().manual_seed(2))
     fast = longfx.compile(model, "kv_quant(bits=4, group=16, residual=16)")
     got = _chunked(fast, ids, 32, fast.longfx_new_cache())
     eager = _chunked(model, ids, 32, fast.longfx_new_cache())
-    assert torch.equal(got, eager)
-    assert hf.QUANTIZED_CUDA_NOTE in fast.longfx_backend.report.warnings
-    assert not fast.longfx_backend.report.graphs                  # nothing was captured
-    both = longfx.compile(model, "sink_window(sink=2, window=8) + kv_quant(bits=4, group=16, residual=16)")
-    with pytest.raises(RuntimeError, match="wrong results on CUDA"):
-        _chunked(both, ids, 32, both.longfx_new_cache())
+    assert fast.longfx_backend.report.graphs                      # it was captured
+    torch.testing.assert_close(got, eager, rtol=1e-5, atol=1e-5)
