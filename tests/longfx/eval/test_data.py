@@ -75,3 +75,17 @@ def test_passkey_task_is_classic():
     assert "The grass is green." in TOK.decode(a[0].ids)
     assert "old mill" in TOK.decode(b[0].ids)
     assert [p.answers for p in a] == [p.answers for p in b]
+
+
+def test_classic_trials_draw_their_depth_in_the_cell():
+    depths = [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert passkey.cell(0.0, depths) == (0.0, 0.125)
+    assert passkey.cell(0.5, depths) == (0.375, 0.625)
+    assert passkey.cell(1.0, depths) == (0.875, 1.0)
+    assert passkey.cell(0.3, [0.3]) == (0.3, 0.3)
+    ps = passkey.prompts(TOK, 2000, 0.5, seed=0, trials=6, depths=depths)
+    at = [p.depth for p in ps]
+    assert all(0.375 <= a <= 0.625 for a in at) and len(set(at)) == 6
+    assert ps[0].ids == passkey.prompts(TOK, 2000, 0.5, seed=0, trials=6, depths=depths)[0].ids
+    alt = passkey.prompts(TOK, 2000, 0.5, seed=0, trials=3, style="alt", depths=depths)
+    assert {p.depth for p in alt} == {0.5}                    # alt keeps the exact depth
