@@ -1,9 +1,12 @@
 """KV-cache eviction recipes: ``snapkv(...)``, ``h2o(...)``, ``streaming_kv(...)``.
 
-* ``snapkv(budget | ratio, window=32, kernel=7)`` — SnapKV (Li et al. 2024, arXiv:2404.14469):
-  after each prefill chunk the chunk's last ``window`` queries vote for prefix keys (softmax
-  probabilities summed over the window, averaged over a KV head's query heads, 1-D pooled with
-  size ``kernel``); each KV head keeps its top keys plus the window itself.
+* ``snapkv(budget | ratio, window=32, kernel=7, when="prompt")`` — SnapKV (Li et al. 2024,
+  arXiv:2404.14469): the last ``window`` queries vote for prefix keys (softmax probabilities
+  summed over the window, averaged over a KV head's query heads, 1-D pooled with size
+  ``kernel``); each KV head keeps its top keys plus the window itself. ``when="prompt"`` (the
+  paper): once, when the prompt ends, with the prompt's last queries (the question) voting;
+  ``when="chunk"``: after every prefill chunk, with that chunk's last queries, so the prefill's
+  peak memory falls too — but a chunk's queries do not know the question yet.
 * ``h2o(budget | ratio, recent)`` — H2O (Zhang et al. 2023, arXiv:2306.14048): heavy hitters by
   accumulated attention plus the ``recent`` newest tokens (default: half the budget), applied
   after every chunk and every decode token.
@@ -49,17 +52,22 @@ class _EvictRecipe(Recipe):
 
 @register("snapkv")
 class SnapKV(_EvictRecipe):
-    """SnapKV: observation-window voting after each prefill chunk, per-KV-head compaction
-    (Li et al. 2024, "SnapKV: LLM Knows What You are Looking for Before Generation")."""
+    """SnapKV: observation-window voting, per-KV-head compaction, once when the prompt ends or
+    after every prefill chunk (Li et al. 2024, "SnapKV: LLM Knows What You are Looking for
+    Before Generation")."""
 
     budget: int | None = field(default=None, metadata={"omit_default": True})
     ratio: float | None = field(default=None, metadata={"omit_default": True})
     window: int = 32
     kernel: int = 7
     pool: str = field(default="avg", metadata={"omit_default": True})
+    when: str = field(default="prompt", metadata={"omit_default": True})
 
     def __post_init__(self):
         _check_budget("snapkv", self.budget, self.ratio)
+        if self.when not in ("prompt", "chunk"):
+            raise RecipeError(f"snapkv: when must be 'prompt' (compress once, when the prompt "
+                              f"ends) or 'chunk' (after every prefill chunk), got {self.when!r}")
         if not isinstance(self.window, int) or self.window < 1:
             raise RecipeError(f"snapkv: window must be an integer >= 1, got {self.window!r}")
         if self.budget is not None and self.budget < self.window:
@@ -73,7 +81,8 @@ class SnapKV(_EvictRecipe):
 
     @property
     def policy(self) -> R.SnapKVConfig:
-        return R.SnapKVConfig(self.budget, self.ratio, self.window, self.kernel, self.pool)
+        return R.SnapKVConfig(self.budget, self.ratio, self.window, self.kernel, self.pool,
+                              self.when)
 
 
 @register("h2o")

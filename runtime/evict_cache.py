@@ -71,6 +71,7 @@ class EvictLayer(CacheLayerMixin):
         self.pos: torch.Tensor | None = None        # streaming: true positions [K]
         self.seen = 0                               # tokens seen (= the next true position)
         self.pending: tuple | None = None           # (module, hidden_states, (cos, sin))
+        self.window_q: tuple | None = None          # SnapKV "prompt": (queries, scaling)
 
     def __repr__(self):
         return f"EvictLayer({self.policy}, kept={self.kept}, seen={self.seen})"
@@ -132,6 +133,8 @@ class EvictLayer(CacheLayerMixin):
         p, s, past = self.policy, key_states.shape[-2], self.kept
         seen0 = self.seen
         self.seen = seen0 + s
+        if isinstance(p, R.SnapKVConfig) and p.when == "prompt":
+            return self._snapkv_at_prompt_end(key_states, value_states, s)
         keys = torch.cat((self.keys, key_states), 2)                 # [B, Hkv, past + s, D]
         values = torch.cat((self.values, value_states), 2)
         T = past + s
@@ -165,7 +168,7 @@ class EvictLayer(CacheLayerMixin):
                 self.keys, self.values, self.acc = keys, values, acc
             return keys, values
 
-        # SnapKV: compress after a prefill chunk; decode tokens are appended
+        # SnapKV "chunk": compress after every prefill chunk; decode tokens are appended
         if s > 1 and T > budget:
             w = min(p.window, s)
             q, scaling = self._queries(w)
@@ -177,8 +180,44 @@ class EvictLayer(CacheLayerMixin):
         self.pending = None
         return keys, values
 
+    def _snapkv_at_prompt_end(self, key_states: torch.Tensor, value_states: torch.Tensor,
+                              s: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """SnapKV as published: prefill chunks are stored whole (each keeps the queries of its
+        last ``window`` positions; the last chunk's are the prompt's observation window, the
+        question included); the first decode step compresses the prompt with them before it
+        attends. ``get_mask_sizes`` announces the compressed length for that step."""
+        p = self.policy
+        if s > 1:
+            self.window_q = self._queries(min(p.window, s))
+            self.keys = torch.cat((self.keys, key_states), 2)
+            self.values = torch.cat((self.values, value_states), 2)
+            return self.keys, self.values
+        self.pending = None
+        keep = self._prompt_keep()
+        if keep is not None:
+            q, scaling = self.window_q
+            scores = R.snapkv_scores(q, self.keys, scaling, p.kernel, p.pool)   # [B, Hkv, P]
+            idx = R.snapkv_keep(scores, keep, q.shape[2])                       # [B, Hkv, K]
+            self.keys = R.gather_tokens(self.keys, idx)
+            self.values = R.gather_tokens(self.values, idx)
+        self.window_q = None
+        self.keys = torch.cat((self.keys, key_states), 2)
+        self.values = torch.cat((self.values, value_states), 2)
+        return self.keys, self.values
+
+    def _prompt_keep(self) -> int | None:
+        """Tokens the prompt keeps at the first decode step ("prompt" SnapKV), or None when
+        nothing is to be compressed (already done, or within the budget)."""
+        if self.window_q is None:
+            return None
+        budget = self.policy.budget_for(self.kept)        # the prompt: every token still stored
+        return budget if self.kept > budget else None
+
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.kept + query_length, self.seen - self.kept
+        kept = self.kept
+        if query_length == 1 and isinstance(self.policy, R.SnapKVConfig):
+            kept = self._prompt_keep() or kept           # this step compresses first
+        return kept + query_length, self.seen - kept
 
     def get_seq_length(self) -> int:
         return self.seen
@@ -189,7 +228,7 @@ class EvictLayer(CacheLayerMixin):
     def reset(self) -> None:
         self.keys = self.values = self.acc = self.pos = None
         self.seen = 0
-        self.pending = None
+        self.pending = self.window_q = None
         self.is_initialized = False
 
     def offload(self):

@@ -46,11 +46,12 @@ def _budget(budget: int | None, ratio: float | None, seen: int, floor: int = 1) 
 
 @dataclass(frozen=True)
 class SnapKVConfig:
-    budget: int | None = None      # tokens per KV head after a prefill chunk (window included)
+    budget: int | None = None      # tokens per KV head after compression (window included)
     ratio: float | None = None     # or: fraction of the seen tokens evicted
     window: int = 32
     kernel: int = 7
     pool: str = "avg"
+    when: str = "prompt"           # "prompt": once, when the prompt ends; "chunk": every chunk
 
     def budget_for(self, seen: int) -> int:
         return _budget(self.budget, self.ratio, seen, floor=self.window)

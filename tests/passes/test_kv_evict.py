@@ -54,7 +54,7 @@ def test_one_kv_cache_recipe_per_pipeline():
 
 def test_compiled_chunked_prefill_stays_at_the_budget_and_generate_works():
     model, _ = zoo.build("llama", attn_implementation="sdpa")
-    fast = longfx.compile(model, "snapkv(budget=20, window=4, kernel=3)")
+    fast = longfx.compile(model, "snapkv(budget=20, window=4, kernel=3, when=chunk)")
     ids = torch.randint(3, zoo.VOCAB, (70,), generator=torch.Generator().manual_seed(0))
     kept, eager = [], []
     ref_cache = fast.longfx_new_cache()
@@ -69,3 +69,14 @@ def test_compiled_chunked_prefill_stays_at_the_budget_and_generate_works():
     out = fast.generate(ids[None], max_new_tokens=5, do_sample=False, min_new_tokens=5)
     assert out.shape == (1, 75)
     assert not fast.longfx_backend.report.warnings       # no graph breaks
+
+
+def test_compiled_snapkv_at_prompt_end_equals_eager_in_generate():
+    model, _ = zoo.build("llama", attn_implementation="sdpa")
+    fast = longfx.compile(model, "snapkv(budget=20, window=4, kernel=3)")
+    ids = torch.randint(3, zoo.VOCAB, (1, 70), generator=torch.Generator().manual_seed(0))
+    eager_cache = recipes.parse("snapkv(budget=20, window=4, kernel=3)").recipes[0].make_cache(model)
+    out = fast.generate(ids, max_new_tokens=6, do_sample=False, min_new_tokens=6)
+    ref = model.generate(ids, past_key_values=eager_cache, max_new_tokens=6, do_sample=False,
+                         min_new_tokens=6)
+    assert torch.equal(out, ref) and eager_cache.kept() == 20 + 5   # compressed once, then appended

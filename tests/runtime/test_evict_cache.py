@@ -15,7 +15,7 @@ from longfx.runtime.evict_cache import EvictCache, EvictLayer
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 POLICIES = {
-    "snapkv": lambda big: R.SnapKVConfig(budget=big, window=4, kernel=3),
+    "snapkv": lambda big: R.SnapKVConfig(budget=big, window=4, kernel=3, when="chunk"),
     "h2o": lambda big: R.H2OConfig(budget=big, recent=3),
     "streaming": lambda big: R.StreamingConfig(sink=2, window=big - 2),
 }
@@ -84,7 +84,7 @@ def _layer0_positions(cache, dense):
 
 def test_snapkv_keeps_per_head_sets_and_the_window(llama):
     ids = _ids(48)
-    cache = EvictCache(R.SnapKVConfig(budget=12, window=4, kernel=3), model=llama)
+    cache = EvictCache(R.SnapKVConfig(budget=12, window=4, kernel=3, when="chunk"), model=llama)
     dense = DynamicCache(config=llama.config)
     _feed(llama, ids, cache, (48,))
     _feed(llama, ids, dense, (48,))
@@ -104,6 +104,31 @@ def test_snapkv_keeps_per_head_sets_and_the_window(llama):
     # decode tokens are appended (SnapKV compresses the prompt only)
     _feed(llama, _ids(3, seed=1), cache, (1, 1, 1))
     assert cache.kept() == 15 and cache.get_seq_length() == 51
+
+
+def test_snapkv_at_prompt_end_compresses_on_the_first_decode_step(llama):
+    """``when="prompt"`` (the paper): prefill chunks are stored whole; the first decode step
+    compresses with the last chunk's window queries (the prompt's end), announcing the new
+    length to the mask first. A one-chunk prompt then holds what ``when="chunk"`` holds, and
+    the decode logits agree; a prompt in two chunks keeps every token until decoding."""
+    ids, step = _ids(48), _ids(2, seed=1)
+    chunk = EvictCache(R.SnapKVConfig(budget=12, window=4, kernel=3, when="chunk"), model=llama)
+    prompt = EvictCache(R.SnapKVConfig(budget=12, window=4, kernel=3), model=llama)
+    _feed(llama, ids, chunk, (48,))
+    _feed(llama, ids, prompt, (48,))
+    assert chunk.kept() == 12 and prompt.kept() == 48                # nothing evicted yet
+    assert prompt.layers[0].get_mask_sizes(1) == (13, 36)           # this step compresses first
+    a = _feed(llama, step, chunk, (1, 1))
+    b = _feed(llama, step, prompt, (1, 1))
+    assert prompt.kept() == chunk.kept() == 14 and prompt.get_seq_length() == 50
+    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    for x, y in zip(prompt.layers, chunk.layers):
+        assert torch.equal(x.keys, y.keys) and torch.equal(x.values, y.values)
+    two = EvictCache(R.SnapKVConfig(budget=12, window=4, kernel=3), model=llama)
+    _feed(llama, ids, two, (24, 24))
+    assert two.kept() == 48
+    _feed(llama, step, two, (1,))
+    assert two.kept() == 13
 
 
 def test_h2o_scores_accumulate_every_query(llama):
