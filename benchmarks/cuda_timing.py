@@ -25,6 +25,25 @@ def bench(fn, warmup: int, reps: int) -> dict:
             "reps": reps}
 
 
+def graph_bench(fn, warmup: int, reps: int, calls: int = 10) -> dict:
+    """:func:`bench` of ``fn`` captured as a CUDA graph of ``calls`` back-to-back calls and
+    replayed (per-call times): GPU time without Python launch overhead, which dominates a
+    decode step of a few microseconds of GPU work (a real decode loop runs as a graph too)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):                      # warm up (compiles, allocator) off the graph
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    out = bench(graph.replay, warmup, reps)
+    return {k: (v / calls if k.endswith("_ms") else v) for k, v in out.items()} | {
+        "graph_calls": calls}
+
+
 def median_ms(fn, warmup: int, reps: int) -> float:
     """Median milliseconds of ``fn()`` (see :func:`bench`)."""
     return bench(fn, warmup, reps)["median_ms"]
