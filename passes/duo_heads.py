@@ -109,7 +109,7 @@ def model_identity(model: torch.nn.Module) -> dict[str, str]:
         for name, p in model.named_parameters():
             weights.update(name.encode())
             weights.update(p.detach().reshape(-1)[:64].float().cpu().numpy().tobytes())
-    name = getattr(config, "_name_or_path", "") or getattr(model, "longfx_name", "") or \
+    name = getattr(model, "longfx_name", "") or getattr(config, "_name_or_path", "") or \
         type(model).__name__
     return {"name": str(name), "config_hash": config_hash.hexdigest()[:16],
             "weights_hash": weights.hexdigest()[:16]}

@@ -193,6 +193,14 @@ def test_compile_calibrates_on_first_compile_and_reuses(llama, tmp_path, monkeyp
                for r in plain.longfx_backend.report.rows() if r["kind"] == "attention")
 
 
+def test_a_missing_file_leaves_the_graph_unrewritten_and_says_why(llama, tmp_path):
+    model, ids = llama
+    fast = longfx.compile(model, f"duo_heads(calibration='{tmp_path / 'none.json'}')")
+    assert _rel(_logits(fast, ids), _logits(model, ids)) < 1e-5
+    assert any("cannot read the calibration file" in w
+               for w in fast.longfx_backend.report.warnings)
+
+
 @pytest.mark.parametrize("text", ["duo_heads(streaming=1.5)", "duo_heads(streaming=-0.1)",
                                   "duo_heads(sink=-1)", "duo_heads(window=0)",
                                   "duo_heads(streaming=true)", "duo_heads(calibration='')",
