@@ -16,14 +16,15 @@ zeros and the full-precision ring), the largest relative difference from the ref
 
 Both decode kernels are timed (``--variants``: "planes", the bit-plane kernel, and "joined",
 the unpack-to-[N, D] one) over the sweep ``--block-n`` x ``--num-splits`` x ``--num-warps`` x
-``--num-stages``; each row's ``quant_ms`` and knobs are the fastest point over all variants
-(``variant`` names it) and ``variants`` keeps the best point of each, with its GB/s, speedup
-and error. ``--quick``: the 4- and 2-bit rows of 128k:1 and 32k:8 with a smaller sweep
+``--num-stages`` x ``--maxnreg``; each row's ``quant_ms`` and knobs are the fastest point
+over all variants (``variant`` names it) and ``variants`` keeps the best point of each, with
+its GB/s, speedup and error. ``--quick``: the 4- and 2-bit rows of 128k:1 and 32k:8 with a smaller sweep
 (under 2 minutes on an H100).
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 from datetime import datetime, timezone
@@ -102,23 +103,27 @@ def bench_case(R, T, length, batch, bits, a) -> dict:
     scale = a.dim ** -0.5
     read = T.packed_bytes_read(st, length)
     block_ns = [bn for bn in _ints(a.block_n) if a.group % bn == 0] or [min(64, a.group)]
-    tuned = []                   # (ms, variant, block_n, warps, stages, splits, run)
+    tuned = []          # (ms, variant, block_n, warps, stages, splits, run, maxnreg)
     for variant in a.variants.split(","):
         for block_n in block_ns:
             for warps in _ints(a.num_warps):
                 for stages in _ints(a.num_stages):
-                    for splits in (x or None for x in _ints(a.num_splits)):
+                    for splits, maxnreg in itertools.product(
+                            [x or None for x in _ints(a.num_splits)],
+                            [x or None for x in _ints(a.maxnreg)]):
                         def run(variant=variant, block_n=block_n, warps=warps, stages=stages,
-                                splits=splits):
+                                splits=splits, maxnreg=maxnreg):
                             return T.attention_decode(q, st, scale, splits, warps, stages,
-                                                      variant=variant, block_n=block_n)
+                                                      variant=variant, block_n=block_n,
+                                                      maxnreg=maxnreg)
                         tuned.append((graph_ms(run, a.warmup, a.iters), variant, block_n, warps,
-                                      stages, splits, run))
+                                      stages, splits, run, maxnreg))
     best = {}                                                        # variant -> fastest point
     for x in tuned:
         if x[1] not in best or x[0] < best[x[1]][0]:
             best[x[1]] = x
-    t_quant, variant, block_n, warps, stages, splits, run = min(tuned, key=lambda x: x[0])
+    t_quant, variant, block_n, warps, stages, splits, run, maxnreg = min(tuned,
+                                                                         key=lambda x: x[0])
     t_quant_eager = time_ms(run, a.warmup, a.iters)
 
     kd, vd = R.dequantize_state(st)                                  # [B, Hkv, L, D] bf16
@@ -153,7 +158,8 @@ def bench_case(R, T, length, batch, bits, a) -> dict:
     st.length.fill_(length)
     bf16_bytes = 2 * batch * a.kv_heads * length * a.dim * 2
     variants = {v: dict(ms=x[0], block_n=x[2], num_warps=x[3], num_stages=x[4],
-                        num_splits=x[5], gbps=read / x[0] / 1e6, speedup=t_sdpa / x[0],
+                        num_splits=x[5], maxnreg=x[7], gbps=read / x[0] / 1e6,
+                        speedup=t_sdpa / x[0],
                         max_rel_err_vs_reference=errs[v])
                 for v, x in best.items()}
     return dict(length=length, batch=batch, bits=bits, group=a.group, residual=a.residual,
@@ -163,10 +169,10 @@ def bench_case(R, T, length, batch, bits, a) -> dict:
                 quant_eager_ms=t_quant_eager, sdpa_bf16_eager_ms=t_sdpa_eager,
                 num_warps=warps, num_stages=stages, num_splits=splits,
                 tuning=[dict(ms=x[0], variant=x[1], block_n=x[2], num_warps=x[3],
-                             num_stages=x[4], num_splits=x[5]) for x in tuned],
+                             num_stages=x[4], num_splits=x[5], maxnreg=x[7]) for x in tuned],
                 state_bytes_read=read, quant_gbps=read / t_quant / 1e6,
                 sdpa_gbps=bf16_bytes / t_sdpa / 1e6, max_rel_err_vs_reference=err,
-                append_1tok_ms=t_append, variant=variant, block_n=block_n,
+                append_1tok_ms=t_append, variant=variant, block_n=block_n, maxnreg=maxnreg,
                 default_variant=T.DEFAULT_VARIANT, variants=variants)
 
 
@@ -190,15 +196,17 @@ def main(argv=None):
     ap.add_argument("--num-stages", default="2,3,4", help="decode kernel stages to try")
     ap.add_argument("--num-splits", default="0,64,128,256", help="split-KV programs per kv "
                     "head to try (0: the kernel's heuristic)")
+    ap.add_argument("--maxnreg", default="0,128", help="register caps a thread to try "
+                    "(0: none; 128 let more programs share an SM on an H100)")
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--iters", type=int, default=50)
     ap.add_argument("--quick", action="store_true", help="4- and 2-bit rows of 128k:1 and "
-                    "32k:8, sweep block_n 32,64 x splits 0,128 x warps 4,8 x stages 3, "
-                    "20 iterations (under 2 minutes on an H100); overrides those options")
+                    "32k:8, sweep block_n 64 x splits 0,128 x warps 4,8 x stages 3 x maxnreg "
+                    "0,128, 20 iterations (under 2 minutes on an H100); overrides those options")
     a = ap.parse_args(argv)
     if a.quick:
-        a.cases, a.bits, a.block_n, a.num_splits = "128k:1,32k:8", "4,2", "32,64", "0,128"
-        a.num_warps, a.num_stages, a.warmup, a.iters = "4,8", "3", 5, 20
+        a.cases, a.bits, a.block_n, a.num_splits = "128k:1,32k:8", "4,2", "64", "0,128"
+        a.num_warps, a.num_stages, a.maxnreg, a.warmup, a.iters = "4,8", "3", "0,128", 5, 20
     if not torch.cuda.is_available():
         raise SystemExit("bench_kv_quant_decode needs a CUDA GPU")
     import triton
@@ -214,7 +222,8 @@ def main(argv=None):
             print(f"# {length} tokens B={batch} {bits}-bit: sdpa {row['sdpa_bf16_ms']:.4f} ms; "
                   + "; ".join(f"{v} {x['ms']:.4f} ms {x['gbps']:.0f} GB/s x{x['speedup']:.2f} "
                               f"(block_n {x['block_n']}, splits {x['num_splits']}, warps "
-                              f"{x['num_warps']}, stages {x['num_stages']}, err "
+                              f"{x['num_warps']}, stages {x['num_stages']}, maxnreg "
+                              f"{x['maxnreg']}, err "
                               f"{x['max_rel_err_vs_reference']:.1e})"
                               for v, x in row["variants"].items()), flush=True)
             rows.append(row)

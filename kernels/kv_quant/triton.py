@@ -29,6 +29,20 @@ work (uint8 -> float conversion, staging the dequantized tiles for the tensor-co
 softmax), not by the bytes it reads (~0.56 TB/s of packed state at 4 bits). Getting to 3x
 needs the dequantization done in the dot operand registers (e.g. inline-PTX prmt/lop3 on
 4 packed bytes at a time, as int4 GEMM kernels do), which this file does not do yet.
+
+Two packed-token kernels, ``attention_decode(variant=...)``: "joined" (``_decode_packed_kernel``,
+codes unpacked to [N, D] with join/reshape) and "planes" (``_decode_planes_kernel``: the
+per_byte bit planes stay apart as [N, D/per_byte] dot operands, value groups are carried by
+repeated query rows instead of per-element selects; see its docstring). Measured on an H100
+(2026-11-23, torch 2.11, Triton 3.6, bf16, u8 scales, group 64, CUDA graphs;
+``python benchmarks/bench_kv_quant_decode.py --quick``), best point of each over block_n 64 x
+splits auto/128 x warps 4/8 x stages 3 x maxnreg none/128: 4-bit 128k B=1 planes 0.227 ms,
+joined 0.236 ms, SDPA 0.216; 2-bit 128k 0.243 / 0.230 / 0.216; 4-bit 32k B=8 0.454 / 0.448 /
+0.421; 2-bit 32k B=8 0.469 / 0.418 / 0.422 — every best point at 4 warps, 3 stages,
+``maxnreg=128`` (about 10% over no cap). Planes removes the joined kernel's shared-memory
+stalls (ncu, 4-bit 128k: short-scoreboard + MIO-throttle stalls 3.9 -> 0.5 cycles an issued
+instruction) but holds 214 registers a thread (2 programs of 4 warps an SM), so it stays
+latency bound at the same speed: neither is near 3x SDPA. "joined" stays the default.
 """
 from __future__ import annotations
 
@@ -347,28 +361,21 @@ if triton is not None:
 
     @triton.jit
     def _plane_operand(x, i: tl.constexpr, BITS: tl.constexpr, QMAX: tl.constexpr,
-                       dt: tl.constexpr, MAGIC: tl.constexpr):
-        """Plane i of packed bytes x as a dot operand of dtype dt, without int -> float
-        conversion instructions (a quarter-rate I2F each code on Hopper): the code is OR-ed
-        into the mantissa of a float whose exponent makes one mantissa step 1 (the "magic
-        number" trick of int4 GEMM kernels, e.g. FasterTransformer's fast int -> half).
-        MAGIC 1: bf16 128 + c (codes < 128), 2: fp16 1024 + c; the dot then carries OFFSET
-        (128 / 1024) times the other operand's row sum, which the caller subtracts. MAGIC 0:
-        fp32 2^23 + c, minus 2^23 in fp32, then cast to dt (exact, no offset left)."""
+                       dt: tl.constexpr):
+        """Plane i of packed bytes x as a dot operand of dtype dt, without an int -> float
+        conversion instruction (I2F, quarter rate on Hopper): the code is OR-ed into the
+        mantissa of 2^23 and 2^23 subtracted in fp32 (exact; the "magic number" trick of
+        int4 GEMM kernels, e.g. FasterTransformer's fast int -> half). Leaving the offset in
+        the operand (bf16 128 + c, fp16 1024 + c) and subtracting it after the dot saved 4%
+        on an H100 but cost accuracy (the offset cancels in fp32 over long sums), so it is
+        not done."""
         c = _plane(x, i, BITS, QMAX)
-        if MAGIC == 1:
-            out = (c.to(tl.int16) | 0x4300).to(tl.bfloat16, bitcast=True)
-        elif MAGIC == 2:
-            out = (c.to(tl.int16) | 0x6400).to(tl.float16, bitcast=True)
-        else:
-            out = ((c.to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0).to(dt)
-        return out
+        return ((c.to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0).to(dt)
 
     @triton.jit
     def _key_plane_scores(qf, xt, kp, i: tl.constexpr, dt: tl.constexpr, BITS: tl.constexpr,
                           QMAX: tl.constexpr, D: tl.constexpr, PB: tl.constexpr,
-                          DP: tl.constexpr, FP16: tl.constexpr, PREC: tl.constexpr,
-                          MAGIC: tl.constexpr, OFFSET: tl.constexpr):
+                          DP: tl.constexpr, FP16: tl.constexpr, PREC: tl.constexpr):
         """(q∘a)·c over plane i's channels, and Σ q·z over them: qf fp32 [M, DP], xt the
         tile's packed key bytes transposed [DP, N], kp the tile's key-group params."""
         j = tl.arange(0, DP)
@@ -377,18 +384,14 @@ if triton is not None:
         a, z = _affine(tl.load(kp + ch, mask=ok, other=0), tl.load(kp + D + ch, mask=ok, other=0),
                        QMAX, FP16)                                           # [DP]
         qa = (qf * a[None, :]).to(dt)
-        s = tl.dot(qa, _plane_operand(xt, i, BITS, QMAX, dt, MAGIC),
-                   input_precision=PREC)                                     # [M, N]
-        qz = tl.sum(qf * z[None, :], 1)
-        if OFFSET != 0:      # the operand was OFFSET + c: take OFFSET · Σ (q∘a) as rounded back
-            qz -= OFFSET * tl.sum(qa.to(tl.float32), 1)
-        return s, qz
+        s = tl.dot(qa, _plane_operand(xt, i, BITS, QMAX, dt), input_precision=PREC)  # [M, N]
+        return s, tl.sum(qf * z[None, :], 1)
 
     @triton.jit
     def _value_plane(acc, alpha, pa, xv, i: tl.constexpr, BITS: tl.constexpr, QMAX: tl.constexpr,
-                     dt: tl.constexpr, MAGIC: tl.constexpr, PREC: tl.constexpr):
+                     dt: tl.constexpr, PREC: tl.constexpr):
         # acc [M, DP] of plane i: rescale, add (p∘a) · codes [N, DP]
-        return acc * alpha[:, None] + tl.dot(pa, _plane_operand(xv, i, BITS, QMAX, dt, MAGIC),
+        return acc * alpha[:, None] + tl.dot(pa, _plane_operand(xv, i, BITS, QMAX, dt),
                                              input_precision=PREC)
 
     @triton.jit
@@ -409,8 +412,7 @@ if triton is not None:
             HKV: tl.constexpr, G: tl.constexpr, S: tl.constexpr, D: tl.constexpr,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
             BITS: tl.constexpr, GROUP: tl.constexpr, RING: tl.constexpr, JV: tl.constexpr,
-            FP16: tl.constexpr, PREC: tl.constexpr, DOT_F32: tl.constexpr,
-            MAGIC: tl.constexpr, OFFSET: tl.constexpr):
+            FP16: tl.constexpr, PREC: tl.constexpr, DOT_F32: tl.constexpr):
         """``_decode_packed_kernel`` without unpacking to [N, D]: the PB = 8 / BITS bit planes
         of the packed bytes stay apart (plane i of byte column j is channel PB·j + i, so a
         plane is a plain [N, D / PB] operand: shift and mask, no join/reshape, no layout
@@ -479,18 +481,14 @@ if triton is not None:
             else:
                 xk = tl.load(kptr, mask=jok[:, None], other=0)
             kp = kpar + (n0 // GROUP) * 2 * D
-            scores, qz = _key_plane_scores(q0, xk, kp, 0, dt, BITS, QMAX, D, PB, DP, FP16, PREC,
-                                             MAGIC, OFFSET)
+            scores, qz = _key_plane_scores(q0, xk, kp, 0, dt, BITS, QMAX, D, PB, DP, FP16, PREC)
             if PB >= 2:
-                s1, z1 = _key_plane_scores(q1, xk, kp, 1, dt, BITS, QMAX, D, PB, DP, FP16, PREC,
-                                             MAGIC, OFFSET)
+                s1, z1 = _key_plane_scores(q1, xk, kp, 1, dt, BITS, QMAX, D, PB, DP, FP16, PREC)
                 scores += s1
                 qz += z1
             if PB == 4:
-                s2, z2 = _key_plane_scores(q2, xk, kp, 2, dt, BITS, QMAX, D, PB, DP, FP16, PREC,
-                                             MAGIC, OFFSET)
-                s3, z3 = _key_plane_scores(q3, xk, kp, 3, dt, BITS, QMAX, D, PB, DP, FP16, PREC,
-                                             MAGIC, OFFSET)
+                s2, z2 = _key_plane_scores(q2, xk, kp, 2, dt, BITS, QMAX, D, PB, DP, FP16, PREC)
+                s3, z3 = _key_plane_scores(q3, xk, kp, 3, dt, BITS, QMAX, D, PB, DP, FP16, PREC)
                 scores += s2 + s3
                 qz += z2 + z3
             scores = (scores + qz[:, None]) * qk_scale
@@ -513,21 +511,18 @@ if triton is not None:
                 pa = p * a
                 pz = p * z
             pa = pa.to(dt)
-            pz = tl.sum(pz, 1)
-            if OFFSET != 0:  # the value operands are OFFSET + c (_plane_operand)
-                pz -= OFFSET * tl.sum(pa.to(tl.float32), 1)
-            acc_z = acc_z * alpha + pz
+            acc_z = acc_z * alpha + tl.sum(pz, 1)
             vptr = vc + t[:, None] * (D // PB) + j[None, :]
             if EVEN:
                 xv = tl.load(vptr)
             else:
                 xv = tl.load(vptr, mask=jok[None, :], other=0)
-            acc0 = _value_plane(acc0, alpha, pa, xv, 0, BITS, QMAX, dt, MAGIC, PREC)
+            acc0 = _value_plane(acc0, alpha, pa, xv, 0, BITS, QMAX, dt, PREC)
             if PB >= 2:
-                acc1 = _value_plane(acc1, alpha, pa, xv, 1, BITS, QMAX, dt, MAGIC, PREC)
+                acc1 = _value_plane(acc1, alpha, pa, xv, 1, BITS, QMAX, dt, PREC)
             if PB == 4:
-                acc2 = _value_plane(acc2, alpha, pa, xv, 2, BITS, QMAX, dt, MAGIC, PREC)
-                acc3 = _value_plane(acc3, alpha, pa, xv, 3, BITS, QMAX, dt, MAGIC, PREC)
+                acc2 = _value_plane(acc2, alpha, pa, xv, 2, BITS, QMAX, dt, PREC)
+                acc3 = _value_plane(acc3, alpha, pa, xv, 3, BITS, QMAX, dt, PREC)
         base = (bh * (NSPLIT + 1) + split) * M
         full = l_i > 0
         inv = 1.0 / tl.where(full, l_i, 1.0)
@@ -643,7 +638,7 @@ def _num_splits(rows: int, packed: int, block_n: int, device: torch.device) -> i
 
 
 VARIANTS = ("planes", "joined")
-DEFAULT_VARIANT = "planes"
+DEFAULT_VARIANT = "joined"    # measured: see the module docstring
 
 
 def planes_ok(q: torch.Tensor, state: reference.QuantizedKV) -> bool:
@@ -659,7 +654,7 @@ def planes_ok(q: torch.Tensor, state: reference.QuantizedKV) -> bool:
 def attention_decode(q: torch.Tensor, state: reference.QuantizedKV, scale: float | None = None,
                      num_splits: int | None = None, num_warps: int = 8,
                      num_stages: int = 4, variant: str | None = None,
-                     block_n: int | None = None) -> torch.Tensor:
+                     block_n: int | None = None, maxnreg: int | None = None) -> torch.Tensor:
     """``reference.attention_decode`` reading the packed state: q [B, H, S, D] (S ≤ 16 or so:
     G·S ≤ 128 rows per kv head) -> [B, H, S, D] in q's dtype.
 
@@ -667,7 +662,8 @@ def attention_decode(q: torch.Tensor, state: reference.QuantizedKV, scale: float
     ``planes_ok``, run "joined") or "joined" (``_decode_packed_kernel``); None: DEFAULT_VARIANT.
     Tile knobs: ``block_n`` packed tokens a tile (a power of two in 16..group, default
     min(64, group)), ``num_splits`` programs per kv head over the packed tokens (default: a
-    heuristic, about 4 programs per SM), ``num_warps``, ``num_stages``."""
+    heuristic, about 4 programs per SM), ``num_warps``, ``num_stages``, ``maxnreg`` (a cap on
+    the packed-token kernel's registers a thread, for occupancy; None: the compiler's)."""
     _require()
     variant = DEFAULT_VARIANT if variant is None else variant
     if variant not in VARIANTS:
@@ -706,19 +702,12 @@ def attention_decode(q: torch.Tensor, state: reference.QuantizedKV, scale: float
     qs = (q.stride(0), q.stride(1), q.stride(2))
     common = dict(HKV=hkv, G=G, S=S, D=D, BLOCK_D=block_d, GROUP=c.group, RING=c.ring,
                   PREC=prec, DOT_F32=dot_f32)
-    extra = {}
-    if variant == "planes":
-        kernel = _decode_planes_kernel
-        # codes as dot operands by the magic-number trick (_plane_operand)
-        magic = 0 if dot_f32 or q.dtype == torch.float32 else (
-            2 if q.dtype == torch.float16 else (1 if c.bits < 8 else 0))
-        extra = dict(MAGIC=magic, OFFSET=(0.0, 128.0, 1024.0)[magic])
-    else:
-        kernel = _decode_packed_kernel
+    kernel = _decode_planes_kernel if variant == "planes" else _decode_packed_kernel
     kernel[(B * hkv, splits)](
         q, state.k_codes, state.k_params, state.v_codes, state.v_params, state.length, acc, lse,
         scale * LOG2E, *qs, sp, splits, BLOCK_M=block_m, BLOCK_N=block_n, BITS=c.bits, JV=jv,
-        FP16=c.scales == "fp16", num_warps=num_warps, num_stages=num_stages, **common, **extra)
+        FP16=c.scales == "fp16", num_warps=num_warps, num_stages=num_stages, **common,
+        **({} if maxnreg is None else dict(maxnreg=maxnreg)))
     _decode_ring_kernel[(B * hkv,)](
         q, state.k_ring, state.v_ring, state.length, acc, lse, scale * LOG2E, *qs, splits,
         BLOCK_M=max(16, _pow2(M)), BLOCK_N=min(64, c.group), **common)

@@ -1,13 +1,13 @@
 """The "planes" decode kernel (bit planes kept apart, value groups carried by repeated query
-rows, codes turned into dot operands by the magic-number trick) against the reference, under
+rows, codes turned into dot operands without I2F) against the reference, under
 the Triton interpreter (CPU).
 
 Odd shapes: 2/4/8 bits, D 64/96/128 (96: planes narrower than their power-of-two block),
 group 32/64 (1 to 4 value groups a token), G 1/4/7 query heads per kv head, S 1/3 queries,
 lengths that end exactly at a group boundary (the ring full) and inside the ring, every dtype
 and both scale formats, tiles of 16/32/64 tokens and several split counts.
-The interpreter's bf16 dot is garbage (triton 3.9), so bf16 runs its dots in fp32
-(DOT_F32); the bf16 magic operand (MAGIC=1) runs on CUDA only.
+The interpreter's bf16 dot is garbage (triton 3.9), so bf16 runs its dots in fp32 there
+(DOT_F32).
 """
 import os
 
@@ -30,9 +30,9 @@ CASES = [  # bits, group, residual, scales, D, dtype, G, S, length, splits, bloc
     (2, 32, 32, "u8", 64, F32, 1, 3, 32 + 6 * 32, 2, 16),           # boundary, 2 value groups
     (2, 64, 0, "fp16", 128, BF16, 4, 1, 64 + 3 * 64 + 31, 5, 32),   # inside, more splits
     (8, 32, 64, "fp16", 96, BF16, 4, 3, 64 + 4 * 32, 4, 32),        # 8-bit, 3 value groups
-    (8, 64, 128, "u8", 64, F16, 7, 1, 128 + 2 * 64 + 1, 3, 64),     # fp16 magic, 8-bit codes
+    (8, 64, 128, "u8", 64, F16, 7, 1, 128 + 2 * 64 + 1, 3, 64),     # fp16, 8-bit codes
     (4, 32, 128, "u8", 128, F32, 4, 3, 128 + 4 * 32 + 20, 4, 32),   # 4 value groups
-    (2, 32, 128, "fp16", 96, F16, 1, 1, 128 + 3 * 32, None, 32),    # 2-bit fp16 magic, D/4 = 24
+    (2, 32, 128, "fp16", 96, F16, 1, 1, 128 + 3 * 32, None, 32),    # 2-bit fp16, D/4 = 24
     (4, 64, 0, "u8", 64, F16, 4, 3, 64 + 2 * 64 + 63, 2, 64),       # ring one short of a group
 ]
 
