@@ -591,7 +591,8 @@ class DuoHeads(Recipe):
 
 def default_path(model: torch.nn.Module, sink: int, window: int) -> Path:
     """Where :func:`compile` keeps a calibration it made: ``$XDG_CACHE_HOME`` (or
-    ``~/.cache``) ``/longfx/duo_heads/<name>-<config hash>-<weights hash>-s<sink>-w<window>.json``."""
+    ``~/.cache``), then
+    ``longfx/duo_heads/<name>-<config hash>-<weights hash>-s<sink>-w<window>.json``."""
     ident = model_identity(model)
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", ident["name"]).strip("_")[-60:] or "model"
     root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
@@ -604,9 +605,9 @@ def compile(model: torch.nn.Module, recipe: Any, tokenizer: Any = None, *,
             **kwargs) -> torch.nn.Module:
     """``longfx.compile`` for pipelines holding ``duo_heads``: a ``duo_heads`` without a
     calibration file is calibrated on this first compile (``tokenizer`` or a 1-D id tensor
-    gives the text; ``length``/``samples`` as in :func:`calibrate`), the file cached under :func:`default_path` and reused next time; a given
-    file is checked against ``model`` (:func:`load_calibration`). The report's warnings say
-    which calibration was used."""
+    gives the text; ``length``/``samples`` as in :func:`calibrate`), the file cached under
+    :func:`default_path` and reused next time; a given file is checked against ``model``
+    (:func:`load_calibration`). The report's warnings say which calibration was used."""
     import longfx
     from longfx import recipes
 
