@@ -192,21 +192,21 @@ def main(argv=None):
                     help="decode kernels to time (longfx.kernels.kv_quant.triton.VARIANTS)")
     ap.add_argument("--block-n", default="32,64", help="decode tile sizes to try (those that "
                     "do not divide --group are skipped)")
-    ap.add_argument("--num-warps", default="4,8", help="decode kernel warps to try")
+    ap.add_argument("--num-warps", default="1,2,4,8", help="decode kernel warps to try")
     ap.add_argument("--num-stages", default="2,3,4", help="decode kernel stages to try")
     ap.add_argument("--num-splits", default="0,64,128,256", help="split-KV programs per kv "
                     "head to try (0: the kernel's heuristic)")
-    ap.add_argument("--maxnreg", default="0,128", help="register caps a thread to try "
-                    "(0: none; 128 let more programs share an SM on an H100)")
+    ap.add_argument("--maxnreg", default="0", help="register caps a thread to try (0: none; "
+                    "128 helped 4-warp programs on an H100, fewer warps need none)")
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--iters", type=int, default=50)
     ap.add_argument("--quick", action="store_true", help="4- and 2-bit rows of 128k:1 and "
-                    "32k:8, sweep block_n 64 x splits 0,128 x warps 4,8 x stages 3 x maxnreg "
-                    "0,128, 20 iterations (under 2 minutes on an H100); overrides those options")
+                    "32k:8, sweep block_n 32,64 x splits 0,128 x warps 1,2 x stages 3, "
+                    "20 iterations (under 2 minutes on an H100); overrides those options")
     a = ap.parse_args(argv)
     if a.quick:
-        a.cases, a.bits, a.block_n, a.num_splits = "128k:1,32k:8", "4,2", "64", "0,128"
-        a.num_warps, a.num_stages, a.maxnreg, a.warmup, a.iters = "4,8", "3", "0,128", 5, 20
+        a.cases, a.bits, a.block_n, a.num_splits = "128k:1,32k:8", "4,2", "32,64", "0,128"
+        a.num_warps, a.num_stages, a.maxnreg, a.warmup, a.iters = "1,2", "3", "0", 5, 20
     if not torch.cuda.is_available():
         raise SystemExit("bench_kv_quant_decode needs a CUDA GPU")
     import triton

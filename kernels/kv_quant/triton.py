@@ -35,14 +35,16 @@ codes unpacked to [N, D] with join/reshape) and "planes" (``_decode_planes_kerne
 per_byte bit planes stay apart as [N, D/per_byte] dot operands, value groups are carried by
 repeated query rows instead of per-element selects; see its docstring). Measured on an H100
 (2026-11-23, torch 2.11, Triton 3.6, bf16, u8 scales, group 64, CUDA graphs;
-``python benchmarks/bench_kv_quant_decode.py --quick``), best point of each over block_n 64 x
-splits auto/128 x warps 4/8 x stages 3 x maxnreg none/128: 4-bit 128k B=1 planes 0.227 ms,
-joined 0.236 ms, SDPA 0.216; 2-bit 128k 0.243 / 0.230 / 0.216; 4-bit 32k B=8 0.454 / 0.448 /
-0.421; 2-bit 32k B=8 0.469 / 0.418 / 0.422 — every best point at 4 warps, 3 stages,
-``maxnreg=128`` (about 10% over no cap). Planes removes the joined kernel's shared-memory
-stalls (ncu, 4-bit 128k: short-scoreboard + MIO-throttle stalls 3.9 -> 0.5 cycles an issued
-instruction) but holds 214 registers a thread (2 programs of 4 warps an SM), so it stays
-latency bound at the same speed: neither is near 3x SDPA. "joined" stays the default.
+``python benchmarks/bench_kv_quant_decode.py``, best point of each over its default sweep),
+planes / joined / bf16 SDPA in ms: 4-bit 128k B=1 0.188 / 0.183 / 0.220; 2-bit 128k
+0.200 / 0.167 / 0.219; 4-bit 32k B=8 0.367 / 0.344 / 0.421; 2-bit 32k B=8 0.386 / 0.319 /
+0.422. The tile knobs matter more than the variant: joined's best is 1 warp, block_n 32,
+64-128 splits, 2-3 stages (the defaults, 8 warps / 4 stages / block_n 64, give 0.25 ms at
+4-bit 128k); planes' best is 1-2 warps, block_n 64. Planes removes the joined kernel's
+shared-memory stalls (ncu at 4 warps, 4-bit 128k: short-scoreboard + MIO-throttle stalls
+3.9 -> 0.5 cycles an issued instruction) but holds 214 registers a thread there, and at its
+best it is no faster: both read the state at ~0.4-0.8 TB/s, 1.1-1.3x SDPA, far from 3x.
+"joined" stays the default.
 """
 from __future__ import annotations
 
@@ -680,6 +682,9 @@ def attention_decode(q: torch.Tensor, state: reference.QuantizedKV, scale: float
     if block_n < 16 or block_n & (block_n - 1) or c.group % block_n:
         raise ValueError(f"block_n must be a power of two >= 16 dividing the group {c.group}, "
                          f"got {block_n}")
+    if block_n < 32 and c.bits < 8 and not INTERPRET:   # see _group_ok: wrong on an H100
+        raise ValueError(f"block_n {block_n}: 16-token tiles of {c.bits}-bit codes decoded "
+                         f"wrongly on CUDA (H100, Triton 3.6); use 32 or more")
     if variant == "planes" and not planes_ok(q, state):
         variant = "joined"
     B, H, S, D = q.shape
