@@ -653,9 +653,15 @@ def planes_ok(q: torch.Tensor, state: reference.QuantizedKV) -> bool:
     return rows <= MAX_ROWS and max(16, _pow2(D)) // c.per_byte >= 16
 
 
+def _small_tile_splits(packed: int) -> int:
+    """Splits for a decode tile of at most 16 rows: one per 512 packed tokens, at most 128 —
+    the best of the H100 sweep at both measured shapes (128k B=1: 128; 32k B=8: 64)."""
+    return max(1, min(128, packed // 512))
+
+
 def attention_decode(q: torch.Tensor, state: reference.QuantizedKV, scale: float | None = None,
-                     num_splits: int | None = None, num_warps: int = 8,
-                     num_stages: int = 4, variant: str | None = None,
+                     num_splits: int | None = None, num_warps: int | None = None,
+                     num_stages: int | None = None, variant: str | None = None,
                      block_n: int | None = None, maxnreg: int | None = None) -> torch.Tensor:
     """``reference.attention_decode`` reading the packed state: q [B, H, S, D] (S ≤ 16 or so:
     G·S ≤ 128 rows per kv head) -> [B, H, S, D] in q's dtype.
@@ -665,7 +671,11 @@ def attention_decode(q: torch.Tensor, state: reference.QuantizedKV, scale: float
     Tile knobs: ``block_n`` packed tokens a tile (a power of two in 16..group, default
     min(64, group)), ``num_splits`` programs per kv head over the packed tokens (default: a
     heuristic, about 4 programs per SM), ``num_warps``, ``num_stages``, ``maxnreg`` (a cap on
-    the packed-token kernel's registers a thread, for occupancy; None: the compiler's)."""
+    the packed-token kernel's registers a thread, for occupancy; None: the compiler's).
+    Defaults for tiles of at most 16 rows (G·S ≤ 16: one query token with GQA groups up to 16,
+    the decode case): 1 warp, 3 stages, block_n 32, ``_small_tile_splits`` — the fastest
+    setting of the H100 sweep (2026-11-23: 0.18 ms against 0.25 ms with the general defaults
+    at 4-bit 128k, B=1); larger tiles: 8 warps, 4 stages, block_n 64, the SM heuristic."""
     _require()
     variant = DEFAULT_VARIANT if variant is None else variant
     if variant not in VARIANTS:
@@ -678,7 +688,10 @@ def attention_decode(q: torch.Tensor, state: reference.QuantizedKV, scale: float
     reference.check_query(q, state.k_ring.shape[1], state.head_dim, None)
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    block_n = min(64, c.group) if block_n is None else block_n
+    small = q.shape[1] // state.k_ring.shape[1] * q.shape[2] <= 16      # G·S rows a tile
+    block_n = min(32 if small else 64, c.group) if block_n is None else block_n
+    num_warps = (1 if small else 8) if num_warps is None else num_warps
+    num_stages = (3 if small else 4) if num_stages is None else num_stages
     if block_n < 16 or block_n & (block_n - 1) or c.group % block_n:
         raise ValueError(f"block_n must be a power of two >= 16 dividing the group {c.group}, "
                          f"got {block_n}")
@@ -695,7 +708,8 @@ def attention_decode(q: torch.Tensor, state: reference.QuantizedKV, scale: float
     sp = state.k_codes.shape[2]
     block_d = max(16, _pow2(D))
     block_m = max(16, _pow2(M * jv if variant == "planes" else M))
-    splits = num_splits or _num_splits(B * hkv, sp, block_n, q.device)
+    splits = num_splits or (_small_tile_splits(sp) if small else
+                            _num_splits(B * hkv, sp, block_n, q.device))
     acc = torch.empty(B * hkv, splits + 1, M, D, device=q.device, dtype=torch.float32)
     lse = torch.empty(B * hkv, splits + 1, M, device=q.device, dtype=torch.float32)
     out = torch.empty(B, H, S, D, device=q.device, dtype=q.dtype)
