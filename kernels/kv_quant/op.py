@@ -45,10 +45,11 @@ def _triton_impl():
     return impl if getattr(impl, "AVAILABLE", False) else None
 
 
-# The Triton quantize-on-append is opt-in: through the kv_quant recipe on an H100 (Triton 3.6,
-# 2026-11-23) SmolLM2's 4-bit perplexity at 4k came out 638 instead of ~11.5, while the same
-# kernels under TRITON_INTERPRET=1 match the reference bit for bit on that model; until the
-# cause is found on a GPU, appends run the reference (plain torch, any device).
+# The Triton quantize-on-append is opt-in. It was turned off when SmolLM2's 4-bit perplexity
+# through the kv_quant recipe on an H100 came out 638 at 4k; the cause was found later and was
+# not this kernel: the canonical passes dropped the append op from the graph on torch 2.11
+# (rewrite/manager.py ``mutates``). The kernels match the reference under TRITON_INTERPRET=1;
+# re-enabling them by default waits for a perplexity check on a GPU, not yet run.
 TRITON_APPEND = os.environ.get("LONGFX_KV_QUANT_TRITON_APPEND") == "1"
 
 
@@ -117,10 +118,7 @@ def kv_quant_read(k_codes: torch.Tensor, k_params: torch.Tensor, v_codes: torch.
 
     One opaque op, so that Dynamo does not trace the bit unpacking: traced, a second ``bits``
     in one process made it treat the width as a symbolic int, and the unpacking failed
-    (``lshift(1, s1)``). Not the fix for the open CUDA problem: through ``longfx.compile`` on
-    CUDA the quantized cache still gives wrong logits (SmolLM2 4-bit perplexity 616 at 4k),
-    while the same cache driven eagerly on CUDA matches CPU to 3e-6
-    (benchmarks/results/debug/kv_quant_cuda_compiled_*.json)."""
+    (``lshift(1, s1)``)."""
     config = reference.KVQuantConfig(bits, group, residual, scales)
     n = reference.n_packed(length, config)
     k = reference.dequantize_keys(k_codes[:, :, :n], k_params[:, :, :n // group], config)
