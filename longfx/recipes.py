@@ -155,6 +155,7 @@ FAMILIES: list[str] = ["longfx.passes.rope", "longfx.passes.sparse", "longfx.pas
                        "longfx.passes.rope_dynamic", "longfx.passes.kv_evict"]
 FAMILIES += ["longfx.passes.vertical_slash", "longfx.passes.flex_prefill"]
 FAMILIES += ["longfx.passes.gear"]
+FAMILIES += ["longfx.passes.think", "longfx.passes.minicache", "longfx.passes.duo_heads"]
 _loaded: set[str] = set()
 
 
