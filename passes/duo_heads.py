@@ -59,6 +59,7 @@ import json
 import math
 import os
 import re
+from dataclasses import field
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -571,7 +572,7 @@ class DuoHeads(Recipe):
     streaming: float = 0.5
     sink: int = 4
     window: int = 1024
-    calibration: str | None = None
+    calibration: str | None = field(default=None, metadata={"omit_default": True})
 
     def __post_init__(self):
         _check(self.streaming, self.sink, self.window)
