@@ -163,12 +163,12 @@ def load_calibration(path: str | os.PathLike, model: torch.nn.Module | None = No
     calib = _read(path)
     if model is not None:
         want, have = model_identity(model), calib.get("model") or {}
-        for field in ("config_hash", "weights_hash"):
-            if have.get(field) != want[field]:
+        for fact in ("config_hash", "weights_hash"):
+            if have.get(fact) != want[fact]:
                 raise RecipeError(
                     f"duo_heads: {str(path)!r} was calibrated for {have.get('name')!r} "
-                    f"({field} {have.get(field)}), not for this model {want['name']!r} "
-                    f"({field} {want[field]}): recalibrate with "
+                    f"({fact} {have.get(fact)}), not for this model {want['name']!r} "
+                    f"({fact} {want[fact]}): recalibrate with "
                     f"longfx.passes.duo_heads.calibrate(model, tokenizer, path=...)")
     for name, value in (("sink", sink), ("window", window)):
         if value is not None and calib.get(name) != value:
@@ -453,10 +453,10 @@ class DuoRule(Rule):
             return (f"duo_heads: the calibration has no entry for {site.key} (it has "
                     f"{len(self._calib['sites'])} sites): not this model's graph; kept dense")
         want = {"num_kv_heads": hkv, "num_heads": h, "layer": site.layer}
-        for field, value in want.items():
-            if value is not None and entry.get(field) is not None and entry[field] != value:
+        for fact, value in want.items():
+            if value is not None and entry.get(fact) is not None and entry[fact] != value:
                 return (f"duo_heads: calibration mismatch at {site.key}: the file has "
-                        f"{field}={entry[field]}, the site {value} (calibrated for "
+                        f"{fact}={entry[fact]}, the site {value} (calibrated for "
                         f"{self._calib['model'].get('name')!r}); kept dense")
         if len(entry.get("scores", ())) != hkv:
             return f"duo_heads: calibration mismatch at {site.key}: {hkv} KV heads; kept dense"
