@@ -72,6 +72,7 @@ class EvictLayer(CacheLayerMixin):
         self.seen = 0                               # tokens seen (= the next true position)
         self.pending: tuple | None = None           # (module, hidden_states, (cos, sin))
         self.window_q: tuple | None = None          # SnapKV "prompt": (queries, scaling)
+        self.prompt_seen = 0                        # ... and the tokens seen when it was taken
 
     def __repr__(self):
         return f"EvictLayer({self.policy}, kept={self.kept}, seen={self.seen})"
@@ -189,6 +190,7 @@ class EvictLayer(CacheLayerMixin):
         p = self.policy
         if s > 1:
             self.window_q = self._queries(min(p.window, s))
+            self.prompt_seen = self.seen
             self.keys = torch.cat((self.keys, key_states), 2)
             self.values = torch.cat((self.values, value_states), 2)
             return self.keys, self.values
@@ -210,7 +212,7 @@ class EvictLayer(CacheLayerMixin):
         nothing is to be compressed (already done, or within the budget)."""
         if self.window_q is None:
             return None
-        budget = self.policy.budget_for(self.kept)        # the prompt: every token still stored
+        budget = self.policy.budget_for(self.prompt_seen)
         return budget if self.kept > budget else None
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:

@@ -131,6 +131,19 @@ def test_snapkv_at_prompt_end_compresses_on_the_first_decode_step(llama):
     assert two.kept() == 13
 
 
+def test_snapkv_at_prompt_end_keeps_its_ratio_of_the_tokens_seen_across_turns(llama):
+    """A second prompt after decoding: the next decode step compresses to the ratio of all the
+    tokens seen so far (69 -> 35), not of the tokens still stored."""
+    cache = EvictCache(R.SnapKVConfig(ratio=0.5, window=4, kernel=3), model=llama)
+    _feed(llama, _ids(48), cache, (48,))
+    _feed(llama, _ids(1, seed=1), cache, (1,))
+    assert cache.kept() == 24 + 1
+    _feed(llama, _ids(20, seed=2), cache, (20,))
+    assert cache.kept() == 45 and cache.get_seq_length() == 69
+    _feed(llama, _ids(1, seed=3), cache, (1,))
+    assert cache.kept() == 35 + 1
+
+
 def test_h2o_scores_accumulate_every_query(llama):
     """A layer fed a chunk and decode steps keeps, per kept key, the sum of every query's
     attention to it (reference over all queries at once); after eviction it keeps the gathered
