@@ -34,8 +34,14 @@ def backend(recipe: Any = None, *, inner: str = "eager", model: torch.nn.Module 
     """A torch.compile backend applying ``recipe``:
     ``torch.compile(model, backend=longfx.backend("...", model=model))``. Its ``.report``
     fills as Dynamo hands it graphs. Passing ``model`` lets recipes read what its config
-    states (the trained context length, for ``extend(to=N)``)."""
+    states (the trained context length, for ``extend(to=N)``) and recipes that need the model
+    bind to it (``duo_heads`` finds the calibration made for it)."""
     pipeline = _pipeline(recipe)
+    if model is not None and any(hasattr(r, "bind") for r in pipeline.recipes):
+        from longfx.recipes import Pipeline
+
+        pipeline = Pipeline(tuple(r.bind(model) if hasattr(r, "bind") else r
+                                  for r in pipeline.recipes))
     return Backend(_rules(pipeline), recipe=str(pipeline), inner=inner,
                    model_facts=model_facts(model) if model is not None else None)
 

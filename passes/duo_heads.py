@@ -589,6 +589,19 @@ class DuoHeads(Recipe):
         return [DuoRule(self.streaming, self.sink, self.window, self.calibration,
                         recipe=str(self))]
 
+    def bind(self, model: torch.nn.Module) -> "DuoHeads":
+        """The recipe for ``model`` (``longfx.compile`` calls this): without a calibration
+        file, the one :func:`compile` made for this model before (:func:`default_path`, same
+        weights, sink and window) is used when it exists; otherwise the recipe is unchanged
+        and its sites stay dense, the report saying how to calibrate."""
+        if not self.needs_calibration or self.calibration:
+            return self
+        path = default_path(model, self.sink, self.window)
+        if not path.exists():
+            return self
+        load_calibration(path, model, sink=self.sink, window=self.window)
+        return DuoHeads(self.streaming, self.sink, self.window, str(path))
+
 
 def default_path(model: torch.nn.Module, sink: int, window: int) -> Path:
     """Where :func:`compile` keeps a calibration it made: ``$XDG_CACHE_HOME`` (or

@@ -186,7 +186,12 @@ def test_compile_calibrates_on_first_compile_and_reuses(llama, tmp_path, monkeyp
     again = D.compile(model, recipe)                                 # no text needed now
     assert any("reused" in n for n in again.longfx_backend.report.warnings)
     assert torch.equal(_logits(again, ids), _logits(fast, ids))
-    # plain longfx.compile without a file: kept dense, and the report says how to calibrate
+    # plain longfx.compile finds the calibration made for this model (recipe bound to it)
+    plain = longfx.compile(model, recipe)
+    assert torch.equal(_logits(plain, ids), _logits(fast, ids))
+    assert str(D.default_path(model, 2, 4)) in plain.longfx_backend.report.recipe
+    # without one it keeps the sites dense, and the report says how to calibrate
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "empty"))
     plain = longfx.compile(model, recipe)
     _logits(plain, ids)
     assert all("no calibration file" in (r.get("reason") or "")
