@@ -210,6 +210,23 @@ def build(name: str, attn_implementation: str = "eager", seed: int = 0):
     return model.eval(), example_inputs(name, seed)
 
 
+def token_ids(n: int, batch: int = 1, seed: int = 0) -> torch.Tensor:
+    """Random token ids [batch, n] of the zoo vocabulary (special ids below 3 left out)."""
+    return torch.randint(3, VOCAB, (batch, n), generator=torch.Generator().manual_seed(seed))
+
+
+def feed(model, ids: torch.Tensor, cache, chunks) -> torch.Tensor:
+    """Run ``ids`` [B, S] through ``model`` with ``cache`` in chunks of the given sizes; the
+    logits of every position, [B, sum(chunks), V]."""
+    out, a = [], 0
+    with torch.no_grad():
+        for s in chunks:
+            out.append(model(input_ids=ids[:, a:a + s], past_key_values=cache,
+                             use_cache=True).logits)
+            a += s
+    return torch.cat(out, 1)
+
+
 def record_graphs(model, inputs: dict[str, Any], **compile_kwargs) -> list[tuple[Any, list]]:
     """Compile ``model`` under Dynamo with a recording backend and run it once on ``inputs``.
 

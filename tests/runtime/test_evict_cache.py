@@ -21,17 +21,7 @@ POLICIES = {
 }
 
 
-def _ids(n, batch=1, seed=0):
-    return torch.randint(3, zoo.VOCAB, (batch, n), generator=torch.Generator().manual_seed(seed))
-
-
-def _feed(model, ids, cache, chunks):
-    out, a = [], 0
-    with torch.no_grad():
-        for s in chunks:
-            out.append(model(input_ids=ids[:, a:a + s], past_key_values=cache, use_cache=True).logits)
-            a += s
-    return torch.cat(out, 1)
+_ids, _feed = zoo.token_ids, zoo.feed
 
 
 @pytest.fixture(scope="module")
