@@ -191,15 +191,17 @@ class ConsistentDynamicRule(Rule):
         return made
 
 
-# extend(to=N)'s headroom: the scale at length L is EXTEND_MARGIN·L/L₀ (capped at
-# EXTEND_MARGIN·N/L₀), chosen on tuning prompts (benchmarks/RESULTS.md, "extend").
+# extend(to=N)'s headroom: the scale at length L is EXTEND_MARGIN·L/L₀, capped at
+# EXTEND_CAP·N/L₀ — a scale that runs ahead of the length up to 0.75·N, and 1.5× the length's
+# at N. Both chosen on tuning prompts (benchmarks/results/tuning/, docs/rope.md "extend").
 EXTEND_MARGIN = 2.0
+EXTEND_CAP = 1.5
 
 
 class ExtendRule(ConsistentDynamicRule):
-    """``extend(to=N)``: ``dynamic_yarn(factor=m·N/L₀, margin=m)`` with L₀ read per site and
-    m = ``EXTEND_MARGIN``; nothing when N ≤ L₀ (the site stays as it is, with that reason).
-    Up to L₀/m tokens the model is unchanged."""
+    """``extend(to=N)``: ``dynamic_yarn(factor=c·N/L₀, margin=m)`` with L₀ read per site,
+    m = ``EXTEND_MARGIN`` and c = ``EXTEND_CAP``; nothing when N ≤ L₀ (the site stays as it is,
+    with that reason). Up to L₀/m tokens the model is unchanged."""
 
     def __init__(self, to: int, original: int | None, recipe: str = ""):
         super().__init__("yarn", 1.0, original, recipe=recipe, margin=EXTEND_MARGIN)
@@ -212,7 +214,7 @@ class ExtendRule(ConsistentDynamicRule):
             return facts
         if self.to <= facts["original"]:
             return f"extend: {self.to} <= trained length {facts['original']}, nothing to do"
-        return {**facts, "factor": self.margin * self.to / facts["original"]}
+        return {**facts, "factor": EXTEND_CAP * self.to / facts["original"]}
 
     def replace(self, site: Site, gm: fx.GraphModule, facts: dict[str, Any]) -> list[fx.Node]:
         self.factor = facts["factor"]

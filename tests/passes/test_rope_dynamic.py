@@ -154,7 +154,7 @@ def test_extend_reports_its_choice_and_refuses_short_targets(llama):
     with torch.no_grad():
         fast(IDS)
     att = [r for r in fast.longfx_backend.report.rows() if r["kind"] == "attention"]
-    assert att[0]["dynamic_rope"]["chosen"] == "dynamic_yarn(factor=8.0, original=16, margin=2.0)"
+    assert att[0]["dynamic_rope"]["chosen"] == "dynamic_yarn(factor=6.0, original=16, margin=2.0)"
     none = longfx.compile(llama, "extend(to=16, original=16)")
     with torch.no_grad():
         assert _rel(none(IDS).logits, llama(IDS).logits) == 0

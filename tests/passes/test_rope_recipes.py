@@ -327,7 +327,7 @@ def test_missing_original_and_extend_rule(llama):
     testing.assert_close(r)
     r = testing.run_pass(llama, x, recipes.parse("extend(to=512, original=128)").rules())
     assert {s.facts["dynamic_rope"]["chosen"] for s in r.sites("attention")} == \
-        {"dynamic_yarn(factor=8.0, original=128, margin=2.0)"}
+        {"dynamic_yarn(factor=6.0, original=128, margin=2.0)"}
     testing.assert_close(r)              # 16 example tokens < 128/2: s = 1, unchanged
 
 
