@@ -47,7 +47,7 @@ def scale_of(positions: torch.Tensor, original: int, factor: float, method: str,
     model trained at 8k gets s = 4, not 2. An interpolated model retrieves poorly when its
     longest distance sits right at the edge of the (scaled) trained range — transformers'
     ``"dynamic"`` NTK builds in the same kind of headroom with its f·L/L₀ − (f − 1)."""
-    L = positions.amax().to(torch.float32) + 1
+    L = positions.reshape(-1).amax(0).to(torch.float32) + 1        # (a dim: ONNX export needs one)
     if method == "ntk":
         return torch.clamp_min(factor * L / original - (factor - 1), 1.0)
     if method == "yarn":

@@ -20,6 +20,8 @@ from longfx.runtime.ort import ORTModel
 CASES = [
     ("llama", "", "sdpa"),
     ("llama", "yarn(factor=2)", "sdpa"),
+    ("llama", "extend(to=64, original=8)", "sdpa"),         # dynamic: keys re-rotated per call
+    ("llama", "dynamic_ntk(factor=4, original=8)", "sdpa"),
     ("llama", "sliding_window(window=5)", "sdpa"),
     ("llama", "sink_window(sink=2, window=5)", "sdpa"),
     ("llama", "rope_cap(max_distance=6, sink=2)", "sdpa"),
@@ -62,6 +64,22 @@ def test_recipe_is_in_the_graph(zoo_export, parity):
     b = ORTModel.from_dir(sparse.path)(ids, mask)[0]
     assert parity.rel(a[:, :5], b[:, :5]) <= 1e-5          # inside the window: same
     assert parity.rel(a[:, 8:], b[:, 8:]) > 1e-3           # beyond it: sinks + window only
+
+
+def test_dynamic_rope_is_in_the_graph(zoo_export, parity):
+    """extend (dynamic YaRN, keys re-rotated per call): a call up to L₀/2 positions is the
+    dense model; a longer call is not (its scale is computed in the ONNX graph from the
+    position ids)."""
+    _, dense = zoo_export("llama", "")
+    _, ext = zoo_export("llama", "extend(to=64, original=8)")
+    sites = [s for s in ext.report.sites if s.kind == "attention"]
+    assert sites and all("dynamic_rope" in s.facts for s in sites)
+    ids, mask = _batch(128, length=13, pad=0)
+    short = (ids[:, :4], mask[:, :4])
+    a, b = (ORTModel.from_dir(e.path)(*short)[0] for e in (dense, ext))
+    assert parity.rel(a, b) <= 1e-5                         # s = 1 up to L₀/2 = 4 tokens
+    a, b = (ORTModel.from_dir(e.path)(ids, mask)[0] for e in (dense, ext))
+    assert parity.rel(a, b) > 1e-3
 
 
 def test_decomposed_target(zoo_export, parity):
