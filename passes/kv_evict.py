@@ -1,6 +1,6 @@
 """KV-cache eviction recipes: ``snapkv(...)``, ``h2o(...)``, ``streaming_kv(...)``.
 
-* ``snapkv(budget | ratio, window=32, kernel=7, when="prompt")`` — SnapKV (Li et al. 2024,
+* ``snapkv(budget | ratio, window=32, kernel=15, when="prompt")`` — SnapKV (Li et al. 2024,
   arXiv:2404.14469): the last ``window`` queries vote for prefix keys (softmax probabilities
   summed over the window, averaged over a KV head's query heads, 1-D pooled with size
   ``kernel``); each KV head keeps its top keys plus the window itself. ``when="prompt"`` (the
@@ -59,7 +59,7 @@ class SnapKV(_EvictRecipe):
     budget: int | None = field(default=None, metadata={"omit_default": True})
     ratio: float | None = field(default=None, metadata={"omit_default": True})
     window: int = 32
-    kernel: int = 7
+    kernel: int = 15
     pool: str = field(default="avg", metadata={"omit_default": True})
     when: str = field(default="prompt", metadata={"omit_default": True})
 

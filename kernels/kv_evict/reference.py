@@ -49,7 +49,7 @@ class SnapKVConfig:
     budget: int | None = None      # tokens per KV head after compression (window included)
     ratio: float | None = None     # or: fraction of the seen tokens evicted
     window: int = 32
-    kernel: int = 7
+    kernel: int = 15
     pool: str = "avg"
     when: str = "prompt"           # "prompt": once, when the prompt ends; "chunk": every chunk
 

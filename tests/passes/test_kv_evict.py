@@ -15,7 +15,7 @@ pytestmark = pytest.mark.filterwarnings("ignore")
 
 
 def test_parse_and_string_form():
-    for text, want in [("snapkv(ratio=0.5)", "snapkv(ratio=0.5, window=32, kernel=7)"),
+    for text, want in [("snapkv(ratio=0.5)", "snapkv(ratio=0.5, window=32, kernel=15)"),
                        ("snapkv(256, window=16, kernel=5, pool=max)",
                         "snapkv(budget=256, window=16, kernel=5, pool=max)"),
                        ("h2o(ratio=0.5)", "h2o(ratio=0.5)"),
