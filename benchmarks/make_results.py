@@ -177,7 +177,16 @@ def kernels(results: Path) -> str:
                     f"{ms(dec['sdpa_kept_only']):.3f} ms (ratio "
                     f"{dec['ours_vs_sdpa_kept']:.1f}×), dense SDPA over the whole cache "
                     f"{ms(dec['sdpa_full_cache']):.3f} ms, FlexAttention "
-                    f"{ms(dec['flex']):.3f} ms."]
+                    f"{ms(dec['flex']):.3f} ms (eager launches)."]
+            g = dec.get("graph")
+            if g:
+                when = (dec.get("environment") or e)["date"][:10]
+                out += ["", f"The same decode replayed as CUDA graphs ({when}; "
+                        f"{g['ours'].get('graph_calls', 1)} back-to-back calls per replay, time "
+                        "per call, so Python launch overhead is out): "
+                        f"ours {ms(g['ours']):.4f} ms, dense SDPA over the kept tokens only "
+                        f"{ms(g['sdpa_kept_only']):.4f} ms (ratio {g['ours_vs_sdpa_kept']:.2f}×), "
+                        f"dense SDPA over the whole cache {ms(g['sdpa_full_cache']):.4f} ms."]
         out += [""]
     bs = results / "block_sparse_h100.json"
     if bs.exists():
