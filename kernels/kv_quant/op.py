@@ -22,7 +22,7 @@ runtime (HF ``Cache``, ONNX runner) can own it:
 
 The ring size and scale format are read off the tensors (``k_ring.shape[2]``,
 ``k_params.dtype``). Lowering: the Triton kernels (triton.py) on CUDA when they support the
-shapes (the append only with LONGFX_KV_QUANT_TRITON_APPEND=1, see TRITON_APPEND below), else
+shapes (the append unless LONGFX_KV_QUANT_TRITON_APPEND=0, see TRITON_APPEND below), else
 the reference; the Triton path reads ``length`` on the device (no host sync, CUDA
 graph friendly) and therefore does not check the capacity: the caller must.
 """
@@ -45,12 +45,14 @@ def _triton_impl():
     return impl if getattr(impl, "AVAILABLE", False) else None
 
 
-# The Triton quantize-on-append is opt-in. It was turned off when SmolLM2's 4-bit perplexity
-# through the kv_quant recipe on an H100 came out 638 at 4k; the cause was found later and was
-# not this kernel: the canonical passes dropped the append op from the graph on torch 2.11
-# (rewrite/manager.py ``mutates``). The kernels match the reference under TRITON_INTERPRET=1;
-# re-enabling them by default waits for a perplexity check on a GPU, not yet run.
-TRITON_APPEND = os.environ.get("LONGFX_KV_QUANT_TRITON_APPEND") == "1"
+# The Triton quantize-on-append is on by default on CUDA (LONGFX_KV_QUANT_TRITON_APPEND=0 turns
+# it off). It was opt-in after SmolLM2's 4-bit perplexity through the kv_quant recipe on an
+# H100 came out 638 at 4k; the cause was not this kernel but the canonical passes dropping the
+# append op from the graph on torch 2.11 (rewrite/manager.py ``mutates``). Checked on an H100
+# after that fix (2026-11-24, benchmarks/results/debug/kv_quant_triton_append_h100.jsonl):
+# SmolLM2 kv_quant(bits=4) perplexity 11.4812 / 10.4012 at 4k / 8k with this append, the
+# reference append's 11.4812 / 10.4012 (smollm2-135m_h100.jsonl).
+TRITON_APPEND = os.environ.get("LONGFX_KV_QUANT_TRITON_APPEND", "1") != "0"
 
 
 def _impl_for(x: torch.Tensor):
