@@ -18,8 +18,9 @@
 ``budget`` is tokens per KV head; ``ratio`` in (0, 1) is the fraction of seen tokens evicted
 (``ratio=0.5`` keeps half). Like ``kv_quant`` the recipes change the model's runtime state, not
 its graph: ``make_cache(model)`` gives a :class:`longfx.runtime.evict_cache.EvictCache`, picked up
-by ``longfx.compile`` through :func:`longfx.passes.kv_quant.cache_recipe`; one KV-cache recipe per
-pipeline.
+by ``longfx.compile`` through :func:`longfx.passes.kv_quant.cache_recipe`. ``snapkv(...)`` composes
+with ``kv_quant(...)`` or ``gear(...)``: the kept tokens are stored quantized
+(``runtime.evict_cache.QuantizedStore``); any other pair of KV-cache recipes is a RecipeError.
 """
 from __future__ import annotations
 
@@ -43,11 +44,18 @@ def _check_budget(name: str, budget, ratio) -> None:
 
 
 class _EvictRecipe(Recipe):
-    def make_cache(self, model=None):
-        """A fresh, empty evicting cache for ``model`` (query hooks installed on it)."""
-        from longfx.runtime.evict_cache import EvictCache
+    def make_cache(self, model=None, store: Recipe | None = None):
+        """A fresh, empty evicting cache for ``model`` (query hooks installed on it). ``store``:
+        a quantization recipe (``kv_quant``, ``gear``) whose layer holds each layer's kept
+        tokens (``QuantizedStore``); None: plain tensors."""
+        from longfx.runtime.evict_cache import EvictCache, QuantizedStore
 
-        return EvictCache(self.policy, config=getattr(model, "config", None), model=model)
+        factory = None
+        if store is not None:
+            layers = store.make_cache(None)        # its _new_layer() makes a fresh quantized layer
+            factory = lambda: QuantizedStore(layers._new_layer())   # noqa: E731
+        return EvictCache(self.policy, config=getattr(model, "config", None), model=model,
+                          store=factory)
 
 
 @register("snapkv")

@@ -16,17 +16,18 @@ The recipe changes the model's *runtime state*, not its graph: ``longfx.compile(
 :class:`longfx.runtime.cache.QuantizedCache`, which quantizes on append and hands attention the
 dequantized keys/values (a transient copy; see runtime/cache.py for what prefill and decode
 read). The graph's attention sites are left as they are, so the recipe composes with the
-sparse and RoPE recipes (``sink_window(...) + kv_quant(bits=4)``); one KV-cache recipe per
-pipeline.
+sparse and RoPE recipes (``sink_window(...) + kv_quant(bits=4)``), and with SnapKV eviction:
+``snapkv(ratio=0.5) + kv_quant(bits=4)`` stores the kept tokens quantized (:func:`cache_recipe`,
+``docs/kv_eviction.md``). Any other pair of KV-cache recipes is a RecipeError.
 """
 from __future__ import annotations
 
-from dataclasses import field
+from dataclasses import dataclass, field
 
 from longfx.kernels.kv_quant.reference import BITS, SCALES, KVQuantConfig
 from longfx.recipes import Recipe, RecipeError, register
 
-__all__ = ["KVQuant", "cache_recipe"]
+__all__ = ["KVQuant", "EvictQuantized", "cache_recipe"]
 
 
 def check_state_args(name: str, r: Recipe) -> None:
@@ -71,11 +72,48 @@ class KVQuant(Recipe):
         return QuantizedCache(self.kv_config, config=getattr(model, "config", None), sink=self.sink)
 
 
-def cache_recipe(pipeline) -> Recipe | None:
-    """The pipeline's one recipe that provides a runtime KV cache (``make_cache``), or None.
-    Two of them cannot share a cache: that is a RecipeError."""
+@dataclass(frozen=True)
+class EvictQuantized:
+    """``snapkv(...) + kv_quant(...)`` (or ``+ gear(...)``): the eviction recipe's cache whose
+    layers store the kept tokens in the quantization recipe's KIVI state (Li et al. 2024,
+    arXiv:2404.14469, + Liu et al. 2024, arXiv:2402.02750; ``runtime/evict_cache.py``,
+    ``QuantizedStore``). Made by :func:`cache_recipe`, not registered: write the two recipes."""
+    evict: Recipe
+    quant: Recipe
+
+    def __str__(self):
+        return f"{self.evict} + {self.quant}"
+
+    def make_cache(self, model=None):
+        """A fresh, empty ``EvictCache`` for ``model`` whose layers hold quantized storage."""
+        return self.evict.make_cache(model, store=self.quant)
+
+
+def cache_recipe(pipeline) -> Recipe | EvictQuantized | None:
+    """The pipeline's runtime KV-cache provider (a recipe with ``make_cache``), or None.
+
+    Two of them share one cache only as SnapKV eviction + quantization (``snapkv(...) +
+    kv_quant(...)`` or ``snapkv(...) + gear(...)``, in either order): an
+    :class:`EvictQuantized`. Any other pair is a RecipeError."""
+    from longfx.passes.gear import GearRecipe
+    from longfx.passes.kv_evict import H2O, SnapKV, StreamingKV
+
     found = [r for r in pipeline.recipes if callable(getattr(r, "make_cache", None))]
-    if len(found) > 1:
-        raise RecipeError(f"{' + '.join(map(str, found))}: one KV-cache recipe per pipeline "
-                          "(each replaces the model's cache)")
-    return found[0] if found else None
+    if len(found) <= 1:
+        return found[0] if found else None
+    names = " + ".join(map(str, found))
+    evict = [r for r in found if isinstance(r, (SnapKV, H2O, StreamingKV))]
+    quant = [r for r in found if isinstance(r, (KVQuant, GearRecipe))]
+    if len(found) == 2 and len(quant) == 1 and len(evict) == 1:
+        if isinstance(evict[0], SnapKV):
+            return EvictQuantized(evict[0], quant[0])
+        raise RecipeError(
+            f"{names}: {str(evict[0]).split('(')[0]} evicts at every decode token, and a quantized store re-quantizes the kept keys at "
+            "each eviction (KIVI's key scales are shared by a group of tokens), so their rounding "
+            "error would grow with every generated token; only snapkv(...) composes with "
+            "kv_quant(...) / gear(...)")
+    raise RecipeError(
+        f"{names}: one KV-cache recipe per pipeline (each replaces the model's cache), except "
+        "snapkv(...) + kv_quant(...) or snapkv(...) + gear(...), which store SnapKV's kept tokens "
+        "quantized; think(...) and minicache(...) compose with no other KV-cache recipe, and a "
+        "pipeline holds at most one eviction and one quantization recipe")

@@ -158,6 +158,24 @@ class QuantizedKVLayer(CacheLayerMixin):
         packed groups dequantized, the rest from the ring, the sink tokens exact."""
         return self._with_sinks(*self._read_state(length))
 
+    def read(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every held token, [B, Hkv, length, D] in the model's dtype (what a decode step reads)."""
+        return self._read(self.length)
+
+    def replace(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Hold exactly ``key_states``, ``value_states`` [B, Hkv, K, D] instead of the current
+        state, stored as one prefill chunk of K tokens would be (the first ``sink`` copied
+        exactly, whole groups before the last ``residual`` packed, the rest in the ring). An
+        evicting cache calls it with the tokens it keeps (``runtime/evict_cache.py``)."""
+        self.reset()
+        self.lazy_initialization(key_states, value_states)
+        n = key_states.shape[2]
+        self._reserve(n)
+        if self.sink:
+            self._keep_sinks(key_states, value_states)
+        self._append(key_states, value_states)
+        self.length = n
+
     # ------------------------------------------------------------------ HF interface
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args,

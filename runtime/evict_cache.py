@@ -34,6 +34,22 @@ positions, and re-rotated on read to exactly those mask positions, so the sinks 
 before the window and attention sees contiguous positions inside the cache — relative
 distances equal StreamingLLM's in-cache positions while queries keep their true ones.
 
+Storage. The layer keeps its kept tokens in a *store* (``EvictLayer.store``): ``update(k, v)``
+appends a step's tokens and returns what attention reads of the past followed by them,
+``read()`` the stored tokens as attention reads them, ``keep(idx, keys, values)`` stores only the
+tokens ``idx`` ([B, Hkv, K] per KV head, or [K] shared) of the tensors the last ``update`` /
+``read`` returned, ``nbytes()`` what it holds. :class:`TensorStore` (the default) holds plain
+tensors — the behaviour before stores existed, bit for bit. :class:`QuantizedStore` holds them
+in a KIVI state (Liu et al. 2024, arXiv:2402.02750; ``runtime/cache.py``): appends are
+``QuantizedKVLayer.update`` (quantize on append; attention reads the dequantized state exactly
+as ``kv_quant`` alone), and ``keep`` gathers the kept tokens from the dequantized read and
+re-stores them (``QuantizedKVLayer.replace``: packed again, the last ``residual`` and the first
+``sink`` tokens full precision). Key scales are shared per channel across a group of tokens, so
+a gather breaks the groups and the kept keys (and values) are quantized again: a token packed
+before an eviction is rounded once more for every eviction it survives (SnapKV at the prompt's
+end: twice in all); tokens still in the residual ring, the sinks or the step's chunk are exact
+until then. ``snapkv(...) + kv_quant(...)`` uses it (``passes/kv_quant.py``).
+
 Limits: batch rows are compacted independently, but left padding is not tracked (pad with
 equal lengths or use B = 1); ``crop`` (assisted decoding) is not supported; the
 streaming re-rotation assumes rotate-half RoPE (Llama, Mistral, Qwen, SmolLM...).
@@ -41,7 +57,7 @@ streaming re-rotation assumes rotate-half RoPE (Llama, Mistral, Qwen, SmolLM...)
 from __future__ import annotations
 
 import weakref
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
@@ -49,24 +65,118 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from longfx.kernels.kv_evict import reference as R
 from longfx.runtime.cache import init_layers
 
-__all__ = ["EvictLayer", "EvictCache", "install_query_hooks", "remove_query_hooks",
-           "attention_modules"]
+__all__ = ["EvictLayer", "EvictCache", "TensorStore", "QuantizedStore", "install_query_hooks",
+           "remove_query_hooks", "attention_modules"]
 
 Policy = R.SnapKVConfig | R.H2OConfig | R.StreamingConfig
 
 
+class TensorStore:
+    """The default storage of an :class:`EvictLayer`: the kept keys/values as plain tensors
+    ``[B, Hkv, K, D]`` (contiguous, compacted by every ``keep``)."""
+
+    plain = True
+
+    def __init__(self):
+        self.keys: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
+
+    def init(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        B, Hkv, _, D = key_states.shape
+        self.keys = key_states.new_empty(B, Hkv, 0, D)
+        self.values = value_states.new_empty(B, Hkv, 0, value_states.shape[-1])
+
+    @property
+    def kept(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[2]
+
+    def read(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.keys, self.values
+
+    def update(self, key_states: torch.Tensor,
+               value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.keys = torch.cat((self.keys, key_states), 2)               # [B, Hkv, K + s, D]
+        self.values = torch.cat((self.values, value_states), 2)
+        return self.keys, self.values
+
+    def keep(self, idx: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
+        self.keys, self.values = _take(keys, idx), _take(values, idx)
+
+    def reserve(self, tokens: int) -> None:
+        pass
+
+    def reset(self) -> None:
+        self.keys = self.values = None
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.keys, self.values) if t is not None)
+
+
+class QuantizedStore:
+    """KIVI storage (Liu et al. 2024, arXiv:2402.02750) of an :class:`EvictLayer`: the kept
+    tokens live in a :class:`~longfx.runtime.cache.QuantizedKVLayer` (or a ``GearKVLayer``).
+
+    ``update`` is the quantized layer's own (a chunk: the stored past dequantized + the chunk in
+    full precision; a decode token: the state after the append, dequantized), so with nothing
+    evicted the layer reads exactly like ``kv_quant`` alone. ``keep`` gathers the kept tokens
+    from the tensors attention just read and re-stores them (``QuantizedKVLayer.replace``);
+    tokens that were packed are then quantized a second time (module docstring)."""
+
+    plain = False
+
+    def __init__(self, layer):
+        self.layer = layer
+
+    def init(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.layer.lazy_initialization(key_states, value_states)
+
+    @property
+    def kept(self) -> int:
+        return self.layer.length
+
+    def read(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.layer.read()
+
+    def update(self, key_states: torch.Tensor,
+               value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.layer.update(key_states, value_states)
+
+    def keep(self, idx: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
+        self.layer.replace(_take(keys, idx), _take(values, idx))
+
+    def reserve(self, tokens: int) -> None:
+        if self.layer.is_initialized:
+            self.layer._reserve(self.layer.length + int(tokens))
+
+    def reset(self) -> None:
+        self.layer.reset()
+
+    def nbytes(self) -> int:
+        return self.layer.nbytes() if self.layer.is_initialized else 0
+
+
+def _take(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x [B, Hkv, T, D] -> its tokens idx: [B, Hkv, K] per head (gather) or [K] shared."""
+    return x[:, :, idx] if idx.dim() == 1 else R.gather_tokens(x, idx)
+
+
 class EvictLayer(CacheLayerMixin):
-    """One layer's kept keys/values ``[B, Hkv, K, D]`` and the policy's own state."""
+    """One layer's kept keys/values ``[B, Hkv, K, D]`` (in ``store``: plain tensors by default,
+    a quantized state with :class:`QuantizedStore`) and the policy's own state."""
 
     is_compileable = False
     is_croppable = False
     is_sliding = False
 
-    def __init__(self, policy: Policy, inv_freq: torch.Tensor | None = None):
+    def __init__(self, policy: Policy, inv_freq: torch.Tensor | None = None,
+                 store: TensorStore | QuantizedStore | None = None):
+        self.store = TensorStore()          # CacheLayerMixin.__init__ assigns keys/values = None
         super().__init__()
+        if store is not None:
+            self.store = store
         self.policy = policy
         self.inv_freq = inv_freq
-        self.keys = self.values = None
+        self.head_dim = 0
         self.acc: torch.Tensor | None = None        # H2O: accumulated attention [B, Hkv, K]
         self.pos: torch.Tensor | None = None        # streaming: true positions [K]
         self.seen = 0                               # tokens seen (= the next true position)
@@ -79,13 +189,41 @@ class EvictLayer(CacheLayerMixin):
 
     @property
     def kept(self) -> int:
-        return 0 if self.keys is None else self.keys.shape[2]
+        return self.store.kept
+
+    # the stored tokens as attention reads them, [B, Hkv, K, D] (None before the first update);
+    # a TensorStore's own tensors, a QuantizedStore's dequantized copy (read-only)
+    @property
+    def keys(self) -> torch.Tensor | None:
+        if self.store.plain:
+            return self.store.keys
+        return self.store.read()[0] if self.is_initialized else None
+
+    @keys.setter
+    def keys(self, t: torch.Tensor | None) -> None:
+        self._plain_store("keys").keys = t
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        if self.store.plain:
+            return self.store.values
+        return self.store.read()[1] if self.is_initialized else None
+
+    @values.setter
+    def values(self, t: torch.Tensor | None) -> None:
+        self._plain_store("values").values = t
+
+    def _plain_store(self, name: str) -> TensorStore:
+        if not self.store.plain:
+            raise AttributeError(f"{name} of a {type(self.store).__name__} cannot be assigned: "
+                                 "use store.keep / store.update")
+        return self.store
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
         B, Hkv, _, D = key_states.shape
-        self.keys = key_states.new_empty(B, Hkv, 0, D)
-        self.values = value_states.new_empty(B, Hkv, 0, value_states.shape[-1])
+        self.head_dim, self.kv_heads, self.value_dim = D, Hkv, value_states.shape[-1]
+        self.store.init(key_states, value_states)
         if isinstance(self.policy, R.H2OConfig):
             self.acc = torch.zeros(B, Hkv, 0, dtype=torch.float32, device=self.device)
         if isinstance(self.policy, R.StreamingConfig):
@@ -112,7 +250,7 @@ class EvictLayer(CacheLayerMixin):
         h = hidden[:, -rows:]                                                # [B, rows, E]
         B = h.shape[0]
         q = module.q_proj(h)                                                 # [B, rows, H·D]
-        D = self.keys.shape[-1]
+        D = self.head_dim
         q = q.view(B, rows, -1, D)                                           # [B, rows, H, D]
         if getattr(module, "q_norm", None) is not None:
             q = module.q_norm(q)
@@ -136,8 +274,8 @@ class EvictLayer(CacheLayerMixin):
         self.seen = seen0 + s
         if isinstance(p, R.SnapKVConfig) and p.when == "prompt":
             return self._snapkv_at_prompt_end(key_states, value_states, s)
-        keys = torch.cat((self.keys, key_states), 2)                 # [B, Hkv, past + s, D]
-        values = torch.cat((self.values, value_states), 2)
+        # the stored past as attention reads it, then the step's tokens: [B, Hkv, past + s, D]
+        keys, values = self.store.update(key_states, value_states)
         T = past + s
         budget = p.budget_for(self.seen)
 
@@ -148,12 +286,14 @@ class EvictLayer(CacheLayerMixin):
                 # stored token j at mask position seen0 − past + j (right before the chunk)
                 target = torch.arange(seen0 - past, seen0, device=pos.device)
                 delta = target - self.pos                                # [past]
-                out_k = torch.cat((R.rerotate(self.keys, delta, self.inv_freq), key_states), 2)
+                out_k = torch.cat((R.rerotate(keys[:, :, :past], delta, self.inv_freq),
+                                   keys[:, :, past:]), 2)
             elif past and seen0 != past:
                 raise RuntimeError("streaming_kv needs the model's RoPE inv_freq to re-rotate "
                                    "keys: build the cache with EvictCache(..., model=model)")
             idx = R.streaming_keep(T, p.sink, p.window, device=keys.device)  # [K]
-            self.keys, self.values, self.pos = keys[:, :, idx], values[:, :, idx], pos[idx]
+            self.store.keep(idx, keys, values)
+            self.pos = pos[idx]
             self.pending = None
             return out_k, values
 
@@ -163,10 +303,10 @@ class EvictLayer(CacheLayerMixin):
             acc = acc + R.h2o_accumulate(q, keys, scaling)               # [B, Hkv, T]
             if T > budget:
                 idx = R.h2o_keep(acc, budget, p.recent_for(budget))      # [B, Hkv, K]
-                self.keys, self.values = R.gather_tokens(keys, idx), R.gather_tokens(values, idx)
+                self.store.keep(idx, keys, values)
                 self.acc = acc.gather(2, idx)
             else:
-                self.keys, self.values, self.acc = keys, values, acc
+                self.acc = acc
             return keys, values
 
         # SnapKV "chunk": compress after every prefill chunk; decode tokens are appended
@@ -175,9 +315,7 @@ class EvictLayer(CacheLayerMixin):
             q, scaling = self._queries(w)
             scores = R.snapkv_scores(q, keys, scaling, p.kernel, p.pool)     # [B, Hkv, T − w]
             idx = R.snapkv_keep(scores, budget, w)                           # [B, Hkv, K]
-            self.keys, self.values = R.gather_tokens(keys, idx), R.gather_tokens(values, idx)
-        else:
-            self.keys, self.values = keys, values
+            self.store.keep(idx, keys, values)
         self.pending = None
         return keys, values
 
@@ -191,21 +329,17 @@ class EvictLayer(CacheLayerMixin):
         if s > 1:
             self.window_q = self._queries(min(p.window, s))
             self.prompt_seen = self.seen
-            self.keys = torch.cat((self.keys, key_states), 2)
-            self.values = torch.cat((self.values, value_states), 2)
-            return self.keys, self.values
+            return self.store.update(key_states, value_states)
         self.pending = None
         keep = self._prompt_keep()
         if keep is not None:
             q, scaling = self.window_q
-            scores = R.snapkv_scores(q, self.keys, scaling, p.kernel, p.pool)   # [B, Hkv, P]
+            keys, values = self.store.read()                                    # [B, Hkv, P, D]
+            scores = R.snapkv_scores(q, keys, scaling, p.kernel, p.pool)        # [B, Hkv, P]
             idx = R.snapkv_keep(scores, keep, q.shape[2])                       # [B, Hkv, K]
-            self.keys = R.gather_tokens(self.keys, idx)
-            self.values = R.gather_tokens(self.values, idx)
+            self.store.keep(idx, keys, values)
         self.window_q = None
-        self.keys = torch.cat((self.keys, key_states), 2)
-        self.values = torch.cat((self.values, value_states), 2)
-        return self.keys, self.values
+        return self.store.update(key_states, value_states)
 
     def _prompt_keep(self) -> int | None:
         """Tokens the prompt keeps at the first decode step ("prompt" SnapKV), or None when
@@ -228,7 +362,8 @@ class EvictLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
-        self.keys = self.values = self.acc = self.pos = None
+        self.store.reset()
+        self.acc = self.pos = None
         self.seen = 0
         self.pending = self.window_q = None
         self.is_initialized = False
@@ -240,32 +375,45 @@ class EvictLayer(CacheLayerMixin):
         pass
 
     def _per_row(self):
-        return [n for n in ("keys", "values", "acc") if getattr(self, n) is not None]
+        """Names of the layer's per-batch-row tensors (a plain store's keys/values included; a
+        quantized store permutes its own state)."""
+        names = ("keys", "values", "acc") if self.store.plain else ("acc",)
+        return [n for n in names if getattr(self, n) is not None]
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         for n in self._per_row():
             t = getattr(self, n)
             setattr(self, n, t.index_select(0, beam_idx.to(t.device)))
+        if not self.store.plain:
+            self.store.layer.reorder_cache(beam_idx)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         for n in self._per_row():
             setattr(self, n, getattr(self, n).repeat_interleave(repeats, 0))
-        if self.keys is not None:
-            self.batch_size = self.keys.shape[0]
+        if not self.store.plain:
+            self.store.layer.batch_repeat_interleave(repeats)
+        self._sync_batch_size()
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         self.reorder_cache(indices)
-        if self.keys is not None:
-            self.batch_size = self.keys.shape[0]
+        self._sync_batch_size()
+
+    def _sync_batch_size(self) -> None:
+        if self.store.plain:
+            if self.keys is not None:
+                self.batch_size = self.keys.shape[0]
+        elif self.store.layer.is_initialized:
+            self.batch_size = self.store.layer.batch_size
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("an evicting KV cache cannot be cropped (evicted tokens are "
                                   "gone): assisted decoding is not supported")
 
     def nbytes(self) -> int:
-        """Bytes of the layer's tensors (kept keys and values, H2O scores, positions)."""
-        return sum(t.numel() * t.element_size()
-                   for t in (self.keys, self.values, self.acc, self.pos) if t is not None)
+        """Bytes of the layer's tensors (the store's kept keys and values — packed codes, scales,
+        ring and sink copy for a quantized store — H2O scores, positions)."""
+        return self.store.nbytes() + sum(t.numel() * t.element_size()
+                                         for t in (self.acc, self.pos) if t is not None)
 
 
 class EvictCache(Cache):
@@ -274,10 +422,16 @@ class EvictCache(Cache):
 
     ``EvictCache(SnapKVConfig(ratio=0.5), model=model)`` sizes the layer list from
     ``model.config``, installs the query hooks (SnapKV, H2O) and reads RoPE's ``inv_freq``
-    (StreamingLLM's re-rotation)."""
+    (StreamingLLM's re-rotation).
 
-    def __init__(self, policy: Policy, config=None, model: torch.nn.Module | None = None):
+    ``store``: a factory of each layer's storage (called once per layer; None: plain tensors,
+    :class:`TensorStore`). ``store=lambda: QuantizedStore(QuantizedKVLayer(KVQuantConfig(bits=4),
+    sink=4))`` keeps the kept tokens KIVI-quantized (``snapkv(...) + kv_quant(...)``)."""
+
+    def __init__(self, policy: Policy, config=None, model: torch.nn.Module | None = None,
+                 store: Callable[[], TensorStore | QuantizedStore] | None = None):
         self.policy = policy
+        self.store_factory = store
         if config is None and model is not None:
             config = getattr(model, "config", None)
         self.inv_freq = _inv_freq(model) if model is not None else None
@@ -286,10 +440,22 @@ class EvictCache(Cache):
         init_layers(self, config)
 
     def _new_layer(self) -> EvictLayer:
-        return EvictLayer(self.policy, self.inv_freq)
+        store = self.store_factory() if self.store_factory is not None else None
+        return EvictLayer(self.policy, self.inv_freq, store)
 
     def __repr__(self):
-        return f"EvictCache({self.policy}, layers={len(self.layers)}, seen={self.get_seq_length()})"
+        store = ""
+        if self.layers and not self.layers[0].store.plain:
+            store = f", store={self.layers[0].store.layer.config}"
+        return (f"EvictCache({self.policy}{store}, layers={len(self.layers)}, "
+                f"seen={self.get_seq_length()})")
+
+    def reserve(self, tokens: int) -> None:
+        """Let every initialized layer's store make room for ``tokens`` more (a quantized
+        store grows its packed storage; ``compiled_copy`` calls this outside the traced code)."""
+        for layer in self.layers:
+            if layer.is_initialized:
+                layer.store.reserve(tokens)
 
     def capture(self, layer_idx: int, module: torch.nn.Module, hidden: torch.Tensor,
                 position_embeddings: Any) -> None:
@@ -307,12 +473,12 @@ class EvictCache(Cache):
         return sum(layer.nbytes() for layer in self.layers)
 
     def dense_nbytes(self) -> int:
-        """Bytes a plain K + V cache of every seen token would hold."""
+        """Bytes a plain K + V cache of every seen token would hold (in the model's dtype)."""
         total = 0
         for layer in self.layers:
-            if layer.keys is not None:
-                B, H, _, D = layer.keys.shape
-                total += B * H * layer.seen * (D + layer.values.shape[-1]) * layer.keys.element_size()
+            if layer.is_initialized:
+                per_token = layer.kv_heads * (layer.head_dim + layer.value_dim) * layer.dtype.itemsize
+                total += layer.batch_size * layer.seen * per_token
         return total
 
 

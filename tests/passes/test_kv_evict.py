@@ -1,5 +1,6 @@
 """The eviction recipes: parsing, string form and argument errors naming the recipe; make_cache
-gives an EvictCache; one KV-cache recipe per pipeline; through longfx.compile the chunked pass
+gives an EvictCache; snapkv + kv_quant / gear share one cache (quantized storage), every other
+pair of KV-cache recipes is a RecipeError; through longfx.compile the chunked pass
 keeps the cache at the budget after every chunk and generate() works."""
 import pytest
 import torch
@@ -7,7 +8,7 @@ import torch
 import longfx
 from longfx import recipes
 from longfx.eval import infer
-from longfx.passes.kv_quant import cache_recipe
+from longfx.passes.kv_quant import EvictQuantized, cache_recipe
 from longfx.rewrite.testing import zoo
 from longfx.runtime.evict_cache import EvictCache
 
@@ -45,11 +46,35 @@ def test_bad_arguments(text, match):
         recipes.parse(text)
 
 
-def test_one_kv_cache_recipe_per_pipeline():
-    with pytest.raises(recipes.RecipeError, match="one KV-cache recipe per pipeline"):
-        cache_recipe(recipes.parse("snapkv(ratio=0.5) + kv_quant(bits=4)"))
+def test_snapkv_composes_with_quantization_and_other_pairs_are_refused():
+    snap, quant = recipes.parse("snapkv(ratio=0.5)").recipes[0], \
+        recipes.parse("kv_quant(bits=4)").recipes[0]
+    for text in ("snapkv(ratio=0.5) + kv_quant(bits=4)", "kv_quant(bits=4) + snapkv(ratio=0.5)",
+                 "sink_window(sink=4, window=64) + snapkv(ratio=0.5) + kv_quant(bits=4)"):
+        kv = cache_recipe(recipes.parse(text))
+        assert isinstance(kv, EvictQuantized) and (kv.evict, kv.quant) == (snap, quant)
+        assert str(kv) == "snapkv(ratio=0.5, window=32, kernel=15) + kv_quant(bits=4, group=64, " \
+            "residual=128, sink=4)"
+    cache = cache_recipe(recipes.parse("snapkv(budget=64) + gear(bits=2)")).make_cache()
+    assert isinstance(cache, EvictCache)
     assert cache_recipe(recipes.parse("sink_window(sink=4, window=64) + h2o(ratio=0.5)")) \
         == recipes.parse("h2o(ratio=0.5)").recipes[0]
+    for text, match in [
+            ("h2o(ratio=0.5) + kv_quant(bits=4)", "h2o evicts at every decode token.*only snapkv"),
+            ("streaming_kv + kv_quant(bits=4)", "streaming_kv evicts at every decode token"),
+            ("think(ratio=0.5) + kv_quant(bits=4)", "one KV-cache recipe per pipeline.*think"),
+            ("minicache + snapkv(ratio=0.5)", "one KV-cache recipe per pipeline.*minicache"),
+            ("snapkv(ratio=0.5) + h2o(ratio=0.5)", "at most one eviction and one quantization"),
+            ("snapkv(ratio=0.5) + kv_quant(bits=4) + gear(bits=2)", "one KV-cache recipe"),
+            ("snapkv(ratio=0.5) + kv_quant(bits=4) + h2o(ratio=0.5)", "one KV-cache recipe")]:
+        with pytest.raises(recipes.RecipeError, match=match):
+            cache_recipe(recipes.parse(text))
+
+
+def test_compile_refuses_an_unsupported_pair_with_a_recipe_error():
+    model, _ = zoo.build("llama", attn_implementation="sdpa")
+    with pytest.raises(recipes.RecipeError, match="think.*compose with no other KV-cache recipe"):
+        longfx.compile(model, "think(ratio=0.5) + kv_quant(bits=4)")
 
 
 def test_compiled_chunked_prefill_stays_at_the_budget_and_generate_works():
