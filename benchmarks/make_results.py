@@ -329,13 +329,27 @@ def relabel_alt_passkey(rows: list[dict]) -> list[dict]:
     return rows
 
 
+# extend(to=N)'s rule changed on 2026-11-24 (session 6): scale cap 2·N/L₀ -> 1.5·N/L₀
+# (passes/rope_dynamic.py EXTEND_CAP). Rows of the earlier rule are shown under their own label.
+EXTEND_RULE_CHANGED = "2026-11-24"
+
+
+def relabel_old_extend(rows: list[dict]) -> list[dict]:
+    """``extend(...)`` rows measured before the cap changed get the label of the rule they ran."""
+    for r in rows:
+        if str(r.get("recipe", "")).startswith("extend(") and \
+                str(r.get("date", "")) < EXTEND_RULE_CHANGED:
+            r["recipe"] = f"{r['recipe']} · cap 2N/L₀ (until 2026-11-23)"
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--results", default=str(HERE / "results"))
     ap.add_argument("--out", default=str(HERE / "RESULTS.md"))
     ap.add_argument("--check", action="store_true")
     a = ap.parse_args(argv)
-    rows = relabel_alt_passkey(load_rows(sorted(Path(a.results).glob("*.jsonl"))))
+    rows = relabel_old_extend(relabel_alt_passkey(load_rows(sorted(Path(a.results).glob("*.jsonl")))))
     benches = [r for r in rows if "bench" in r]          # rows of benchmark scripts, not eval
     density = [r for r in rows if r.get("task") == "block_density"]
     text = render([r for r in rows if "bench" not in r and r.get("task") != "block_density"])
