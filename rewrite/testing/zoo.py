@@ -227,6 +227,22 @@ def feed(model, ids: torch.Tensor, cache, chunks) -> torch.Tensor:
     return torch.cat(out, 1)
 
 
+def first_layer_queries(model, ids: torch.Tensor) -> torch.Tensor:
+    """The first decoder layer's post-RoPE queries [B, H, S, D] for ``ids`` [B, S] (a Llama-
+    layout HF model, positions 0..S-1): what layer 0's attention sees, with no cache involved
+    — the window queries SnapKV-style scoring reads."""
+    from longfx.kernels.kv_evict.reference import rotate_half
+
+    m = model.model
+    attn = m.layers[0].self_attn
+    B, S = ids.shape
+    with torch.no_grad():
+        h = m.layers[0].input_layernorm(m.embed_tokens(ids))
+        cos, sin = m.rotary_emb(h, torch.arange(S)[None])
+        q = attn.q_proj(h).view(B, S, -1, attn.head_dim).transpose(1, 2)   # [B, H, S, D]
+        return q * cos[:, None] + rotate_half(q) * sin[:, None]
+
+
 def record_graphs(model, inputs: dict[str, Any], **compile_kwargs) -> list[tuple[Any, list]]:
     """Compile ``model`` under Dynamo with a recording backend and run it once on ``inputs``.
 

@@ -84,11 +84,7 @@ def test_snapkv_keeps_per_head_sets_and_the_window(llama):
     assert pos[0, 0].tolist() != pos[0, 1].tolist()                  # per-head token sets
     # the kept prefix is the reference's choice with the model's own window queries
     attn = llama.model.layers[0].self_attn
-    with torch.no_grad():
-        h = llama.model.layers[0].input_layernorm(llama.model.embed_tokens(ids))
-        cos, sin = llama.model.rotary_emb(h, torch.arange(48)[None])
-        q = attn.q_proj(h).view(1, 48, -1, 16).transpose(1, 2)
-        q = q * cos[:, None] + R.rotate_half(q) * sin[:, None]
+    q = zoo.first_layer_queries(llama, ids)                         # [1, H, 48, D]
     scores = R.snapkv_scores(q[:, :, -4:], dense.layers[0].keys, attn.scaling, 3)
     assert pos.tolist() == R.snapkv_keep(scores, 12, 4).tolist()
     # decode tokens are appended (SnapKV compresses the prompt only)

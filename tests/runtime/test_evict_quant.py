@@ -126,11 +126,7 @@ def test_prompt_end_scoring_reads_the_dequantized_keys(llama):
     assert torch.equal(both.layers[0].keys, k0) and both.kept() == 48
     # the window queries of the prompt's last chunk (layer 0: no cache dependence)
     attn = llama.model.layers[0].self_attn
-    with torch.no_grad():
-        h = llama.model.layers[0].input_layernorm(llama.model.embed_tokens(ids))
-        cos, sin = llama.model.rotary_emb(h, torch.arange(48)[None])
-        q = attn.q_proj(h).view(1, 48, -1, 16).transpose(1, 2)
-        q = q * cos[:, None] + E.rotate_half(q) * sin[:, None]
+    q = zoo.first_layer_queries(llama, ids)                         # [1, H, 48, D]
     idx = E.snapkv_keep(E.snapkv_scores(q[:, :, -4:], k0, attn.scaling, 3), 24, 4)  # [1, 2, 24]
     _feed(llama, step, both, (1,))
     assert both.kept() == 25 and both.get_seq_length() == 49
