@@ -71,12 +71,13 @@ class ConsistentDynamicRule(Rule):
 
     def __init__(self, method: str, factor: float, original: int | None,
                  beta_fast: float = 32.0, beta_slow: float = 1.0, recipe: str = "",
-                 margin: float = 1.0):
+                 margin: float = 1.0, start: float | None = None):
         if method not in D.METHODS:
             raise ValueError(f"method must be one of {D.METHODS}, got {method!r}")
         self.name = f"rope.dynamic_{method}"
         self.method, self.factor, self.original = method, float(factor), original
         self.margin = float(margin)
+        self.start = None if start is None else float(start)
         self.beta_fast, self.beta_slow, self.recipe = beta_fast, beta_slow, recipe
         self._sites: list[Site] = []
         self._tables: dict[tuple, tuple[fx.Node, fx.Node, fx.Node]] = {}
@@ -158,7 +159,7 @@ class ConsistentDynamicRule(Rule):
         first = min((u for t in (like, like_sin) for u in t.users), key=order.__getitem__)
         with g.inserting_before(first):
             s = G.call(g, made, D.scale_of, facts["pos"], facts["original"], self.factor,
-                       self.method, self.margin)
+                       self.method, self.margin, self.start)
             inv_s = G.call(g, made, D.scaled_inv_freq, inv, s, self.method, shape_node)
             temp = G.call(g, made, D.temperature, s, self.method)
             tables = G.call(g, made, D.query_tables, facts["pos"], inv_s, temp, facts["style"],
@@ -188,6 +189,8 @@ class ConsistentDynamicRule(Rule):
                                       "original": facts["original"]}
         if self.margin != 1.0:
             site.facts["dynamic_rope"]["margin"] = self.margin
+        if self.start is not None:
+            site.facts["dynamic_rope"]["start"] = self.start
         return made
 
 
@@ -196,6 +199,7 @@ class ConsistentDynamicRule(Rule):
 # at N. Both chosen on tuning prompts (benchmarks/results/tuning/, docs/rope.md "extend").
 EXTEND_MARGIN = 2.0
 EXTEND_CAP = 1.5
+EXTEND_START: float | None = None
 
 
 class ExtendRule(ConsistentDynamicRule):
@@ -204,7 +208,8 @@ class ExtendRule(ConsistentDynamicRule):
     with that reason). Up to L₀/m tokens the model is unchanged."""
 
     def __init__(self, to: int, original: int | None, recipe: str = ""):
-        super().__init__("yarn", 1.0, original, recipe=recipe, margin=EXTEND_MARGIN)
+        super().__init__("yarn", 1.0, original, recipe=recipe, margin=EXTEND_MARGIN,
+                         start=EXTEND_START)
         self.name = "rope.extend"
         self.to = int(to)
 
@@ -220,7 +225,7 @@ class ExtendRule(ConsistentDynamicRule):
         self.factor = facts["factor"]
         made = super().replace(site, gm, facts)
         chosen = DynamicYaRN(factor=round(facts["factor"], 6), original=facts["original"],
-                             margin=self.margin)
+                             margin=self.margin, start=self.start)
         site.facts["dynamic_rope"]["chosen"] = str(chosen)
         return made
 
@@ -229,21 +234,27 @@ class ExtendRule(ConsistentDynamicRule):
 @dataclass(frozen=True)
 class DynamicYaRN(Recipe):
     """YaRN with the scale set per call from the longest position (s = clamp(margin·L/L₀, 1,
-    factor)), cache-consistent: keys are re-rotated to the call's frequencies at the attention.
-    Below L₀/margin tokens the model is unchanged."""
+    factor), or with ``start``: clamp(1 + margin·(L/L₀ − start), 1, factor)), cache-consistent:
+    keys are re-rotated to the call's frequencies at the attention. Below L₀/margin tokens
+    (L₀·start with ``start``) the model is unchanged."""
 
     factor: float = 4.0
     beta_fast: float = _opt(32.0)
     beta_slow: float = _opt(1.0)
     original: int | None = _opt(None)
     margin: float = _opt(1.0)
+    start: float | None = _opt(None)
 
     def __post_init__(self):
         from longfx.passes.rope import _positive
 
         _positive("dynamic_yarn", factor=self.factor, beta_fast=self.beta_fast,
                   beta_slow=self.beta_slow, original=self.original, margin=self.margin)
+        if self.start is not None and not 0 <= self.start <= 1:
+            raise ValueError(f"dynamic_yarn: start is a fraction of the trained length in "
+                             f"[0, 1], got {self.start}")
 
     def rules(self) -> list:
         return [ConsistentDynamicRule("yarn", self.factor, self.original, self.beta_fast,
-                                      self.beta_slow, recipe=str(self), margin=self.margin)]
+                                      self.beta_slow, recipe=str(self), margin=self.margin,
+                                      start=self.start)]

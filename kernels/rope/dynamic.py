@@ -40,16 +40,22 @@ def ntk_exponent(n: int, dim: int) -> torch.Tensor:
 
 
 def scale_of(positions: torch.Tensor, original: int, factor: float, method: str,
-             margin: float = 1.0) -> torch.Tensor:
+             margin: float = 1.0, start: float | None = None) -> torch.Tensor:
     """The call's scale ``s`` (0-d float32) from its position ids (any shape).
 
     ``margin`` (yarn only) multiplies the length before the clamp: with m = 2 a 16k call on a
     model trained at 8k gets s = 4, not 2. An interpolated model retrieves poorly when its
     longest distance sits right at the edge of the (scaled) trained range — transformers'
-    ``"dynamic"`` NTK builds in the same kind of headroom with its f·L/L₀ − (f − 1)."""
+    ``"dynamic"`` NTK builds in the same kind of headroom with its f·L/L₀ − (f − 1).
+
+    ``start`` (yarn only, a fraction of L₀) moves where the scale leaves 1: s = 1 + m·(L/L₀ −
+    start), so the margin becomes the slope. None: 1/m, which is the plain s = m·L/L₀ (kept as
+    its own expression so that rule's numbers do not move)."""
     L = positions.reshape(-1).amax(0).to(torch.float32) + 1        # (a dim: ONNX export needs one)
     if method == "ntk":
         return torch.clamp_min(factor * L / original - (factor - 1), 1.0)
+    if method == "yarn" and start is not None:
+        return torch.clamp(1 + margin * (L / original - start), 1.0, float(factor))
     if method == "yarn":
         return torch.clamp(margin * L / original, 1.0, float(factor))
     raise ValueError(f"unknown dynamic method {method!r}; expected one of {METHODS}")

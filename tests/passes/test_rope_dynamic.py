@@ -100,9 +100,26 @@ def test_margin_runs_the_scale_ahead_of_the_length(llama):
         longfx.compile(llama, "dynamic_yarn(factor=8, margin=0)")
 
 
+def test_start_moves_where_the_scale_leaves_one(llama):
+    """start=0.5, margin=4: s = 1 + 4·(L/L₀ − 0.5): 1 up to L₀/2, then a slope of 4 per L₀."""
+    assert float(D.scale_of(torch.arange(8), 16, 8.0, "yarn", 4.0, 0.5)) == 1.0
+    assert float(D.scale_of(torch.arange(16), 16, 8.0, "yarn", 4.0, 0.5)) == 3.0
+    assert float(D.scale_of(torch.arange(40), 16, 8.0, "yarn", 4.0, 0.5)) == 8.0
+    # start = 1/margin is the plain rule
+    assert float(D.scale_of(torch.arange(40), 16, 8.0, "yarn", 2.0, 0.5)) == 5.0
+    fast = longfx.compile(llama, "dynamic_yarn(factor=8, original=16, margin=4, start=0.5)")
+    ids = IDS[:, :24]                                     # s = 1 + 4·(24/16 − 0.5) = 5
+    ref = _hf(llama, {"rope_type": "yarn", "factor": 5.0, "original_max_position_embeddings": 16})
+    with torch.no_grad():
+        assert _rel(fast(ids).logits, ref(ids).logits) <= 1e-5
+    with pytest.raises(ValueError, match="start"):
+        longfx.compile(llama, "dynamic_yarn(factor=8, start=2)")
+
+
 @pytest.mark.parametrize("recipe, unchanged_up_to", [
     ("dynamic_yarn(factor=4, original=16)", 16), ("dynamic_ntk(factor=4, original=16)", 16),
-    ("dynamic_yarn(factor=8, original=16, margin=2)", 8), ("extend(to=64, original=16)", 8)])
+    ("dynamic_yarn(factor=8, original=16, margin=2)", 8), ("extend(to=64, original=16)", 8),
+    ("dynamic_yarn(factor=8, original=16, margin=4, start=0.5)", 8)])
 def test_unchanged_below_the_trained_length(llama, recipe, unchanged_up_to):
     """Unchanged up to L₀/margin tokens (extend's margin is 2: half the trained length)."""
     fast = longfx.compile(llama, recipe)
