@@ -238,6 +238,23 @@ if triton is not None:
                                          HAS_KEEP, SOFTCAP, PREC)
         return acc, m_i, l_i
 
+    @triton.jit
+    def _attend_listed(acc, m_i, l_i, q, Kb, Vb, KEEPb, trow, sub, TB, u_lo, u_hi, pos, Skv,
+                       sink, window, qk_scale, sm_scale, softcap, sk_s, sv_s,
+                       MODE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                       BLOCK_DV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+                       HAS_KEEP: tl.constexpr, SOFTCAP: tl.constexpr, PREC: tl.constexpr):
+        """Kernel tiles u in [u_lo, u_hi) of a table row: tile u is the (u % sub)-th BLOCK_N
+        slice of listed block ``trow[u // sub]`` (every entry in range is listed: no branch
+        in the loop, so the compiler can pipeline it)."""
+        for u in range(u_lo, u_hi):
+            kb = tl.load(trow + u // sub)
+            acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, Kb, Vb, KEEPb,
+                                         kb * TB + (u % sub) * BLOCK_N, pos, Skv, sink, window,
+                                         qk_scale, sm_scale, softcap, sk_s, sv_s, MODE, BLOCK_N,
+                                         BLOCK_D, BLOCK_DV, D, DV, HAS_KEEP, SOFTCAP, PREC)
+        return acc, m_i, l_i
+
     @triton.jit(do_not_specialize=["S", "Skv", "sink", "window", "cap", "n_tab", "TB", "NSPLIT"])
     def _sparse_attn_fwd(
             Q, K, V, OUT, KEEP, TAB, INVF, ACC, LSE,
@@ -286,11 +303,24 @@ if triton is not None:
             ib0 = 0
             ib1 = 0
         if TABLE:
+            # the row is ascending, -1 padded at the end (``_sorted_table``): its nv listed
+            # blocks are a prefix, and so are the nf of them that end at or before the tile's
+            # first row (every row sees every key: no position mask for those)
             sub = TB // BLOCK_N                      # kernel tiles per table block
-            n_items = n_tab * sub
+            trow = TAB + b64 * st_b + h0.to(tl.int64) * st_h + (i0 // TB) * st_q
+            nv = 0
+            nf = 0
+            for c0 in range(0, n_tab, 64):
+                e = tl.load(trow + c0 + tl.arange(0, 64), mask=c0 + tl.arange(0, 64) < n_tab,
+                            other=-1)
+                nv += tl.sum((e >= 0).to(tl.int32))
+                nf += tl.sum(((e >= 0) & (e * TB + TB - 1 <= P0)).to(tl.int32))
+            n_items = nv * sub
+            n_full = nf * sub
         else:
             sub = 1
             n_items = 0
+            n_full = 0
         t0, t1 = _split_range(nsb + nwb + n_items, split, NSPLIT, SPLIT)  # this chunk
 
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -326,21 +356,24 @@ if triton is not None:
                                       sk_s, sv_s, 2, BLOCK_N, BLOCK_D, BLOCK_DV, D, DV,
                                       HAS_KEEP, SOFTCAP, PREC)
         if TABLE:                                    # table blocks (GP == 1: one head)
-            trow = TAB + b64 * st_b + h0.to(tl.int64) * st_h + (i0 // TB) * st_q
-            for u in range(tl.maximum(t0 - nsb - nwb, 0), tl.minimum(t1 - nsb - nwb, n_items)):
-                kb = tl.load(trow + u // sub)
-                if kb >= 0:
-                    n0 = kb * TB + (u % sub) * BLOCK_N
-                    if SPEC:
-                        acc, m_i, l_i = _attend_tile(
-                            acc, m_i, l_i, q, Kb, Vb, KEEPb, n0, pos, Skv, sink, window,
-                            qk_scale, sm_scale, softcap, sk_s, sv_s, 4, BLOCK_N, BLOCK_D,
-                            BLOCK_DV, D, DV, HAS_KEEP, SOFTCAP, PREC)
-                    else:
-                        acc, m_i, l_i = _attend_tile(
-                            acc, m_i, l_i, q, Kb, Vb, KEEPb, n0, pos, Skv, sink, window,
-                            qk_scale, sm_scale, softcap, sk_s, sv_s, 3, BLOCK_N, BLOCK_D,
-                            BLOCK_DV, D, DV, HAS_KEEP, SOFTCAP, PREC)
+            ua = tl.maximum(t0 - nsb - nwb, 0)
+            ub = tl.minimum(t1 - nsb - nwb, n_items)
+            if SPEC:                                 # minus the spec's keys: always masked
+                acc, m_i, l_i = _attend_listed(acc, m_i, l_i, q, Kb, Vb, KEEPb, trow, sub, TB,
+                                               ua, ub, pos, Skv, sink, window, qk_scale,
+                                               sm_scale, softcap, sk_s, sv_s, 4, BLOCK_N,
+                                               BLOCK_D, BLOCK_DV, D, DV, HAS_KEEP, SOFTCAP, PREC)
+            else:                                    # below the tile: unmasked; then causal
+                acc, m_i, l_i = _attend_listed(acc, m_i, l_i, q, Kb, Vb, KEEPb, trow, sub, TB,
+                                               ua, tl.minimum(ub, n_full), pos, Skv, sink,
+                                               window, qk_scale, sm_scale, softcap, sk_s, sv_s,
+                                               0, BLOCK_N, BLOCK_D, BLOCK_DV, D, DV, HAS_KEEP,
+                                               SOFTCAP, PREC)
+                acc, m_i, l_i = _attend_listed(acc, m_i, l_i, q, Kb, Vb, KEEPb, trow, sub, TB,
+                                               tl.maximum(ua, n_full), ub, pos, Skv, sink,
+                                               window, qk_scale, sm_scale, softcap, sk_s, sv_s,
+                                               3, BLOCK_N, BLOCK_D, BLOCK_DV, D, DV, HAS_KEEP,
+                                               SOFTCAP, PREC)
 
         o_row = OUT + b64 * so_b + head.to(tl.int64) * so_h + qi.to(tl.int64) * so_s
         _write_rows(acc, m_i, l_i, OUT, ACC, LSE, o_row, row_ok, mb, grp, split, NSPLIT, r,
@@ -548,15 +581,11 @@ def _launch(q, k, v, key_keep, scale, softcap, sink, window, cap, inv_freq, rope
         interleaved = rope_style != "rotate_half"
     tab, st = dummy, (0, 0, 0)
     if table:
-        tab = block_index
-        if tab.dtype != torch.int32:
-            tab = tab.to(torch.int32)
         nqb = -(-S // table_block)
-        if tuple(tab.shape[:3]) != (B, H, nqb):
+        if tuple(block_index.shape[:3]) != (B, H, nqb):
             raise ValueError(f"block_index must be [B, H, ceil(S / block_size), max_kv_blocks] "
-                             f"= [{B}, {H}, {nqb}, n], got {tuple(tab.shape)}")
-        if tab.stride(-1) != 1:
-            tab = tab.contiguous()
+                             f"= [{B}, {H}, {nqb}, n], got {tuple(block_index.shape)}")
+        tab = _sorted_table(block_index)
         st = (tab.stride(0), tab.stride(1), tab.stride(2))
     part, lse = _split_buffers(split, n_tiles * n_grp * num_splits * bm, block_dv, dummy)
     dot_f32, prec = _dot_mode(q.dtype)
@@ -575,6 +604,17 @@ def _launch(q, k, v, key_keep, scale, softcap, sink, window, cap, inv_freq, rope
     if split:
         _combine(part, lse, out, G, n_tiles * n_grp, num_splits, gp, q_tile, bm, block_dv)
     return out
+
+
+def _sorted_table(block_index: torch.Tensor) -> torch.Tensor:
+    """The table as the kernel reads it: int32, each row ascending with its -1s at the end
+    (three small device ops, no sync; the kernel then finds a row's listed blocks and those
+    below the query tile as prefixes, see ``_attend_listed``). Tables that keep_to_table
+    builds are already in this order."""
+    tab = block_index.to(torch.int32)
+    big = torch.iinfo(torch.int32).max
+    tab = torch.sort(torch.where(tab < 0, big, tab), dim=-1).values
+    return torch.where(tab == big, -1, tab).contiguous()
 
 
 def _gqa(q, k):
