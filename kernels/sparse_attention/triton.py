@@ -549,6 +549,11 @@ def _launch(q, k, v, key_keep, scale, softcap, sink, window, cap, inv_freq, rope
             raise ValueError(f"block_size must be a power of two >= 16, got {table_block}")
         if not decode:
             bm = q_tile = min(bm, table_block)
+            if (block_m, block_n, num_warps, num_stages) == (None,) * 4 and cfg_m == 128:
+                # H100 sweep (2026-11-24, 128k, density 0.1, benchmarks/results/
+                # block_sparse_h100.json): 128-blocks run 128x128 tiles, 8 warps, 2 stages
+                # (3 stages crash ptxas in Triton 3.6); 64-wide tiles want 4 warps
+                bn, warps, stages = (128, 8, 2) if bm >= 128 else (64, 4, 3)
         bn = min(bn, table_block)
     if bm < 16 or bn < 16 or bm & (bm - 1) or bn & (bn - 1):
         raise ValueError(f"block sizes must be powers of two >= 16, got {bm}, {bn}")
