@@ -160,7 +160,9 @@ if triton is not None:
         alpha = tl.exp2(m_i - m_safe)
         p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        acc = acc * alpha[:, None]
+        # accumulate in the dot (the MMA's own accumulator; no separate [M, BDV] add)
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PREC)
         return acc, m_new, l_i
 
     @triton.jit
