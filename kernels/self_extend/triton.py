@@ -17,7 +17,14 @@ the combine kernel, the fused rotary re-rotation, imported from there):
   row ("far" tiles) only the grouped dot ``q_g·k_g``, with k rotated back by ``j − j // g``
   positions in registers; the few tiles that straddle the window edge compute both and select
   per (i, j). Causal masking only on the tiles that cross the diagonal.
-* The rotations run in fp32 with cos/sin computed in the kernel from ``inv_freq`` (pairs
+* Prefill (the default ``rotation="precomputed"``): the grouped keys k_g are built once per
+  call (``_grouped_keys``: one elementwise pass and one extra copy of k), and far tiles load
+  them like k — the kernel then costs about one dense pass over the kept pairs plus the
+  straddling tiles' second dot. Rotating k in the kernel instead (below) redoes it for every
+  query tile: O(S²·D / BLOCK_M) transcendentals and fp32 temporaries that force small tiles
+  (H100, 2026-11-23: 8.4× dense SDPA's time at 16k and 32k).
+* Decode, and ``rotation="table"``/``"direct"``: the rotations run in the kernel in fp32 with
+  cos/sin computed from ``inv_freq`` (pairs
   (i, i + R/2) for "rotate_half", (2i, 2i + 1) for "interleaved"/"complex"), then cast to the
   dot dtype. For the keys, when g divides BLOCK_N the per-key angle splits as
   ``(n0 − n0 // g) + (t − t // g)`` (t the key's offset in its tile): the second part's
@@ -46,7 +53,10 @@ from longfx.kernels.sparse_attention.triton import (DECODE_MAX_S, INTERPRET, LOG
                                                     _pow2, _split_buffers, triton)
 
 AVAILABLE = sparse.AVAILABLE
-MODES = ("table", "direct")      # key rotation: angle-addition table (g | BLOCK_N) or per key
+# key rotation for the grouped scores: "precomputed" (prefill default: the grouped keys are
+# built once per call by ``_grouped_keys``, the kernel loads them like k), or in the kernel per
+# query tile: "table" (angle addition, g | BLOCK_N; the decode default) or "direct" (per key)
+MODES = ("precomputed", "table", "direct")
 
 if triton is not None:
     import triton.language as tl
@@ -56,12 +66,13 @@ if triton is not None:
                                                         _tile_rows, _write_rows)
 
     @triton.jit
-    def _se_tile(acc, m_i, l_i, q, q_g, Kb, Vb, KEEPb, INVF, n0, pos, Skv, group, window,
-                 qk_scale, sm_scale, softcap, sk_s, sv_s, cos_t, sin_t,
+    def _se_tile(acc, m_i, l_i, q, q_g, Kb, KGb, Vb, KEEPb, INVF, n0, pos, Skv, group, window,
+                 qk_scale, sm_scale, softcap, sk_s, skg_s, sv_s, cos_t, sin_t,
                  MODE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                  BLOCK_DV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
                  R_HALF: tl.constexpr, INTERLEAVED: tl.constexpr, TABLE: tl.constexpr,
-                 HAS_KEEP: tl.constexpr, SOFTCAP: tl.constexpr, PREC: tl.constexpr):
+                 PRE_G: tl.constexpr, HAS_KEEP: tl.constexpr, SOFTCAP: tl.constexpr,
+                 PREC: tl.constexpr):
         """One KV tile [n0, n0 + BLOCK_N) of the online softmax.
 
         MODE 0: near, below the diagonal for every row (no position mask); 1: near, causal;
@@ -74,11 +85,15 @@ if triton is not None:
         j = n0 + offs_n                                                    # [N] key index
         jok = j < Skv
         k_rows = Kb + j * sk_s                                             # [N] row pointers
-        k = tl.load(k_rows[:, None] + offs_d[None, :],
-                    mask=jok[:, None] & (offs_d < D)[None, :], other=0.0)  # [N, BD]
+        dmask = jok[:, None] & (offs_d < D)[None, :]
+        if MODE != 2 or not PRE_G:
+            k = tl.load(k_rows[:, None] + offs_d[None, :], mask=dmask, other=0.0)  # [N, BD]
         if MODE != 2:                                                      # neighbour scores
             near = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PREC)  # [M, N] fp32
-        if MODE >= 2:      # grouped scores: k rotated back by j − j // g (to position j // g)
+        if MODE >= 2 and PRE_G:      # grouped keys computed once per call (``_grouped_keys``)
+            k_g = tl.load(KGb + j[:, None] * skg_s + offs_d[None, :], mask=dmask, other=0.0)
+            far = tl.dot(q_g, tl.trans(k_g.to(q.dtype)), input_precision=PREC)  # [M, N] fp32
+        elif MODE >= 2:    # grouped scores: k rotated back by j − j // g (to position j // g)
             freq = _rope_freq(INVF, offs_d, R_HALF, INTERLEAVED)           # [BD]
             if TABLE:      # (n0 − n0 // g) + (t − t // g): per-tile base, per-program table
                 base = -(n0 - n0 // group).to(tl.float32) * freq           # [BD]
@@ -115,32 +130,33 @@ if triton is not None:
         return _online_softmax(acc, m_i, l_i, s, v.to(q.dtype), PREC)
 
     @triton.jit
-    def _se_range(acc, m_i, l_i, q, q_g, Kb, Vb, KEEPb, INVF, blk_lo, blk_hi, pos, Skv, group,
-                  window, qk_scale, sm_scale, softcap, sk_s, sv_s, cos_t, sin_t,
+    def _se_range(acc, m_i, l_i, q, q_g, Kb, KGb, Vb, KEEPb, INVF, blk_lo, blk_hi, pos, Skv,
+                  group, window, qk_scale, sm_scale, softcap, sk_s, skg_s, sv_s, cos_t, sin_t,
                   MODE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                   BLOCK_DV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
                   R_HALF: tl.constexpr, INTERLEAVED: tl.constexpr, TABLE: tl.constexpr,
-                  HAS_KEEP: tl.constexpr, SOFTCAP: tl.constexpr, PREC: tl.constexpr):
+                  PRE_G: tl.constexpr, HAS_KEEP: tl.constexpr, SOFTCAP: tl.constexpr,
+                  PREC: tl.constexpr):
         for blk in range(blk_lo, blk_hi):
-            acc, m_i, l_i = _se_tile(acc, m_i, l_i, q, q_g, Kb, Vb, KEEPb, INVF, blk * BLOCK_N,
-                                     pos, Skv, group, window, qk_scale, sm_scale, softcap,
-                                     sk_s, sv_s, cos_t, sin_t, MODE, BLOCK_N, BLOCK_D,
-                                     BLOCK_DV, D, DV, R_HALF, INTERLEAVED, TABLE, HAS_KEEP,
-                                     SOFTCAP, PREC)
+            acc, m_i, l_i = _se_tile(acc, m_i, l_i, q, q_g, Kb, KGb, Vb, KEEPb, INVF,
+                                     blk * BLOCK_N, pos, Skv, group, window, qk_scale,
+                                     sm_scale, softcap, sk_s, skg_s, sv_s, cos_t, sin_t, MODE,
+                                     BLOCK_N, BLOCK_D, BLOCK_DV, D, DV, R_HALF, INTERLEAVED,
+                                     TABLE, PRE_G, HAS_KEEP, SOFTCAP, PREC)
         return acc, m_i, l_i
 
     @triton.jit(do_not_specialize=["S", "Skv", "group", "window", "NSPLIT"])
     def _self_extend_fwd(
-            Q, K, V, OUT, KEEP, INVF, ACC, LSE,
+            Q, K, KG, V, OUT, KEEP, INVF, ACC, LSE,
             S, Skv, H, G, group, window, qk_scale, sm_scale, softcap,
-            sq_b, sq_h, sq_s, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, so_b, so_h, so_s, skeep_b,
-            NSPLIT,
+            sq_b, sq_h, sq_s, sk_b, sk_h, sk_s, skg_b, skg_h, skg_s, sv_b, sv_h, sv_s,
+            so_b, so_h, so_s, skeep_b, NSPLIT,
             GP: tl.constexpr, Q_TILE: tl.constexpr, BLOCK_M: tl.constexpr,
             BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
             D: tl.constexpr, DV: tl.constexpr, R_HALF: tl.constexpr,
-            INTERLEAVED: tl.constexpr, TABLE: tl.constexpr, HAS_KEEP: tl.constexpr,
-            SOFTCAP: tl.constexpr, SPLIT: tl.constexpr, DOT_F32: tl.constexpr,
-            PREC: tl.constexpr):
+            INTERLEAVED: tl.constexpr, TABLE: tl.constexpr, PRE_G: tl.constexpr,
+            HAS_KEEP: tl.constexpr, SOFTCAP: tl.constexpr, SPLIT: tl.constexpr,
+            DOT_F32: tl.constexpr, PREC: tl.constexpr):
         mb, grp, split, b64, h0, kvh, i0, r, head, qi, row_ok, pos = _tile_rows(
             S, Skv, H, G, GP, Q_TILE, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
@@ -151,6 +167,7 @@ if triton is not None:
         if DOT_F32:
             q = q.to(tl.float32)
         Kb = K + b64 * sk_b + kvh.to(tl.int64) * sk_h
+        KGb = KG + b64 * skg_b + kvh.to(tl.int64) * skg_h
         Vb = V + b64 * sv_b + kvh.to(tl.int64) * sv_h
         KEEPb = KEEP + b64 * skeep_b
 
@@ -172,7 +189,7 @@ if triton is not None:
         q_g = _rotate_rows(q, q_row, row_ok, tl.cos(angle), tl.sin(angle), offs_d, R_HALF,
                            INTERLEAVED)
         q_g = q_g.to(Q.dtype.element_ty).to(q.dtype)                       # fp32 -> dot dtype
-        if TABLE:          # cos/sin of the in-tile part t − t // g of the keys' angles
+        if TABLE and not PRE_G:    # cos/sin of the in-tile part t − t // g of the keys' angles
             t = tl.arange(0, BLOCK_N)
             a_t = -(t - t // group).to(tl.float32)[:, None] * freq[None, :]  # [N, BD]
             cos_t = tl.cos(a_t)
@@ -184,25 +201,25 @@ if triton is not None:
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-        acc, m_i, l_i = _se_range(acc, m_i, l_i, q, q_g, Kb, Vb, KEEPb, INVF, t0,
+        acc, m_i, l_i = _se_range(acc, m_i, l_i, q, q_g, Kb, KGb, Vb, KEEPb, INVF, t0,
                                   tl.minimum(t1, fb), pos, Skv, group, window, qk_scale,
-                                  sm_scale, softcap, sk_s, sv_s, cos_t, sin_t, 2, BLOCK_N,
-                                  BLOCK_D, BLOCK_DV, D, DV, R_HALF, INTERLEAVED, TABLE,
+                                  sm_scale, softcap, sk_s, skg_s, sv_s, cos_t, sin_t, 2, BLOCK_N,
+                                  BLOCK_D, BLOCK_DV, D, DV, R_HALF, INTERLEAVED, TABLE, PRE_G,
                                   HAS_KEEP, SOFTCAP, PREC)
-        acc, m_i, l_i = _se_range(acc, m_i, l_i, q, q_g, Kb, Vb, KEEPb, INVF,
+        acc, m_i, l_i = _se_range(acc, m_i, l_i, q, q_g, Kb, KGb, Vb, KEEPb, INVF,
                                   tl.maximum(t0, fb), tl.minimum(t1, nb0), pos, Skv, group,
-                                  window, qk_scale, sm_scale, softcap, sk_s, sv_s, cos_t,
+                                  window, qk_scale, sm_scale, softcap, sk_s, skg_s, sv_s, cos_t,
                                   sin_t, 3, BLOCK_N, BLOCK_D, BLOCK_DV, D, DV, R_HALF,
-                                  INTERLEAVED, TABLE, HAS_KEEP, SOFTCAP, PREC)
-        acc, m_i, l_i = _se_range(acc, m_i, l_i, q, q_g, Kb, Vb, KEEPb, INVF,
+                                  INTERLEAVED, TABLE, PRE_G, HAS_KEEP, SOFTCAP, PREC)
+        acc, m_i, l_i = _se_range(acc, m_i, l_i, q, q_g, Kb, KGb, Vb, KEEPb, INVF,
                                   tl.maximum(t0, nb0), tl.minimum(t1, ib1), pos, Skv, group,
-                                  window, qk_scale, sm_scale, softcap, sk_s, sv_s, cos_t,
+                                  window, qk_scale, sm_scale, softcap, sk_s, skg_s, sv_s, cos_t,
                                   sin_t, 0, BLOCK_N, BLOCK_D, BLOCK_DV, D, DV, R_HALF,
-                                  INTERLEAVED, TABLE, HAS_KEEP, SOFTCAP, PREC)
-        acc, m_i, l_i = _se_range(acc, m_i, l_i, q, q_g, Kb, Vb, KEEPb, INVF,
+                                  INTERLEAVED, TABLE, PRE_G, HAS_KEEP, SOFTCAP, PREC)
+        acc, m_i, l_i = _se_range(acc, m_i, l_i, q, q_g, Kb, KGb, Vb, KEEPb, INVF,
                                   tl.maximum(t0, ib1), t1, pos, Skv, group, window, qk_scale,
-                                  sm_scale, softcap, sk_s, sv_s, cos_t, sin_t, 1, BLOCK_N,
-                                  BLOCK_D, BLOCK_DV, D, DV, R_HALF, INTERLEAVED, TABLE,
+                                  sm_scale, softcap, sk_s, skg_s, sv_s, cos_t, sin_t, 1, BLOCK_N,
+                                  BLOCK_D, BLOCK_DV, D, DV, R_HALF, INTERLEAVED, TABLE, PRE_G,
                                   HAS_KEEP, SOFTCAP, PREC)
         o_row = OUT + b64 * so_b + head.to(tl.int64) * so_h + qi.to(tl.int64) * so_s
         _write_rows(acc, m_i, l_i, OUT, ACC, LSE, o_row, row_ok, mb, grp, split, NSPLIT, r,
@@ -235,6 +252,25 @@ def _config(dtype: torch.dtype, d: int) -> tuple[int, int, int, int]:
     return 64, 32, 8, 2
 
 
+def _config_precomputed(dtype: torch.dtype, d: int) -> tuple[int, int, int, int]:
+    """Prefill tiles when the grouped keys come precomputed: no fp32 rotation temporaries, so
+    the sparse kernel's tile (its two query tiles still cost registers: 64 rows)."""
+    if dtype == torch.float32 or _pow2(d) >= 256:
+        return _config(dtype, d)
+    return 64, 64, 4, 3
+
+
+def _grouped_keys(k: torch.Tensor, group: int, inv_freq: torch.Tensor,
+                  rope_style: str) -> torch.Tensor:
+    """k [B, Hkv, Skv, D] rotated back by j − j // g (to its grouped position j // g), in fp32
+    then k's dtype — what the kernel's in-tile rotation computes, once per call instead of
+    once per (query tile, key tile). One extra copy of k for the call."""
+    from longfx.kernels.sparse_attention.reference import rotate_back
+
+    j = torch.arange(k.shape[2], device=k.device)
+    return rotate_back(k.float(), j - j // group, inv_freq.to(k.device), rope_style).to(k.dtype)
+
+
 def _decode_block_n(dtype: torch.dtype, d: int) -> int:
     """KV tile of decode programs (sm_90 spill report: D=128 at 32 keys and D=256 at 16 keys
     spill at most 16 bytes; 64 keys spill ~900)."""
@@ -243,7 +279,7 @@ def _decode_block_n(dtype: torch.dtype, d: int) -> int:
 
 def _launch(q, k, v, key_keep, scale, softcap, group, window, inv_freq, rope_style,
             block_m=None, block_n=None, num_splits=None, num_warps=None, num_stages=None,
-            rotation="table"):
+            rotation="precomputed"):
     B, H, S, D = q.shape
     Hkv, Skv, DV = k.shape[1], k.shape[2], v.shape[-1]
     G = H // Hkv
@@ -256,8 +292,12 @@ def _launch(q, k, v, key_keep, scale, softcap, group, window, inv_freq, rope_sty
     if rotation not in MODES:
         raise ValueError(f"rotation must be one of {MODES}, got {rotation!r}")
 
-    cfg_m, cfg_n, warps, stages = _config(q.dtype, max(D, DV))
-    if S <= DECODE_MAX_S:           # decode: the query heads of one kv head as the tile rows
+    decode = S <= DECODE_MAX_S
+    pre_g = rotation == "precomputed" and not decode    # decode: rotate in the kernel (reads k once)
+    if rotation == "precomputed":
+        rotation = "table"
+    cfg_m, cfg_n, warps, stages = (_config_precomputed if pre_g else _config)(q.dtype, max(D, DV))
+    if decode:                      # decode: the query heads of one kv head as the tile rows
         q_tile = _pow2(S)
         gp = _largest_divisor_at_most(G, MAX_ROWS // q_tile)
         bm = max(16, _pow2(gp * q_tile))
@@ -277,19 +317,21 @@ def _launch(q, k, v, key_keep, scale, softcap, group, window, inv_freq, rope_sty
     dummy = q.new_empty(1)
     keep, skeep = _keep_arg(key_keep, dummy)
     invf = inv_freq.to(device=q.device, dtype=torch.float32).contiguous()
+    kg = _grouped_keys(k, group, invf, rope_style) if pre_g else k
     part, lse = _split_buffers(split, n_tiles * n_grp * num_splits * bm, block_dv, dummy)
     dot_f32, prec = _dot_mode(q.dtype)
     extra = {} if INTERPRET else dict(num_warps=num_warps or warps,
                                       num_stages=num_stages or stages)
     _self_extend_fwd[(n_tiles, n_grp, num_splits)](
-        q, k, v, out, keep, invf, part, lse,
+        q, k, kg, v, out, keep, invf, part, lse,
         S, Skv, H, G, int(group), int(window), float(scale) * LOG2E, float(scale),
         float(softcap), q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
-        k.stride(2), v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1),
-        out.stride(2), skeep, num_splits,
+        k.stride(2), kg.stride(0), kg.stride(1), kg.stride(2), v.stride(0), v.stride(1),
+        v.stride(2), out.stride(0), out.stride(1), out.stride(2), skeep, num_splits,
         GP=gp, Q_TILE=q_tile, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, BLOCK_DV=block_dv,
         D=D, DV=DV, R_HALF=invf.numel(), INTERLEAVED=rope_style != "rotate_half",
-        TABLE=rotation == "table" and bn % group == 0, HAS_KEEP=key_keep is not None,
+        TABLE=rotation == "table" and bn % group == 0, PRE_G=pre_g,
+        HAS_KEEP=key_keep is not None,
         SOFTCAP=bool(softcap), SPLIT=split, DOT_F32=dot_f32, PREC=prec, **extra)
     if split:
         _combine(part, lse, out, G, n_tiles * n_grp, num_splits, gp, q_tile, bm, block_dv)
@@ -301,7 +343,7 @@ def self_extend_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                           group: int, window: int, inv_freq: torch.Tensor, rope_style: str,
                           *, block_m: int | None = None, block_n: int | None = None,
                           num_splits: int | None = None, num_warps: int | None = None,
-                          num_stages: int | None = None, rotation: str = "table",
+                          num_stages: int | None = None, rotation: str = "precomputed",
                           dense_fallback: bool = True) -> torch.Tensor:
     """``reference.self_extend_attention`` on the GPU: q [B, H, S, D], k [B, Hkv, Skv, D],
     v [B, Hkv, Skv, Dv] -> [B, H, S, Dv] in v's dtype. ``block_m``/``block_n``/``num_splits``/

@@ -63,6 +63,12 @@ CASES = [  # B, H, Hkv, S, Skv, D, rot_dims, group, window, style, pad, softcap,
     (1, 2, 1, 21, 50, 16, 16, 5, 1, "interleaved", 2, 0.0, "table"),    # window = 1, D=16
     (1, 2, 1, 19, 52, 32, 32, 16, 6, "rotate_half", 0, 0.0, "table"),   # g = 16 = tile
     (1, 2, 1, 17, 60, 32, 32, 37, 9, "rotate_half", 0, 0.0, "table"),   # g > Skv: gk = 0
+    # grouped keys built once per call (the prefill default)
+    (1, 4, 2, 37, 37, 80, 64, 4, 8, "rotate_half", 0, 0.0, "precomputed"),
+    (2, 2, 1, 30, 45, 64, 64, 2, 7, "complex", 3, 0.0, "precomputed"),
+    (1, 2, 2, 33, 33, 32, 32, 8, 5, "rotate_half", 0, 20.0, "precomputed"),
+    (1, 2, 1, 21, 50, 16, 16, 5, 1, "interleaved", 2, 0.0, "precomputed"),
+    (1, 2, 1, 23, 90, 96, 96, 3, 10, "interleaved", 0, 0.0, "precomputed"),
 ]
 
 
