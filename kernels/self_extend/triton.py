@@ -254,10 +254,12 @@ def _config(dtype: torch.dtype, d: int) -> tuple[int, int, int, int]:
 
 def _config_precomputed(dtype: torch.dtype, d: int) -> tuple[int, int, int, int]:
     """Prefill tiles when the grouped keys come precomputed: no fp32 rotation temporaries, so
-    the sparse kernel's tile (its two query tiles still cost registers: 64 rows)."""
+    the sparse kernel's tile. H100 sweep at 32k, bf16, D=128, g=8, w=4096 (2026-11-24,
+    benchmarks/results/tuning/self_extend_sweep_h100.json): 128x64 / 8 warps / 3 stages
+    23.1 ms; 128x32 26.8; 64x32 28.8; 64x64 / 4 warps 33.5."""
     if dtype == torch.float32 or _pow2(d) >= 256:
         return _config(dtype, d)
-    return 64, 64, 4, 3
+    return 128, 64, 8, 3
 
 
 def _grouped_keys(k: torch.Tensor, group: int, inv_freq: torch.Tensor,
