@@ -4,7 +4,10 @@ Prefill feeds the first N corpus tokens through the cache in chunks (the same pa
 other tasks); decode then runs ``decode_tokens`` (16) greedy steps, timed per token. Peak
 memory is ``torch.cuda.max_memory_allocated`` on GPU; on CPU it is the process's peak resident
 set (VmHWM) after resetting it through /proc/self/clear_refs where Linux allows, else the
-lifetime peak (``peak_mem_kind`` says which). KV bytes count the cache's tensors after prefill.
+lifetime peak (``peak_mem_kind`` says which). KV bytes count the cache's tensors after prefill
+(``kv_bytes``) and after the first decode step (``kv_bytes_decode``): a cache that compresses
+at the end of the prompt (SnapKV, which learns the prompt ended when the first one-token call
+comes) holds its compressed state only from then on, and that is the state decode runs on.
 """
 from __future__ import annotations
 
@@ -61,6 +64,7 @@ def measure(model, ids: torch.Tensor, chunk: int, decode_tokens: int = 16) -> di
     infer.sync(dev)
     prefill_s = time.perf_counter() - t0
     kv = infer.kv_bytes(cache)
+    kv_decode = None
     steps = []
     nxt = int(logits.argmax())
     for _ in range(decode_tokens):
@@ -71,10 +75,13 @@ def measure(model, ids: torch.Tensor, chunk: int, decode_tokens: int = 16) -> di
         nxt = int(o.logits[0, -1].argmax())
         infer.sync(dev)
         steps.append(time.perf_counter() - t)
+        if kv_decode is None:
+            kv_decode = infer.kv_bytes(cache)
     decode = sorted(steps[1:] or steps)   # the first step may pay a recompile; median of the rest
     peak = _peak(dev)
     return {"prefill_s": prefill_s, "prefill_tok_s": ids.numel() / prefill_s,
             "decode_s_per_token": decode[len(decode) // 2], "kv_bytes": kv,
+            "kv_bytes_decode": kv_decode,
             "peak_mem_bytes": peak, "peak_over_start_bytes": (peak - base) if peak and base else None,
             "peak_mem_kind": kind}
 

@@ -10,7 +10,8 @@ from rich.table import Table
 PRIMARY = {"ppl": "ppl", "passkey": "acc", "passkey_alt": "acc", "passkey_hard": "acc",
            "needle": "acc", "kl": "kl", "cost": "prefill_s",
            "kv_bytes": "ratio"}     # KV bytes against dense, rows recorded by benchmark scripts
-EXTRA = {"kl": ("top1_agree",), "cost": ("decode_s_per_token", "kv_bytes", "peak_mem_bytes"),
+EXTRA = {"kl": ("top1_agree",),
+         "cost": ("decode_s_per_token", "kv_bytes", "kv_bytes_decode", "peak_mem_bytes"),
          "kv_bytes": ("kv_bytes",)}
 
 

@@ -136,3 +136,15 @@ def test_kv_bytes_counts_cache():
     c = DynamicCache()
     c.update(torch.zeros(1, 2, 10, 8), torch.zeros(1, 2, 10, 8), 0)
     assert infer.kv_bytes(c) == 2 * 2 * 10 * 8 * 4
+
+
+def test_cost_reads_the_cache_after_the_first_decode_step(tiny):
+    """SnapKV compresses when the first one-token call shows the prompt ended: ``kv_bytes``
+    (after prefill) still holds every token, ``kv_bytes_decode`` the kept half."""
+    rows = evaluate(tiny, recipes=["snapkv(ratio=0.5, window=8)"], tasks=["cost"], lengths=[96],
+                    chunk=32, progress=False, decode_tokens=2)
+    m = {r["recipe"]: r["metrics"] for r in rows}
+    dense, snap = m[""], m["snapkv(ratio=0.5, window=8, kernel=15)"]
+    assert dense["kv_bytes_decode"] > dense["kv_bytes"]            # one more token
+    assert snap["kv_bytes"] == dense["kv_bytes"]
+    assert snap["kv_bytes_decode"] < 0.6 * dense["kv_bytes_decode"]
