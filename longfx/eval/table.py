@@ -74,7 +74,8 @@ def table(rows: list[dict], title: str | None = None) -> Table:
         cells[(r["model"], task, r["length"])][r["recipe"]] = r
     for (model, task, length), by in sorted(cells.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2])):
         base = task.split(":")[0]
-        metrics = (PRIMARY[base], *EXTRA.get(base, ()))
+        metrics = (PRIMARY[base], *(m for m in EXTRA.get(base, ())
+                                    if any(r["metrics"].get(m) is not None for r in by.values())))
         for i, m in enumerate(metrics):
             any_row = next(iter(by.values()))
             line = [model if i == 0 else "", task if m == task else f"{task} {m}",
@@ -104,6 +105,8 @@ def markdown(rows: list[dict], metrics_of=PRIMARY) -> str:
     for (task, length), by in sorted(cells.items()):
         base = task.split(":")[0]
         for m in (metrics_of[base], *EXTRA.get(base, ())):
+            if m != metrics_of[base] and all(r["metrics"].get(m) is None for r in by.values()):
+                continue                       # an extra metric no row has (older rows)
             any_row = next(iter(by.values()))
             line = [task if m == task else f"{task} {m}", str(length), str(any_row.get("n", ""))]
             for rc in recipes:
