@@ -144,11 +144,11 @@ def quest_scores(q: torch.Tensor, k: torch.Tensor, bs: int) -> torch.Tensor:
     B, H, S, D = q.shape
     Hkv, Skv = k.shape[1], k.shape[2]
     n = -(-Skv // bs)
+    kf = k.float()
     if n * bs > Skv:                                                      # pad with the last key
-        k = torch.cat((k, k[:, :, -1:].expand(B, Hkv, n * bs - Skv, D)), dim=2)
-    # min/max in k's own dtype (exact), fp32 only for the [n, D] bounds: no fp32 copy of K
-    kb = k.reshape(B, Hkv, n, bs, D)
-    lo, hi = kb.amin(3).float(), kb.amax(3).float()                       # [B, Hkv, n, D]
+        kf = torch.cat((kf, kf[:, :, -1:].expand(B, Hkv, n * bs - Skv, D)), dim=2)
+    kb = kf.reshape(B, Hkv, n, bs, D)
+    lo, hi = kb.amin(3), kb.amax(3)                                       # [B, Hkv, n, D]
     qg = q.float().reshape(B, Hkv, (H // Hkv) * S, D)                     # [B, Hkv, G·S, D]
     ub = torch.matmul(qg, ((lo + hi) / 2).transpose(-1, -2)) + \
         torch.matmul(qg.abs(), ((hi - lo) / 2).transpose(-1, -2))          # [B, Hkv, G·S, n]
