@@ -295,7 +295,8 @@ def _launch(q, k, v, key_keep, scale, softcap, group, window, inv_freq, rope_sty
         raise ValueError(f"rotation must be one of {MODES}, got {rotation!r}")
 
     decode = S <= DECODE_MAX_S
-    pre_g = rotation == "precomputed" and not decode    # decode: rotate in the kernel (reads k once)
+    # decode rotates in the kernel: each key is read once per step anyway
+    pre_g = rotation == "precomputed" and not decode
     if rotation == "precomputed":
         rotation = "table"
     cfg_m, cfg_n, warps, stages = (_config_precomputed if pre_g else _config)(q.dtype, max(D, DV))
