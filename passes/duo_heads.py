@@ -181,17 +181,23 @@ def load_calibration(path: str | os.PathLike, model: torch.nn.Module | None = No
 # calibration: a recording rule on the canonical attention sites
 
 
-def head_errors(q, k, v, keep, scale: float, softcap: float, sink: int,
-                window: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def head_errors(q, k, v, keep, scale: float, softcap: float, sink: int, window: int,
+                last: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(full output, ‖o_stream − o_full‖² per KV head, ‖o_full‖² per KV head), float64 [Hkv].
 
     q [B, H, S, D]; k, v [B, Hkv, Skv, D]; both outputs through ``longfx::sparse_attention``
-    (``window=0``: every causal key)."""
+    (``window=0``: every causal key). ``last``: score only the last ``last`` queries (the
+    full output still covers every query)."""
     full = SPARSE(q, k, v, keep, scale, softcap, 0, 0, 0, None, "rotate_half")
+    if last is not None and last < q.shape[2]:
+        q = q[:, :, -last:]                        # KV-cache convention: the last queries
+        f = full[:, :, -last:]
+    else:
+        f = full
     stream = SPARSE(q, k, v, keep, scale, softcap, sink, window, 0, None, "rotate_half")
-    b, h, s, dv = full.shape
+    b, h, s, dv = stream.shape
     hkv = k.shape[1]
-    f = full.double().reshape(b, hkv, h // hkv, s, dv)                  # [B, Hkv, G, S, Dv]
+    f = f.double().reshape(b, hkv, h // hkv, s, dv)                     # [B, Hkv, G, S, Dv]
     d = stream.double().reshape(b, hkv, h // hkv, s, dv) - f
     return full, d.pow(2).sum(dim=(0, 2, 3, 4)), f.pow(2).sum(dim=(0, 2, 3, 4))
 
@@ -201,12 +207,14 @@ class _Recorder:
 
     def __init__(self, sink: int, window: int, tick=None):
         self.sink, self.window, self.tick = sink, window, tick
+        self.last: int | None = None              # queries scored in the current sample
         self.err: dict[str, torch.Tensor] = {}
         self.ref: dict[str, torch.Tensor] = {}
         self.meta: dict[str, dict[str, Any]] = {}
 
     def __call__(self, key: str, kv_heads: int, q, k, v, keep, scale, softcap):
-        full, err, ref = head_errors(q, k, v, keep, scale, softcap, self.sink, self.window)
+        full, err, ref = head_errors(q, k, v, keep, scale, softcap, self.sink, self.window,
+                                     self.last)
         if err.numel() != kv_heads:               # k was repeated to the query heads
             err, ref = err.view(kv_heads, -1).sum(1), ref.view(kv_heads, -1).sum(1)
         self.err[key] = self.err.get(key, 0) + err.cpu()
@@ -287,10 +295,23 @@ def _dim(node: Any) -> int | None:
     return int(val.shape[-1]) if isinstance(val, torch.Tensor) and val.dim() == 4 else None
 
 
-def _samples(tokenizer_or_ids, length: int, samples: int) -> list[torch.Tensor]:
-    """``samples`` windows of ``length`` tokens from the *end* of the corpus (the ``ppl`` task
-    reads its beginning, so calibration and evaluation text do not overlap), or from given ids."""
+DATA = ("text", "recall")
+
+
+def _samples(tokenizer_or_ids, length: int, samples: int, data: str = "text",
+             keys: int = 4) -> list[tuple[torch.Tensor, int | None]]:
+    """[(ids, queries to score)]: ``samples`` windows of ``length`` tokens from the *end* of
+    the corpus (the ``ppl`` task reads its beginning, so calibration and evaluation text do not
+    overlap), or from given ids. ``data="text"``: the windows as they are, every query scored.
+    ``data="recall"``: each window carries ``keys`` access-code lines recalled at its end
+    (``longfx.eval.data.recall``, seeded by the sample's index), and only the recall part is
+    scored — the queries that must read far keys, which is what retrieval heads are for."""
+    if data not in DATA:
+        raise RecipeError(f"duo_heads: calibration data must be one of {DATA}, got {data!r}")
     if isinstance(tokenizer_or_ids, torch.Tensor):
+        if data != "text":
+            raise RecipeError("duo_heads: data='recall' builds its prompts with a tokenizer; "
+                              "token ids were given")
         ids = tokenizer_or_ids.reshape(-1).long()
     else:
         from longfx.eval.data import corpus_tokens
@@ -301,13 +322,24 @@ def _samples(tokenizer_or_ids, length: int, samples: int) -> list[torch.Tensor]:
                           f"{ids.numel()}")
     n = min(samples, ids.numel() // length)
     end = ids.numel()
-    return [ids[end - (i + 1) * length:end - i * length] for i in range(n)][::-1]
+    windows = [ids[end - (i + 1) * length:end - i * length] for i in range(n)][::-1]
+    if data == "text":
+        return [(w, None) for w in windows]
+    import random
+
+    from longfx.eval.data import recall
+
+    out = []
+    for i, w in enumerate(windows):
+        p = recall(tokenizer_or_ids, w.tolist(), random.Random(i), keys)
+        out.append((torch.tensor(p.ids, dtype=torch.long), p.meta["tail"]))
+    return out
 
 
 def calibrate(model: torch.nn.Module, tokenizer_or_ids: Any, *, sink: int = 4,
               window: int = 1024, streaming: float = 0.5, length: int = 4096,
               samples: int = 2, path: str | os.PathLike | None = None,
-              progress: bool = True) -> dict[str, Any]:
+              progress: bool = True, data: str = "text", keys: int = 4) -> dict[str, Any]:
     """Score every (attention site, KV head) of ``model``; return (and save to ``path``) the
     calibration: per site its layer, head counts, scores and the heads that stream at
     ``streaming``, plus the model identity and how it was measured.
@@ -316,13 +348,19 @@ def calibrate(model: torch.nn.Module, tokenizer_or_ids: Any, *, sink: int = 4,
     taken from its end) or a 1-D tensor of token ids. The model runs once per sample through
     ``longfx.compile``'s machinery with :class:`RecordRule` on its canonical attention sites:
     one forward of ``length`` tokens without a KV cache, each site scoring its heads
-    (:func:`head_errors`) and passing the full output on."""
+    (:func:`head_errors`) and passing the full output on.
+
+    ``data``: "text" (the windows as they are, all queries scored) or "recall" (``keys``
+    access codes hidden in each window and recalled at its end, only the recall queries
+    scored: DuoAttention's synthetic retrieval data; see :func:`_samples`). "recall" ranks by
+    what long-range retrieval needs and keeps retrieval working at high streaming fractions
+    (docs/sparse.md has the measurements)."""
     _check(streaming, sink, window)
     from longfx import api
     from longfx.rewrite.capture import Backend
     from longfx.runtime.hf import compiled_copy
 
-    chunks = _samples(tokenizer_or_ids, length, samples)
+    chunks = _samples(tokenizer_or_ids, length, samples, data, keys)
     device = next(model.parameters()).device
     token = max(_RECORDERS, default=0) + 1
     rec = _Recorder(sink, window)
@@ -332,7 +370,8 @@ def calibrate(model: torch.nn.Module, tokenizer_or_ids: Any, *, sink: int = 4,
                      model_facts=api.model_facts(model))
         fast = compiled_copy(model, be, dynamic=False)
         with _progress(progress, len(chunks)) as advance:
-            for ids in chunks:
+            for ids, last in chunks:
+                rec.last = last
                 kwargs = {"input_ids": ids[None].to(device), "use_cache": False}
                 with torch.no_grad():
                     try:
@@ -354,7 +393,9 @@ def calibrate(model: torch.nn.Module, tokenizer_or_ids: Any, *, sink: int = 4,
         "format": FORMAT, "model": model_identity(model), "metric": METRIC,
         "sink": sink, "window": window, "streaming": streaming,
         "data": {"text": _text_name(tokenizer_or_ids), "length": length,
-                 "samples": len(chunks), "from": "end of the text"},
+                 "samples": len(chunks), "from": "end of the text", "kind": data,
+                 **({"keys": keys, "scored": "the recall part"} if data == "recall" else
+                    {"scored": "every query"})},
         "torch": torch.__version__, "transformers": transformers.__version__,
         "date": datetime.date.today().isoformat(),
         "sites": {key: {**rec.meta.get(key, {}), "scores": scores[key],
@@ -603,23 +644,24 @@ class DuoHeads(Recipe):
         return DuoHeads(self.streaming, self.sink, self.window, str(path))
 
 
-def default_path(model: torch.nn.Module, sink: int, window: int) -> Path:
+def default_path(model: torch.nn.Module, sink: int, window: int, data: str = "text") -> Path:
     """Where :func:`compile` keeps a calibration it made: ``$XDG_CACHE_HOME`` (or
     ``~/.cache``), then
     ``longfx/duo_heads/<name>-<config hash>-<weights hash>-s<sink>-w<window>.json``."""
     ident = model_identity(model)
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", ident["name"]).strip("_")[-60:] or "model"
     root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    kind = "" if data == "text" else f"-{data}"
     return root / "longfx" / "duo_heads" / \
-        f"{name}-{ident['config_hash']}-{ident['weights_hash']}-s{sink}-w{window}.json"
+        f"{name}-{ident['config_hash']}-{ident['weights_hash']}-s{sink}-w{window}{kind}.json"
 
 
 def compile(model: torch.nn.Module, recipe: Any, tokenizer: Any = None, *,
-            length: int = 4096, samples: int = 2, progress: bool = True,
+            length: int = 4096, samples: int = 2, progress: bool = True, data: str = "text",
             **kwargs) -> torch.nn.Module:
     """``longfx.compile`` for pipelines holding ``duo_heads``: a ``duo_heads`` without a
     calibration file is calibrated on this first compile (``tokenizer`` or a 1-D id tensor
-    gives the text; ``length``/``samples`` as in :func:`calibrate`), the file cached under
+    gives the text; ``length``/``samples``/``data`` as in :func:`calibrate`), the file cached under
     :func:`default_path` and reused next time; a given file is checked against ``model``
     (:func:`load_calibration`). The report's warnings say which calibration was used."""
     import longfx
@@ -634,7 +676,7 @@ def compile(model: torch.nn.Module, recipe: Any, tokenizer: Any = None, *,
                 load_calibration(r.calibration, model, sink=r.sink, window=r.window)
                 notes.append(f"duo_heads: heads from the calibration {r.calibration}")
             else:
-                path = default_path(model, r.sink, r.window)
+                path = default_path(model, r.sink, r.window, data)
                 if path.exists():
                     load_calibration(path, model, sink=r.sink, window=r.window)
                     notes.append(f"duo_heads: no calibration given; reused the one made on "
@@ -645,7 +687,7 @@ def compile(model: torch.nn.Module, recipe: Any, tokenizer: Any = None, *,
                                           f"or a tokenizer (or token ids) to calibrate on")
                     calib = calibrate(model, tokenizer, sink=r.sink, window=r.window,
                                       streaming=r.streaming, length=length, samples=samples,
-                                      path=path, progress=progress)
+                                      path=path, progress=progress, data=data)
                     d = calib["data"]
                     notes.append(f"duo_heads: no calibration given; calibrated on first "
                                  f"compile ({d['samples']} x {d['length']} tokens of "

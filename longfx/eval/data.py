@@ -221,6 +221,41 @@ def needle(tok, length: int, rng: random.Random, mode: str = "multikey", keys: i
     return Prompt(ids, answers, None, at, {"mode": mode, "asked": asked, "pairs": pairs})
 
 
+RECALL_LINE = " The access code of {name} is {value}."
+RECALL_REPEAT = "\nThe access code of {name} is {value}."
+
+
+def recall(tok, hay: list[int], rng: random.Random, keys: int = 4) -> Prompt:
+    """Calibration text that needs far retrieval, in the manner of DuoAttention's synthetic
+    data (Xiao et al. 2024, arXiv:2410.10819, §3.2: passkeys inserted into long text, all
+    recalled at its end): ``keys`` lines "The access code of NAME is NNNNNN." at seeded sentence
+    ends of ``hay`` (a token list, e.g. corpus prose), then every line repeated in a shuffled
+    order. ``meta["tail"]`` counts the tokens of that recall part, the queries whose next tokens
+    can only be predicted by attending to the far lines. Wording and names differ from the
+    passkey and needle prompts the evaluation uses."""
+    if keys < 1:
+        raise ValueError(f"recall needs keys >= 1, got {keys}")
+    names = rng.sample(NAMES, min(keys, len(NAMES)))
+    pairs = [(nm, str(rng.randrange(100000, 1000000))) for nm in names]
+    lines = [encode(tok, RECALL_LINE.format(name=nm, value=v)) for nm, v in pairs]
+    order = list(range(len(pairs)))
+    rng.shuffle(order)
+    tail = [t for i in order for t in encode(tok, RECALL_REPEAT.format(name=pairs[i][0],
+                                                                       value=pairs[i][1]))]
+    n = max(0, len(hay) - len(tail) - sum(map(len, lines)))
+    hay = hay[:n]
+    bounds = _boundaries(tok, hay, True)
+    spots = sorted(rng.choice(bounds) for _ in lines)
+    ids, prev, at = [], 0, []
+    for spot, ln in zip(spots, lines):
+        ids += hay[prev:spot]
+        at.append(len(ids))
+        ids += ln
+        prev = spot
+    ids += hay[prev:] + tail
+    return Prompt(ids, [v for _, v in pairs], None, at, {"pairs": pairs, "tail": len(tail)})
+
+
 _NUM = re.compile(r"\d(?:[\d,]|(?<=\d) (?=\d))*")
 
 

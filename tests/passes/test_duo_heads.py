@@ -173,6 +173,45 @@ def test_calibration_round_trips_and_another_model_is_refused(llama, tmp_path):
     assert any("calibration mismatch" in r for r in reasons)
 
 
+def test_recall_calibration_scores_only_the_recall_queries(llama, monkeypatch):
+    """data="recall": each sample hides access codes and recalls them at its end, and only
+    those last queries are scored (head_errors' ``last``)."""
+    from longfx.eval.data import CharTokenizer
+
+    model, _ids = llama
+    seen = []
+    real = D.head_errors
+
+    def spy(q, k, v, keep, scale, softcap, sink, window, last=None):
+        seen.append((q.shape[2], last))
+        return real(q, k, v, keep, scale, softcap, sink, window, last)
+
+    monkeypatch.setattr(D, "head_errors", spy)
+    calib = D.calibrate(model, CharTokenizer(128), sink=2, window=4, length=256, samples=2,
+                        progress=False, data="recall", keys=2)
+    assert calib["data"]["kind"] == "recall" and calib["data"]["keys"] == 2
+    assert len(seen) == 4 and all(s == 256 and 0 < last < 256 for s, last in seen)
+    with pytest.raises(RecipeError, match="tokenizer"):
+        D.calibrate(model, torch.arange(3, 300), length=64, progress=False, data="recall")
+    with pytest.raises(RecipeError, match="must be one of"):
+        D.calibrate(model, CharTokenizer(128), length=64, progress=False, data="prose")
+
+
+def test_head_errors_last_scores_the_last_queries():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 4, 12, 8, generator=g) for _ in range(3))
+    k, v = k[:, :2], v[:, :2]
+    full, err, ref = D.head_errors(q, k, v, None, 0.35, 0.0, 1, 3)
+    full3, err3, ref3 = D.head_errors(q, k, v, None, 0.35, 0.0, 1, 3, last=3)
+    assert torch.equal(full, full3) and full.shape == (1, 4, 12, 8)
+    stream = R.sparse_attention(q, k, v, None, 0.35, 0.0, 1, 3)
+    d = (stream - full)[:, :, -3:].double().reshape(1, 2, 2, 3, 8)
+    assert torch.allclose(err3, d.pow(2).sum(dim=(0, 2, 3, 4)))
+    assert torch.allclose(ref3, full[:, :, -3:].double().reshape(1, 2, 2, 3, 8).pow(2)
+                          .sum(dim=(0, 2, 3, 4)))
+    assert (err3 <= err + 1e-12).all()
+
+
 def test_compile_calibrates_on_first_compile_and_reuses(llama, tmp_path, monkeypatch):
     model, ids = llama
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))

@@ -49,6 +49,22 @@ def test_needle_prompts():
         data.needle(TOK, 100, random.Random(0), mode="bogus")
 
 
+def test_recall_hides_codes_in_the_text_and_recalls_them_at_the_end():
+    hay = data.corpus_tokens(TOK)[:1500].tolist()
+    p = data.recall(TOK, hay, random.Random(5), keys=3)
+    assert p.ids == data.recall(TOK, hay, random.Random(5), keys=3).ids
+    assert len(p.ids) == 1500 and len(p.meta["pairs"]) == 3
+    text = TOK.decode(p.ids)
+    tail = TOK.decode(p.ids[-p.meta["tail"]:])
+    for name, value in p.meta["pairs"]:
+        line = f"The access code of {name} is {value}."
+        assert text.count(line) == 2 and line in tail      # once hidden, once recalled
+    assert all(a < len(p.ids) - p.meta["tail"] for a in p.insert_at)
+    assert TOK.decode(p.ids[:p.insert_at[0]]) == TOK.decode(hay[:p.insert_at[0]])
+    with pytest.raises(ValueError, match="keys >= 1"):
+        data.recall(TOK, hay, random.Random(0), keys=0)
+
+
 @pytest.mark.parametrize("text,want", [(" 48213.", "48213"), (": 48 213 is", "48213"),
                                        ("'48,213'", "48213"), ("is 12345. 67890", "12345"),
                                        ("no digits here", None), ("\n\n 00123", "00123")])
