@@ -347,7 +347,7 @@ def calibrate(model: torch.nn.Module, tokenizer_or_ids: Any, *, sink: int = 4,
     ``tokenizer_or_ids``: a tokenizer (the text is ``longfx.eval.data.corpus_tokens``, windows
     taken from its end) or a 1-D tensor of token ids. The model runs once per sample through
     ``longfx.compile``'s machinery with :class:`RecordRule` on its canonical attention sites:
-    one forward of ``length`` tokens without a KV cache, each site scoring its heads
+    one forward of ``length`` tokens into a fresh KV cache, each site scoring its heads
     (:func:`head_errors`) and passing the full output on.
 
     ``data``: "text" (the windows as they are, all queries scored) or "recall" (``keys``
@@ -357,6 +357,7 @@ def calibrate(model: torch.nn.Module, tokenizer_or_ids: Any, *, sink: int = 4,
     (docs/sparse.md has the measurements)."""
     _check(streaming, sink, window)
     from longfx import api
+    from longfx.eval.infer import new_cache
     from longfx.rewrite.capture import Backend
     from longfx.runtime.hf import compiled_copy
 
@@ -372,7 +373,11 @@ def calibrate(model: torch.nn.Module, tokenizer_or_ids: Any, *, sink: int = 4,
         with _progress(progress, len(chunks)) as advance:
             for ids, last in chunks:
                 rec.last = last
-                kwargs = {"input_ids": ids[None].to(device), "use_cache": False}
+                # through a fresh KV cache, as the model runs in use: without one, the mask of
+                # some transformers versions (5.17) is built after a state update and is not
+                # proven causal, so no site could be scored
+                kwargs = {"input_ids": ids[None].to(device), "use_cache": True,
+                          "past_key_values": new_cache(model)}
                 with torch.no_grad():
                     try:
                         fast(**kwargs, logits_to_keep=1)      # [B, 1, V]: no [S, V] logits
