@@ -81,7 +81,10 @@ __all__ = ["DuoHeads", "DuoRule", "calibrate", "choose", "load_calibration", "sa
            "model_identity", "head_errors", "compile", "FORMAT"]
 
 FORMAT = "longfx.duo_heads/1"
-METRIC = "relative output change of the KV head's query heads, streaming vs full attention"
+METRIC = {"text": "relative output change of the KV head's query heads, streaming vs full "
+                  "attention",
+          "recall": "attention mass of the recall queries on the hidden lines, the largest "
+                    "over the KV head's query heads (retrieval-head score)"}
 
 
 # ==============================================================================================
@@ -181,42 +184,67 @@ def load_calibration(path: str | os.PathLike, model: torch.nn.Module | None = No
 # calibration: a recording rule on the canonical attention sites
 
 
-def head_errors(q, k, v, keep, scale: float, softcap: float, sink: int, window: int,
-                last: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def head_errors(q, k, v, keep, scale: float, softcap: float, sink: int,
+                window: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(full output, ‖o_stream − o_full‖² per KV head, ‖o_full‖² per KV head), float64 [Hkv].
 
     q [B, H, S, D]; k, v [B, Hkv, Skv, D]; both outputs through ``longfx::sparse_attention``
-    (``window=0``: every causal key). ``last``: score only the last ``last`` queries (the
-    full output still covers every query)."""
+    (``window=0``: every causal key)."""
     full = SPARSE(q, k, v, keep, scale, softcap, 0, 0, 0, None, "rotate_half")
-    if last is not None and last < q.shape[2]:
-        q = q[:, :, -last:]                        # KV-cache convention: the last queries
-        f = full[:, :, -last:]
-    else:
-        f = full
     stream = SPARSE(q, k, v, keep, scale, softcap, sink, window, 0, None, "rotate_half")
-    b, h, s, dv = stream.shape
+    b, h, s, dv = full.shape
     hkv = k.shape[1]
-    f = f.double().reshape(b, hkv, h // hkv, s, dv)                     # [B, Hkv, G, S, Dv]
+    f = full.double().reshape(b, hkv, h // hkv, s, dv)                  # [B, Hkv, G, S, Dv]
     d = stream.double().reshape(b, hkv, h // hkv, s, dv) - f
     return full, d.pow(2).sum(dim=(0, 2, 3, 4)), f.pow(2).sum(dim=(0, 2, 3, 4))
 
 
+def retrieval_mass(q, k, keep, scale: float, softcap: float, last: int,
+                   needles: torch.Tensor) -> torch.Tensor:
+    """Attention mass the last ``last`` queries put on the key positions ``needles``, mean over
+    those queries and the batch, per query head: float64 [H].
+
+    The retrieval-head score of Wu et al. 2024 ("Retrieval Head Mechanistically Explains
+    Long-Context Factuality", arXiv:2404.15574: heads that attend to the needle while the model
+    copies it) measured as attention mass on the hidden lines while the model recalls them.
+    q [B, H, S, D]; k [B, Hkv, Skv, D] (GQA: expanded here); keep [B, Skv] bool or None."""
+    from longfx.kernels.attention.reference import expand_kv
+
+    ql = q[:, :, -last:].float()                                         # [B, H, T, D]
+    kk = expand_kv(ql, k).float()                                        # [B, H, Skv, D]
+    s = torch.matmul(ql, kk.transpose(-1, -2)) * scale                   # [B, H, T, Skv]
+    if softcap:
+        s = torch.tanh(s / softcap) * softcap
+    t, skv = s.shape[-2:]
+    i = torch.arange(t, device=s.device)[:, None] + (skv - t)
+    vis = (torch.arange(skv, device=s.device)[None, :] <= i)[None, None]
+    if keep is not None:
+        vis = vis & keep.bool()[:, None, None, :]
+    p = s.masked_fill(~vis, float("-inf")).softmax(-1).nan_to_num(0.0)
+    return p[..., needles.to(s.device)].sum(-1).double().mean(dim=(0, 2))
+
+
 class _Recorder:
-    """Sums of squared errors and norms per (site, KV head) across calibration samples."""
+    """Per (site, KV head) across calibration samples: sums of squared output errors and
+    norms (``data="text"``) or of retrieval mass (``data="recall"``)."""
 
     def __init__(self, sink: int, window: int, tick=None):
         self.sink, self.window, self.tick = sink, window, tick
-        self.last: int | None = None              # queries scored in the current sample
+        self.recall: tuple[int, torch.Tensor] | None = None   # (tail, needle positions)
         self.err: dict[str, torch.Tensor] = {}
         self.ref: dict[str, torch.Tensor] = {}
         self.meta: dict[str, dict[str, Any]] = {}
 
     def __call__(self, key: str, kv_heads: int, q, k, v, keep, scale, softcap):
-        full, err, ref = head_errors(q, k, v, keep, scale, softcap, self.sink, self.window,
-                                     self.last)
-        if err.numel() != kv_heads:               # k was repeated to the query heads
-            err, ref = err.view(kv_heads, -1).sum(1), ref.view(kv_heads, -1).sum(1)
+        if self.recall is not None:
+            full = SPARSE(q, k, v, keep, scale, softcap, 0, 0, 0, None, "rotate_half")
+            mass = retrieval_mass(q, k, keep, scale, softcap, *self.recall).cpu()
+            # a KV head is needed in full when any of its query heads retrieves
+            err, ref = mass.view(kv_heads, -1).amax(1), torch.ones(kv_heads, dtype=mass.dtype)
+        else:
+            full, err, ref = head_errors(q, k, v, keep, scale, softcap, self.sink, self.window)
+            if err.numel() != kv_heads:           # k was repeated to the query heads
+                err, ref = err.view(kv_heads, -1).sum(1), ref.view(kv_heads, -1).sum(1)
         self.err[key] = self.err.get(key, 0) + err.cpu()
         self.ref[key] = self.ref.get(key, 0) + ref.cpu()
         if self.tick:
@@ -298,14 +326,13 @@ def _dim(node: Any) -> int | None:
 DATA = ("text", "recall")
 
 
-def _samples(tokenizer_or_ids, length: int, samples: int, data: str = "text",
-             keys: int = 4) -> list[tuple[torch.Tensor, int | None]]:
-    """[(ids, queries to score)]: ``samples`` windows of ``length`` tokens from the *end* of
-    the corpus (the ``ppl`` task reads its beginning, so calibration and evaluation text do not
-    overlap), or from given ids. ``data="text"``: the windows as they are, every query scored.
-    ``data="recall"``: each window carries ``keys`` access-code lines recalled at its end
-    (``longfx.eval.data.recall``, seeded by the sample's index), and only the recall part is
-    scored — the queries that must read far keys, which is what retrieval heads are for."""
+def _samples(tokenizer_or_ids, length: int, samples: int, data: str = "text", keys: int = 4
+             ) -> list[tuple[torch.Tensor, tuple[int, torch.Tensor] | None]]:
+    """[(ids, None | (recall tokens, hidden-line positions))]: ``samples`` windows of
+    ``length`` tokens from the *end* of the corpus (the ``ppl`` task reads its beginning, so
+    calibration and evaluation text do not overlap), or from given ids. ``data="text"``: the
+    windows as they are. ``data="recall"``: each window carries ``keys`` access-code lines
+    recalled at its end (``longfx.eval.data.recall``, seeded by the sample's index)."""
     if data not in DATA:
         raise RecipeError(f"duo_heads: calibration data must be one of {DATA}, got {data!r}")
     if isinstance(tokenizer_or_ids, torch.Tensor):
@@ -327,12 +354,16 @@ def _samples(tokenizer_or_ids, length: int, samples: int, data: str = "text",
         return [(w, None) for w in windows]
     import random
 
-    from longfx.eval.data import recall
+    from longfx.eval.data import RECALL_LINE, encode, recall
 
     out = []
     for i, w in enumerate(windows):
         p = recall(tokenizer_or_ids, w.tolist(), random.Random(i), keys)
-        out.append((torch.tensor(p.ids, dtype=torch.long), p.meta["tail"]))
+        ids = torch.tensor(p.ids, dtype=torch.long)
+        line = [len(encode(tokenizer_or_ids, RECALL_LINE.format(name=n, value=v)))
+                for n, v in p.meta["pairs"]]
+        needles = torch.tensor([a + j for a, n in zip(p.insert_at, line) for j in range(n)])
+        out.append((ids, (p.meta["tail"], needles)))
     return out
 
 
@@ -350,11 +381,12 @@ def calibrate(model: torch.nn.Module, tokenizer_or_ids: Any, *, sink: int = 4,
     one forward of ``length`` tokens into a fresh KV cache, each site scoring its heads
     (:func:`head_errors`) and passing the full output on.
 
-    ``data``: "text" (the windows as they are, all queries scored) or "recall" (``keys``
-    access codes hidden in each window and recalled at its end, only the recall queries
-    scored: DuoAttention's synthetic retrieval data; see :func:`_samples`). "recall" ranks by
-    what long-range retrieval needs and keeps retrieval working at high streaming fractions
-    (docs/sparse.md has the measurements)."""
+    ``data``: "text" — the windows as they are, each head scored by its output change
+    (:func:`head_errors`, every query) — or "recall" — ``keys`` access codes hidden in each
+    window and recalled at its end (DuoAttention's synthetic retrieval data, see
+    :func:`_samples`), each head scored by the attention mass its recall queries put on the
+    hidden lines (:func:`retrieval_mass`; the KV head takes its largest query head). docs/sparse.md
+    compares the two."""
     _check(streaming, sink, window)
     from longfx import api
     from longfx.eval.infer import new_cache
@@ -371,8 +403,8 @@ def calibrate(model: torch.nn.Module, tokenizer_or_ids: Any, *, sink: int = 4,
                      model_facts=api.model_facts(model))
         fast = compiled_copy(model, be, dynamic=False)
         with _progress(progress, len(chunks)) as advance:
-            for ids, last in chunks:
-                rec.last = last
+            for ids, recall in chunks:
+                rec.recall = recall
                 # through a fresh KV cache, as the model runs in use: without one, the mask of
                 # some transformers versions (5.17) is built after a state update and is not
                 # proven causal, so no site could be scored
@@ -389,17 +421,18 @@ def calibrate(model: torch.nn.Module, tokenizer_or_ids: Any, *, sink: int = 4,
     if not rec.err:
         reasons = sorted({r["reason"] for r in be.report.rows() if r.get("reason")})
         raise RecipeError(f"duo_heads: no attention site could be calibrated ({reasons})")
-    scores = {key: (rec.err[key] / rec.ref[key].clamp(min=1e-30)).sqrt().tolist()
+    mean = {key: rec.err[key] / rec.ref[key].clamp(min=1e-30) for key in rec.err}
+    scores = {key: (mean[key] if data == "recall" else mean[key].sqrt()).tolist()
               for key in sorted(rec.err, key=_site_order)}
     chosen = choose(scores, streaming)
     import transformers
 
     calib = {
-        "format": FORMAT, "model": model_identity(model), "metric": METRIC,
+        "format": FORMAT, "model": model_identity(model), "metric": METRIC[data],
         "sink": sink, "window": window, "streaming": streaming,
         "data": {"text": _text_name(tokenizer_or_ids), "length": length,
                  "samples": len(chunks), "from": "end of the text", "kind": data,
-                 **({"keys": keys, "scored": "the recall part"} if data == "recall" else
+                 **({"keys": keys, "scored": "the recall queries"} if data == "recall" else
                     {"scored": "every query"})},
         "torch": torch.__version__, "transformers": transformers.__version__,
         "date": datetime.date.today().isoformat(),

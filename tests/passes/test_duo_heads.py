@@ -173,43 +173,50 @@ def test_calibration_round_trips_and_another_model_is_refused(llama, tmp_path):
     assert any("calibration mismatch" in r for r in reasons)
 
 
-def test_recall_calibration_scores_only_the_recall_queries(llama, monkeypatch):
-    """data="recall": each sample hides access codes and recalls them at its end, and only
-    those last queries are scored (head_errors' ``last``)."""
+def test_recall_calibration_ranks_heads_by_mass_on_the_hidden_lines(llama, monkeypatch):
+    """data="recall": each sample hides access codes and recalls them at its end; a head's
+    score is the attention mass its recall queries put on the hidden lines."""
     from longfx.eval.data import CharTokenizer
 
     model, _ids = llama
     seen = []
-    real = D.head_errors
+    real = D.retrieval_mass
 
-    def spy(q, k, v, keep, scale, softcap, sink, window, last=None):
-        seen.append((q.shape[2], last))
-        return real(q, k, v, keep, scale, softcap, sink, window, last)
+    def spy(q, k, keep, scale, softcap, last, needles):
+        seen.append((q.shape[2], last, needles))
+        return real(q, k, keep, scale, softcap, last, needles)
 
-    monkeypatch.setattr(D, "head_errors", spy)
-    calib = D.calibrate(model, CharTokenizer(128), sink=2, window=4, length=256, samples=2,
-                        progress=False, data="recall", keys=2)
+    monkeypatch.setattr(D, "retrieval_mass", spy)
+    tok = CharTokenizer(128)
+    calib = D.calibrate(model, tok, sink=2, window=4, length=256, samples=2, progress=False,
+                        data="recall", keys=2)
     assert calib["data"]["kind"] == "recall" and calib["data"]["keys"] == 2
-    assert len(seen) == 4 and all(s == 256 and 0 < last < 256 for s, last in seen)
+    assert len(seen) == 4 and all(s == 256 and 0 < last < 100 for s, last, _ in seen)
+    ids, (tail, needles) = D._samples(tok, 256, 2, "recall", 2)[0]
+    text = tok.decode(ids[needles].tolist())
+    assert text.count("The access code of") == 2 and len(needles) == len(text)
+    assert all(0 <= x <= 1 for s in calib["sites"].values() for x in s["scores"])
     with pytest.raises(RecipeError, match="tokenizer"):
         D.calibrate(model, torch.arange(3, 300), length=64, progress=False, data="recall")
     with pytest.raises(RecipeError, match="must be one of"):
-        D.calibrate(model, CharTokenizer(128), length=64, progress=False, data="prose")
+        D.calibrate(model, tok, length=64, progress=False, data="prose")
 
 
-def test_head_errors_last_scores_the_last_queries():
+def test_retrieval_mass_is_the_attention_on_the_needles():
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(1, 4, 12, 8, generator=g) for _ in range(3))
-    k, v = k[:, :2], v[:, :2]
-    full, err, ref = D.head_errors(q, k, v, None, 0.35, 0.0, 1, 3)
-    full3, err3, ref3 = D.head_errors(q, k, v, None, 0.35, 0.0, 1, 3, last=3)
-    assert torch.equal(full, full3) and full.shape == (1, 4, 12, 8)
-    stream = R.sparse_attention(q, k, v, None, 0.35, 0.0, 1, 3)
-    d = (stream - full)[:, :, -3:].double().reshape(1, 2, 2, 3, 8)
-    assert torch.allclose(err3, d.pow(2).sum(dim=(0, 2, 3, 4)))
-    assert torch.allclose(ref3, full[:, :, -3:].double().reshape(1, 2, 2, 3, 8).pow(2)
-                          .sum(dim=(0, 2, 3, 4)))
-    assert (err3 <= err + 1e-12).all()
+    q, k = torch.randn(1, 4, 12, 8, generator=g), torch.randn(1, 2, 12, 8, generator=g)
+    needles = torch.tensor([2, 3, 5])
+    mass = D.retrieval_mass(q, k, None, 0.35, 0.0, 3, needles)
+    kk = k.repeat_interleave(2, dim=1)
+    s = (q[:, :, -3:] @ kk.transpose(-1, -2)) * 0.35                      # [1, 4, 3, 12]
+    vis = torch.arange(12)[None] <= torch.arange(9, 12)[:, None]
+    p = s.masked_fill(~vis, float("-inf")).softmax(-1)
+    assert torch.allclose(mass, p[..., needles].sum(-1).mean(dim=(0, 2)).double(), atol=1e-6)
+    keep = torch.ones(1, 12, dtype=torch.bool)
+    keep[0, 3] = False                                   # a padded needle gets no mass
+    p2 = s.masked_fill(~(vis & keep[0]), float("-inf")).softmax(-1)
+    assert torch.allclose(D.retrieval_mass(q, k, keep, 0.35, 0.0, 3, needles),
+                          p2[..., needles].sum(-1).mean(dim=(0, 2)).double(), atol=1e-6)
 
 
 def test_compile_calibrates_on_first_compile_and_reuses(llama, tmp_path, monkeypatch):
