@@ -105,15 +105,18 @@ def current_inv_freq(site: Site) -> fx.Node | None:
 
 
 def one_query_decode(site: Site, sites: list[Site]) -> bool:
-    """A self-attention decode step without any mask: one query, no mask node, not flagged
-    causal (HF builds no mask for one query without padding), and keys that come from a KV-cache
-    append (a KV site links to this attention as its keys). One query at the last position over
-    all cached keys is exactly causal, with no padding to carry — though the mask analysis
-    names it "full". The KV link keeps cross-attention (one decoder query over encoder keys,
-    where "the last position" means nothing) out."""
+    """A self-attention decode step without a padding mask: one query, no mask node or one
+    computed from sizes alone (:func:`mask_from_sizes`), not flagged causal, and keys that come
+    from a KV-cache append (a KV site links to this attention as its keys). HF 5.23 builds no
+    mask for one query without padding; 5.17 builds one from ``arange`` and comparisons on
+    the cache length (SmolLM2). One query at the last position over all cached keys is exactly
+    causal, with no padding to carry — though the mask analysis names it "full". The KV link
+    keeps cross-attention (one decoder query over encoder keys, where "the last position"
+    means nothing) out."""
     if site.facts.get("mask_spec") or site.facts.get("mask_kind") != "full":
         return False
-    if isinstance(site.nodes.get("mask"), fx.Node) or site.facts.get("is_causal"):
+    mask = site.nodes.get("mask")
+    if (isinstance(mask, fx.Node) and not mask_from_sizes(mask)) or site.facts.get("is_causal"):
         return False
     q = site.nodes.get("q")
     val = q.meta.get("example_value", q.meta.get("val")) if isinstance(q, fx.Node) else None
@@ -122,6 +125,18 @@ def one_query_decode(site: Site, sites: list[Site]) -> bool:
         return False
     return any(s.kind == "kv" and s.facts.get("attention") == site.key
                and s.facts.get("role") == "key" and _appends_one(s) for s in sites)
+
+
+def mask_from_sizes(mask: fx.Node) -> bool:
+    """Whether ``mask`` is computed from sizes alone: no tensor input, buffer or parameter
+    among its ancestors (only symbolic or constant lengths feeding ``arange`` and
+    comparisons), so it cannot carry padding."""
+    for n in G.ancestors(mask) | {mask}:
+        if n.op == "get_attr":
+            return False
+        if n.op == "placeholder" and not isinstance(G.val(n), (int, torch.SymInt)):
+            return False
+    return True
 
 
 def _appends_one(kv: Site) -> bool:

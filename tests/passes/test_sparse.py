@@ -221,3 +221,29 @@ def test_one_query_cross_attention_stays_dense():
              if s.kind == "attention"]
     cross = [s for s in sites if "EncDecAttention" in (s.module or "")]
     assert cross and all(s.facts.get("sparse") is None for s in cross)
+
+
+def test_a_mask_built_from_sizes_alone_carries_no_padding():
+    """transformers 5.17 builds SmolLM2's one-query decode mask from ``arange`` and a comparison
+    on the cache length: such a mask is causal by construction (``one_query_decode`` takes it);
+    one that reads a tensor input (padding) or a buffer is not."""
+    import operator
+
+    import torch.fx as fx
+
+    from longfx.passes.sparse import mask_from_sizes
+
+    g = fx.Graph()
+    n = g.placeholder("n")
+    n.meta["example_value"] = 5
+    pad = g.placeholder("pad")
+    pad.meta["example_value"] = torch.ones(1, 6, dtype=torch.bool)
+    n1 = g.call_function(operator.add, (n, 1))
+    causal = g.call_function(operator.le, (g.call_function(torch.arange, (n1,)), n))
+    padded = g.call_function(operator.and_, (causal, pad))
+    stored = g.call_function(operator.and_, (causal, g.get_attr("mask_buffer")))
+    unknown = g.placeholder("unknown")                      # no example value recorded
+    assert mask_from_sizes(causal)
+    assert not mask_from_sizes(padded)
+    assert not mask_from_sizes(stored)
+    assert not mask_from_sizes(g.call_function(operator.le, (causal, unknown)))
