@@ -201,6 +201,10 @@ class Pipeline:
             if not isinstance(r, Recipe):
                 raise TypeError(f"Pipeline holds Recipe instances, not {type(r).__name__}")
         object.__setattr__(self, "recipes", recipes)
+        for i, r in enumerate(recipes):      # a recipe may refuse what follows it
+            check = getattr(r, "check_followers", None)
+            if check is not None:
+                check(recipes[i + 1:])
 
     def __str__(self) -> str:
         return " + ".join(str(r) for r in self.recipes) if self.recipes else "none"

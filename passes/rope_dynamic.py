@@ -91,7 +91,10 @@ class ConsistentDynamicRule(Rule):
 
         node = site.nodes.get("canonical")
         if not isinstance(node, fx.Node) or node.target is not DENSE or not node.users:
-            done = site.facts.get("sparse") or site.facts.get("self_extend")
+            if site.facts.get("self_extend"):
+                return ("already rewritten by self_extend: put the frequency recipe first "
+                        "(dynamic_yarn(...) + self_extend(..., until=N)) to compose them")
+            done = site.facts.get("sparse")
             return f"already rewritten ({done}): dynamic scaling needs a dense attention" if done \
                 else (site.reason or "the site is not canonical (no longfx::attention)")
         q_app = rotation_of(node.args[0])
@@ -250,9 +253,9 @@ class DynamicYaRN(Recipe):
 
         _positive("dynamic_yarn", factor=self.factor, beta_fast=self.beta_fast,
                   beta_slow=self.beta_slow, original=self.original, margin=self.margin)
-        if self.start is not None and not 0 <= self.start <= 1:
-            raise ValueError(f"dynamic_yarn: start is a fraction of the trained length in "
-                             f"[0, 1], got {self.start}")
+        if self.start is not None and not 0 <= self.start:
+            raise ValueError(f"dynamic_yarn: start is a multiple of the trained length, >= 0, "
+                             f"got {self.start}")
 
     def rules(self) -> list:
         return [ConsistentDynamicRule("yarn", self.factor, self.original, self.beta_fast,

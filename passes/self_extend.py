@@ -17,6 +17,7 @@ with a group and window derived from the trained length.
 from __future__ import annotations
 
 import math
+from dataclasses import field
 from typing import Any
 
 import torch
@@ -25,7 +26,7 @@ import torch.fx as fx
 from longfx.kernels.attention.op import OP as DENSE
 from longfx.kernels.self_extend.op import OP as SELF_EXTEND
 from longfx.passes.sparse import current_inv_freq, key_keep, native_window, padding_of, rope_of
-from longfx.recipes import Recipe, register
+from longfx.recipes import Recipe, RecipeError, register
 from longfx.rewrite import graph as G
 from longfx.rewrite.rule import Rule, replace_uses
 from longfx.rewrite.sites import Site
@@ -54,9 +55,10 @@ class SelfExtendRule(Rule):
     kind = "attention"
     stage = "transform"
 
-    def __init__(self, group: int, window: int, recipe: str = ""):
+    def __init__(self, group: int, window: int, recipe: str = "", until: int = 0):
         self.name = "rope.self_extend"
         self.group, self.window, self.recipe = int(group), int(window), recipe
+        self.until = int(until)
         self._sites: list[Site] = []
 
     def prepare(self, gm: fx.GraphModule, sites: list[Site]) -> None:
@@ -91,29 +93,47 @@ class SelfExtendRule(Rule):
             keep = key_keep(g, made, facts["padding"], k) if facts["padding"] is not None else None
             inv = G.call(g, made, aten.reshape.default, facts["inv_freq"], [-1])
             new = G.call(g, made, SELF_EXTEND, q, k, v, keep, scale, softcap, self.group,
-                         self.window, inv, facts["rope_style"])
+                         self.window, inv, facts["rope_style"], self.until)
         replace_uses(node, new)
         site.nodes["self_extend"] = new
-        site.facts["self_extend"] = {"group": self.group, "window": self.window}
+        site.facts["self_extend"] = {"group": self.group, "window": self.window,
+                                     **({"until": self.until} if self.until else {})}
         return made
 
 
 @register("self_extend")
 class SelfExtend(Recipe):
     """SelfExtend: keys beyond a neighbour ``window`` are seen at positions grouped by
-    ``group`` (default: chosen from ``to`` and the trained length, see extend)."""
+    ``group``. ``until`` > 0: only calls over at most ``until`` keys; longer ones attend with
+    the model's own positions (compose with a frequency recipe that starts there)."""
 
     group: int = 8
     window: int = 1024
+    until: int = field(default=0, metadata={"omit_default": True})
 
     def __post_init__(self):
         for name in ("group", "window"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"self_extend: {name} must be an integer >= 1, got {v!r}")
+        if not isinstance(self.until, int) or self.until < 0:
+            raise ValueError(f"self_extend: until must be an integer >= 0 (0: no limit), got "
+                             f"{self.until!r}")
 
     def rules(self) -> list:
-        return [SelfExtendRule(self.group, self.window, recipe=str(self))]
+        return [SelfExtendRule(self.group, self.window, recipe=str(self), until=self.until)]
+
+    def check_followers(self, later: tuple) -> None:
+        """A dynamic RoPE recipe after this one would find its sites already rewritten and
+        do nothing: refuse the order (the other one composes, see ``until``)."""
+        from longfx.passes.rope import DynamicNTK, Extend
+        from longfx.passes.rope_dynamic import DynamicYaRN
+
+        for r in later:
+            if isinstance(r, (DynamicYaRN, DynamicNTK, Extend)):
+                raise RecipeError(f"{self} + {r}: {r} would find every site already rewritten "
+                                  f"by self_extend and do nothing; write the frequency recipe "
+                                  f"first: {r} + {self}")
 
     def reach(self, trained: int) -> int:
         """The context at which the largest grouped distance reaches ``trained``."""

@@ -6,6 +6,10 @@ flash kernel (triton.py: neighbour and grouped scores from one load of each KV t
 re-rotation of q and k fused into their loads, one online softmax); elsewhere, or for inputs
 the kernel does not take, the blocked implementation (blocked.py). Both run dense SDPA when
 the context fits in the neighbour window (exact: every distance is the true one).
+
+``until`` (0: always on): with more than ``until`` keys the op is plain causal attention —
+SelfExtend for contexts up to ``until``, the model's own positions beyond (for a frequency
+recipe to take over there, docs/rope.md).
 """
 from __future__ import annotations
 
@@ -30,8 +34,9 @@ def _on_gpu(q: torch.Tensor) -> bool:
 def self_extend_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                           key_keep: torch.Tensor | None, scale: float, softcap: float,
                           group: int, window: int, inv_freq: torch.Tensor,
-                          rope_style: str) -> torch.Tensor:
+                          rope_style: str, until: int = 0) -> torch.Tensor:
     reference.check_args(q, k, v, key_keep, group, window, inv_freq, rope_style)
+    window = reference.effective_window(k.shape[2], window, until)
     if _on_gpu(q):
         impl = _triton_impl()
         if impl is not None and impl.supports(q, k, v, key_keep, inv_freq):
@@ -42,7 +47,7 @@ def self_extend_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 
 @self_extend_attention.register_fake
-def _(q, k, v, key_keep, scale, softcap, group, window, inv_freq, rope_style):
+def _(q, k, v, key_keep, scale, softcap, group, window, inv_freq, rope_style, until=0):
     return q.new_empty((*q.shape[:-1], v.shape[-1]), dtype=v.dtype)
 
 

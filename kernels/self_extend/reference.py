@@ -34,6 +34,14 @@ def grouped_positions(qp: torch.Tensor, kp: torch.Tensor, group: int, window: in
     return qp // group + (window - window // group), kp // group
 
 
+def effective_window(keys: int, window: int, until: int = 0) -> int:
+    """The neighbour window a call over ``keys`` keys uses: ``window``, or every key (plain
+    causal attention: all distances true) when ``until`` > 0 and ``keys`` > ``until``."""
+    if until < 0:
+        raise ValueError(f"until must be >= 0 (0: no limit), got {until}")
+    return max(window, keys) if until and keys > until else window
+
+
 def check_args(q, k, v, key_keep, group, window, inv_freq, rope_style) -> None:
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError("self_extend attention takes [B, H, S, D] tensors")
@@ -64,8 +72,9 @@ def grouped_qk(q, k, qp, kp, group, window, inv_freq, rope_style):
 def self_extend_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                           key_keep: torch.Tensor | None, scale: float | None, softcap: float,
                           group: int, window: int, inv_freq: torch.Tensor,
-                          rope_style: str = "rotate_half") -> torch.Tensor:
+                          rope_style: str = "rotate_half", until: int = 0) -> torch.Tensor:
     check_args(q, k, v, key_keep, group, window, inv_freq, rope_style)
+    window = effective_window(k.shape[2], window, until)
     if scale is None:
         scale = q.shape[-1] ** -0.5
     s, skv = q.shape[2], k.shape[2]

@@ -113,7 +113,7 @@ def test_start_moves_where_the_scale_leaves_one(llama):
     with torch.no_grad():
         assert _rel(fast(ids).logits, ref(ids).logits) <= 1e-5
     with pytest.raises(ValueError, match="start"):
-        longfx.compile(llama, "dynamic_yarn(factor=8, start=2)")
+        longfx.compile(llama, "dynamic_yarn(factor=8, start=-1)")
 
 
 @pytest.mark.parametrize("recipe, unchanged_up_to", [

@@ -43,8 +43,8 @@ def test_the_op_receives_the_sites_frequencies_and_matches_the_reference():
     gm.recompile()
     with torch.no_grad():
         out = gm(*res.inputs[0])
-    q, k, v, keep, scale, softcap, group, window, inv, style = seen[0]
-    assert (group, window, style) == (2, 3, "rotate_half")
+    q, k, v, keep, scale, softcap, group, window, inv, style, until = seen[0]
+    assert (group, window, style, until) == (2, 3, "rotate_half", 0)
     assert torch.allclose(inv, model.model.rotary_emb.inv_freq)
     # and the graph's output equals the compiled model's
     fast = longfx.compile(model, "self_extend(group=2, window=3)")
@@ -92,3 +92,42 @@ def test_bad_arguments():
     d = longfx.diff(model, "self_extend", inputs=inputs)
     rows = [r for r in d.report.rows() if r["kind"] == "attention"]
     assert all(r["status"] == "rejected" and "RoPE" in r["reason"] for r in rows)
+
+
+def test_until_hands_longer_calls_to_a_frequency_recipe():
+    """self_extend(..., until=N): calls over at most N keys are SelfExtend, longer ones plain
+    attention; composed with dynamic_yarn(start=N/L0) every call equals one recipe or the
+    other (the hybrid docs/rope.md measures)."""
+    model, _ = zoo.build("llama", "eager")
+    ids = torch.randint(3, 100, (1, 40), generator=torch.Generator().manual_seed(0))
+
+    def logits(m, n):
+        with torch.no_grad():
+            return m(input_ids=ids[:, :n]).logits
+
+    se = longfx.compile(model, "self_extend(group=2, window=8)")
+    yarn = longfx.compile(model, "dynamic_yarn(factor=4, margin=2, start=2, original=8)")
+    hybrid = longfx.compile(model, "dynamic_yarn(factor=4, margin=2, start=2, original=8) + "
+                                   "self_extend(group=2, window=8, until=16)")
+    with pytest.raises(recipes.RecipeError, match="write the frequency recipe first"):
+        recipes.parse("self_extend(group=2, window=8, until=16) + "
+                      "dynamic_yarn(factor=4, margin=2, start=2, original=8)")
+    for n in (12, 16):
+        assert _rel(logits(hybrid, n), logits(se, n)) < 1e-6
+        assert _rel(logits(hybrid, n), logits(model, n)) > 1e-5         # SelfExtend acts
+    for n in (17, 40):
+        assert _rel(logits(hybrid, n), logits(yarn, n)) < 1e-5
+        assert _rel(logits(hybrid, n), logits(se, n)) > 1e-5
+    # the op: more keys than ``until`` is plain causal attention
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 2, n, 16, generator=g) for n in (3, 30, 30))
+    inv = 1.0 / 10000 ** (torch.arange(0, 16, 2) / 16)
+    args = (None, 0.25, 0.0, 4, 6, inv, "rotate_half")
+    plain = SE.self_extend_attention(q, k, v, None, 0.25, 0.0, 4, 30, inv)
+    assert _rel(OP(q, k, v, *args, 29), plain) < 1e-6
+    assert _rel(OP(q, k, v, *args, 30), SE.self_extend_attention(q, k, v, *args)) < 1e-6
+    assert _rel(SE.self_extend_attention(q, k, v, *args, 29), plain) < 1e-6
+    with pytest.raises(ValueError, match="until"):
+        SelfExtend(group=4, window=6, until=-1)
+    assert str(recipes.parse("self_extend(group=4, window=6, until=16384)")) == \
+        "self_extend(group=4, window=6, until=16384)"
