@@ -208,17 +208,24 @@ def needle(tok, length: int, rng: random.Random, mode: str = "multikey", keys: i
     intro, q = encode(tok, NEEDLE_INTRO), encode(tok, question)
     lines = [encode(tok, NEEDLE_LINE.format(name=nm, value=v)) for nm, v in pairs]
     n = max(0, length - len(intro) - len(q) - sum(map(len, lines)))
-    hay = _filler_tokens(tok, n)
-    bounds = _boundaries(tok, hay, False)
-    spots = sorted(rng.choice(bounds) for _ in lines)
-    ids, prev, at = list(intro), 0, []
+    body, at = _insert_lines(tok, _filler_tokens(tok, n), lines, rng, prose=False)
+    ids = intro + body + q
+    at = [len(intro) + a for a in at]
+    return Prompt(ids, answers, None, at, {"mode": mode, "asked": asked, "pairs": pairs})
+
+
+def _insert_lines(tok, hay: list[int], lines: list[list[int]], rng: random.Random,
+                  prose: bool) -> tuple[list[int], list[int]]:
+    """``hay`` with each of ``lines`` inserted at a seeded sentence end (in order); also the
+    offsets where the lines start."""
+    spots = sorted(rng.choice(_boundaries(tok, hay, prose)) for _ in lines)
+    ids, prev, at = [], 0, []
     for spot, ln in zip(spots, lines):
         ids += hay[prev:spot]
         at.append(len(ids))
         ids += ln
         prev = spot
-    ids += hay[prev:] + q
-    return Prompt(ids, answers, None, at, {"mode": mode, "asked": asked, "pairs": pairs})
+    return ids + hay[prev:], at
 
 
 RECALL_LINE = " The access code of {name} is {value}."
@@ -243,17 +250,9 @@ def recall(tok, hay: list[int], rng: random.Random, keys: int = 4) -> Prompt:
     tail = [t for i in order for t in encode(tok, RECALL_REPEAT.format(name=pairs[i][0],
                                                                        value=pairs[i][1]))]
     n = max(0, len(hay) - len(tail) - sum(map(len, lines)))
-    hay = hay[:n]
-    bounds = _boundaries(tok, hay, True)
-    spots = sorted(rng.choice(bounds) for _ in lines)
-    ids, prev, at = [], 0, []
-    for spot, ln in zip(spots, lines):
-        ids += hay[prev:spot]
-        at.append(len(ids))
-        ids += ln
-        prev = spot
-    ids += hay[prev:] + tail
-    return Prompt(ids, [v for _, v in pairs], None, at, {"pairs": pairs, "tail": len(tail)})
+    body, at = _insert_lines(tok, hay[:n], lines, rng, prose=True)
+    return Prompt(body + tail, [v for _, v in pairs], None, at,
+                  {"pairs": pairs, "tail": len(tail)})
 
 
 _NUM = re.compile(r"\d(?:[\d,]|(?<=\d) (?=\d))*")
