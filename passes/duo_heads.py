@@ -354,15 +354,14 @@ def _samples(tokenizer_or_ids, length: int, samples: int, data: str = "text", ke
         return [(w, None) for w in windows]
     import random
 
-    from longfx.eval.data import RECALL_LINE, encode, recall
+    from longfx.eval.data import recall
 
     out = []
     for i, w in enumerate(windows):
         p = recall(tokenizer_or_ids, w.tolist(), random.Random(i), keys)
         ids = torch.tensor(p.ids, dtype=torch.long)
-        line = [len(encode(tokenizer_or_ids, RECALL_LINE.format(name=n, value=v)))
-                for n, v in p.meta["pairs"]]
-        needles = torch.tensor([a + j for a, n in zip(p.insert_at, line) for j in range(n)])
+        needles = torch.tensor([a + j for a, n in zip(p.insert_at, p.meta["line_tokens"])
+                                for j in range(n)])
         out.append((ids, (p.meta["tail"], needles)))
     return out
 

@@ -237,7 +237,8 @@ def recall(tok, hay: list[int], rng: random.Random, keys: int = 4) -> Prompt:
     data (Xiao et al. 2024, arXiv:2410.10819, §3.2: passkeys inserted into long text, all
     recalled at its end): ``keys`` lines "The access code of NAME is NNNNNN." at seeded sentence
     ends of ``hay`` (a token list, e.g. corpus prose), then every line repeated in a shuffled
-    order. ``meta["tail"]`` counts the tokens of that recall part, the queries whose next tokens
+    order. ``meta["line_tokens"]`` gives each hidden line's length (they start at ``insert_at``),
+    ``meta["tail"]`` counts the tokens of that recall part, the queries whose next tokens
     can only be predicted by attending to the far lines. Wording and names differ from the
     passkey and needle prompts the evaluation uses."""
     if keys < 1:
@@ -252,7 +253,7 @@ def recall(tok, hay: list[int], rng: random.Random, keys: int = 4) -> Prompt:
     n = max(0, len(hay) - len(tail) - sum(map(len, lines)))
     body, at = _insert_lines(tok, hay[:n], lines, rng, prose=True)
     return Prompt(body + tail, [v for _, v in pairs], None, at,
-                  {"pairs": pairs, "tail": len(tail)})
+                  {"pairs": pairs, "tail": len(tail), "line_tokens": [len(x) for x in lines]})
 
 
 _NUM = re.compile(r"\d(?:[\d,]|(?<=\d) (?=\d))*")
