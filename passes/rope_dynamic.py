@@ -91,10 +91,7 @@ class ConsistentDynamicRule(Rule):
 
         node = site.nodes.get("canonical")
         if not isinstance(node, fx.Node) or node.target is not DENSE or not node.users:
-            if site.facts.get("self_extend"):
-                return ("already rewritten by self_extend: put the frequency recipe first "
-                        "(dynamic_yarn(...) + self_extend(..., until=N)) to compose them")
-            done = site.facts.get("sparse")
+            done = site.facts.get("sparse") or site.facts.get("self_extend")
             return f"already rewritten ({done}): dynamic scaling needs a dense attention" if done \
                 else (site.reason or "the site is not canonical (no longfx::attention)")
         q_app = rotation_of(node.args[0])

@@ -48,8 +48,8 @@ def scale_of(positions: torch.Tensor, original: int, factor: float, method: str,
     longest distance sits right at the edge of the (scaled) trained range — transformers'
     ``"dynamic"`` NTK builds in the same kind of headroom with its f·L/L₀ − (f − 1).
 
-    ``start`` (yarn only, a multiple of L₀, e.g. 0.5 or 2) moves where the scale leaves 1: s = 1 + m·(L/L₀ −
-    start), so the margin becomes the slope. None: 1/m, which is the plain s = m·L/L₀ (kept as
+    ``start`` (yarn only, a multiple of L₀, e.g. 0.5 or 2) moves where the scale leaves 1:
+    s = 1 + m·(L/L₀ − start), so the margin becomes the slope. None: 1/m, which is the plain s = m·L/L₀ (kept as
     its own expression so that rule's numbers do not move)."""
     L = positions.reshape(-1).amax(0).to(torch.float32) + 1        # (a dim: ONNX export needs one)
     if method == "ntk":
