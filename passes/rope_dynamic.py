@@ -71,13 +71,14 @@ class ConsistentDynamicRule(Rule):
 
     def __init__(self, method: str, factor: float, original: int | None,
                  beta_fast: float = 32.0, beta_slow: float = 1.0, recipe: str = "",
-                 margin: float = 1.0, start: float | None = None):
+                 margin: float = 1.0, start: float | None = None, above: int = 0):
         if method not in D.METHODS:
             raise ValueError(f"method must be one of {D.METHODS}, got {method!r}")
         self.name = f"rope.dynamic_{method}"
         self.method, self.factor, self.original = method, float(factor), original
         self.margin = float(margin)
         self.start = None if start is None else float(start)
+        self.above = int(above)
         self.beta_fast, self.beta_slow, self.recipe = beta_fast, beta_slow, recipe
         self._sites: list[Site] = []
         self._tables: dict[tuple, tuple[fx.Node, fx.Node, fx.Node]] = {}
@@ -159,7 +160,7 @@ class ConsistentDynamicRule(Rule):
         first = min((u for t in (like, like_sin) for u in t.users), key=order.__getitem__)
         with g.inserting_before(first):
             s = G.call(g, made, D.scale_of, facts["pos"], facts["original"], self.factor,
-                       self.method, self.margin, self.start)
+                       self.method, self.margin, self.start, self.above)
             inv_s = G.call(g, made, D.scaled_inv_freq, inv, s, self.method, shape_node)
             temp = G.call(g, made, D.temperature, s, self.method)
             tables = G.call(g, made, D.query_tables, facts["pos"], inv_s, temp, facts["style"],
@@ -191,6 +192,8 @@ class ConsistentDynamicRule(Rule):
             site.facts["dynamic_rope"]["margin"] = self.margin
         if self.start is not None:
             site.facts["dynamic_rope"]["start"] = self.start
+        if self.above:
+            site.facts["dynamic_rope"]["above"] = self.above
         return made
 
 
@@ -236,7 +239,9 @@ class DynamicYaRN(Recipe):
     """YaRN with the scale set per call from the longest position (s = clamp(margin·L/L₀, 1,
     factor), or with ``start``: clamp(1 + margin·(L/L₀ − start), 1, factor)), cache-consistent:
     keys are re-rotated to the call's frequencies at the attention. Below L₀/margin tokens
-    (L₀·start with ``start``) the model is unchanged."""
+    (L₀·start with ``start``) the model is unchanged; ``above`` > 0 also keeps s = 1 up to
+    that many tokens, then applies the schedule at once (hand-over from
+    ``self_extend(..., until=above)``)."""
 
     factor: float = 4.0
     beta_fast: float = _opt(32.0)
@@ -244,6 +249,7 @@ class DynamicYaRN(Recipe):
     original: int | None = _opt(None)
     margin: float = _opt(1.0)
     start: float | None = _opt(None)
+    above: int = _opt(0)
 
     def __post_init__(self):
         from longfx.passes.rope import _positive
@@ -253,8 +259,11 @@ class DynamicYaRN(Recipe):
         if self.start is not None and not 0 <= self.start:
             raise ValueError(f"dynamic_yarn: start is a multiple of the trained length, >= 0, "
                              f"got {self.start}")
+        if not isinstance(self.above, int) or self.above < 0:
+            raise ValueError(f"dynamic_yarn: above is a token count >= 0 (0: off), got "
+                             f"{self.above!r}")
 
     def rules(self) -> list:
         return [ConsistentDynamicRule("yarn", self.factor, self.original, self.beta_fast,
                                       self.beta_slow, recipe=str(self), margin=self.margin,
-                                      start=self.start)]
+                                      start=self.start, above=self.above)]

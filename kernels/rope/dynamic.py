@@ -40,7 +40,7 @@ def ntk_exponent(n: int, dim: int) -> torch.Tensor:
 
 
 def scale_of(positions: torch.Tensor, original: int, factor: float, method: str,
-             margin: float = 1.0, start: float | None = None) -> torch.Tensor:
+             margin: float = 1.0, start: float | None = None, above: int = 0) -> torch.Tensor:
     """The call's scale ``s`` (0-d float32) from its position ids (any shape).
 
     ``margin`` (yarn only) multiplies the length before the clamp: with m = 2 a 16k call on a
@@ -50,15 +50,22 @@ def scale_of(positions: torch.Tensor, original: int, factor: float, method: str,
 
     ``start`` (yarn only, a multiple of L₀, e.g. 0.5 or 2) moves where the scale leaves 1:
     s = 1 + m·(L/L₀ − start), so the margin becomes the slope. None: 1/m, which is the plain s = m·L/L₀ (kept as
-    its own expression so that rule's numbers do not move)."""
+    its own expression so that rule's numbers do not move).
+
+    ``above`` (yarn only, tokens; 0: off) holds s = 1 while L ≤ ``above`` and lets the schedule
+    apply from the next token on: the scale jumps there instead of rising from 1. It is the
+    frequency half of the hand-over from ``self_extend(..., until=above)``, which needs the
+    model's own frequencies while it runs (docs/rope.md, "extend")."""
     L = positions.reshape(-1).amax(0).to(torch.float32) + 1        # (a dim: ONNX export needs one)
     if method == "ntk":
         return torch.clamp_min(factor * L / original - (factor - 1), 1.0)
-    if method == "yarn" and start is not None:
-        return torch.clamp(1 + margin * (L / original - start), 1.0, float(factor))
-    if method == "yarn":
-        return torch.clamp(margin * L / original, 1.0, float(factor))
-    raise ValueError(f"unknown dynamic method {method!r}; expected one of {METHODS}")
+    if method != "yarn":
+        raise ValueError(f"unknown dynamic method {method!r}; expected one of {METHODS}")
+    if start is not None:
+        s = torch.clamp(1 + margin * (L / original - start), 1.0, float(factor))
+    else:
+        s = torch.clamp(margin * L / original, 1.0, float(factor))
+    return torch.where(L > above, s, torch.ones_like(s)) if above else s
 
 
 def scaled_inv_freq(inv: torch.Tensor, s: torch.Tensor, method: str,

@@ -8,6 +8,7 @@ import torch
 import transformers
 
 import longfx
+from longfx import recipes
 from longfx.kernels.rope import dynamic as D
 from longfx.kernels.rope import reference
 from longfx.rewrite.testing import zoo
@@ -114,6 +115,19 @@ def test_start_moves_where_the_scale_leaves_one(llama):
         assert _rel(fast(ids).logits, ref(ids).logits) <= 1e-5
     with pytest.raises(ValueError, match="start"):
         longfx.compile(llama, "dynamic_yarn(factor=8, start=-1)")
+
+
+def test_above_holds_the_scale_at_one_then_jumps():
+    """above=N: s = 1 while L <= N, the plain schedule from N + 1 tokens on (no ramp)."""
+    assert float(D.scale_of(torch.arange(40), 16, 8.0, "yarn", 2.0, None, 40)) == 1.0
+    assert float(D.scale_of(torch.arange(41), 16, 8.0, "yarn", 2.0, None, 40)) == 5.125
+    assert float(D.scale_of(torch.arange(41), 16, 4.0, "yarn", 2.0, None, 40)) == 4.0
+    assert float(D.scale_of(torch.arange(8), 16, 8.0, "yarn", 2.0, None, 0)) == 1.0
+    for bad in (-1, 2.5):
+        with pytest.raises(ValueError, match="above"):
+            recipes.parse(f"dynamic_yarn(factor=8, above={bad})")
+    assert str(recipes.parse("dynamic_yarn(factor=6, margin=2, above=20480)")) == \
+        "dynamic_yarn(factor=6.0, margin=2.0, above=20480)"
 
 
 @pytest.mark.parametrize("recipe, unchanged_up_to", [

@@ -97,7 +97,8 @@ def test_bad_arguments():
 def test_until_hands_longer_calls_to_a_frequency_recipe():
     """self_extend(..., until=N): calls over at most N keys are SelfExtend, longer ones plain
     attention; composed with dynamic_yarn(start=N/L0) every call equals one recipe or the
-    other (the hybrid docs/rope.md measures)."""
+    other (the hybrid docs/rope.md measures). With ``above=N`` the YaRN scale jumps at the
+    switch: from N+1 tokens on the hybrid is plain ``dynamic_yarn`` without the floor."""
     model, _ = zoo.build("llama", "eager")
     ids = torch.randint(3, 100, (1, 40), generator=torch.Generator().manual_seed(0))
 
@@ -109,15 +110,21 @@ def test_until_hands_longer_calls_to_a_frequency_recipe():
     yarn = longfx.compile(model, "dynamic_yarn(factor=4, margin=2, start=2, original=8)")
     hybrid = longfx.compile(model, "dynamic_yarn(factor=4, margin=2, start=2, original=8) + "
                                    "self_extend(group=2, window=8, until=16)")
+    plain_yarn = longfx.compile(model, "dynamic_yarn(factor=4, margin=2, original=8)")
+    jump = longfx.compile(model, "dynamic_yarn(factor=4, margin=2, original=8, above=16) + "
+                                 "self_extend(group=2, window=8, until=16)")
     with pytest.raises(recipes.RecipeError, match="write the frequency recipe first"):
         recipes.parse("self_extend(group=2, window=8, until=16) + "
                       "dynamic_yarn(factor=4, margin=2, start=2, original=8)")
     for n in (12, 16):
         assert _rel(logits(hybrid, n), logits(se, n)) < 1e-6
         assert _rel(logits(hybrid, n), logits(model, n)) > 1e-5         # SelfExtend acts
+        assert _rel(logits(jump, n), logits(se, n)) < 1e-6
     for n in (17, 40):
         assert _rel(logits(hybrid, n), logits(yarn, n)) < 1e-5
         assert _rel(logits(hybrid, n), logits(se, n)) > 1e-5
+        assert _rel(logits(jump, n), logits(plain_yarn, n)) < 1e-5
+    assert _rel(logits(jump, 17), logits(hybrid, 17)) > 1e-5     # s = 4 there, not 1.25
     # the op: more keys than ``until`` is plain causal attention
     g = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(1, 2, n, 16, generator=g) for n in (3, 30, 30))
