@@ -12,7 +12,9 @@ it measured):
 * ``check``: at 4k, the table kernel's output vs the dense-mask reference of the same table;
 * ``prefill``: per block size (64, 128) — estimation + table build alone, the kernel on a
   prebuilt table, the whole op (``op.forward``: both), dense causal SDPA; the measured density;
-* ``decode``: Quest table + kernel vs dense SDPA over the whole cache.
+* ``decode``: Quest table + kernel vs dense SDPA over the whole cache, with its parts (the
+  bounds by the reference and by the Triton kernel, the selection, the table kernel) and a
+  CUDA-graph replay of both.
 
 Random q/k/v have no structure, so the tables are arbitrary — the timing does not depend on
 which blocks are kept, only on how many. Timing: CUDA events, warm-up, median of N.
@@ -30,7 +32,7 @@ import traceback
 
 import torch
 import torch.nn.functional as F
-from cuda_timing import median_ms
+from cuda_timing import graph_bench, median_ms
 
 
 def _time(fn, reps: int, warmup: int = 2) -> float:
@@ -94,7 +96,7 @@ def part_prefill(a, res):
 
 
 def part_decode(a, res):
-    from longfx.kernels.block_sparse import op
+    from longfx.kernels.block_sparse import op, reference as R
     n = a.length
     q, k, v = _qkv(1, n, a.heads, a.kv_heads, a.head_dim, torch.bfloat16, 2)
     scale = a.head_dim ** -0.5
@@ -105,6 +107,31 @@ def part_decode(a, res):
                                                                        enable_gqa=True), a.reps)
     row["total_ms"] = _time(lambda: op.forward(q, k, v, None, scale, 0.0, **params), a.reps)
     row["speedup_vs_dense"] = row["dense_sdpa_ms"] / row["total_ms"]
+    # the parts: Quest bounds (reference torch vs the one-pass Triton kernel), the selection,
+    # the table kernel
+    row["bounds_reference_ms"] = _time(lambda: R.quest_scores(q, k, 16), a.reps)
+    row["bounds_ms"] = _time(lambda: op.quest_scores(q, k, 16), a.reps)
+    sc = op.quest_scores(q, k, 16)
+    ref = R.quest_scores(q, k, 16)
+    row["bounds_rel_err_vs_reference"] = float((sc - ref).abs().max() / ref.abs().max())
+    row["select_ms"] = _time(lambda: R.decode_table(q, k, 16, 0, 0.1, 16, 64, scores=sc),
+                             a.reps)
+    table = R.decode_table(q, k, 16, 0, 0.1, 16, 64, scores=sc)
+    row["same_table_as_reference"] = bool(torch.equal(
+        table, R.decode_table(q, k, 16, 0, 0.1, 16, 64, scores=ref)))
+    row["kernel_ms"] = _time(lambda: op.attend_table(q, k, v, table, 16, scale, 0.0, None),
+                             a.reps)
+    kept, causal = R.table_counts(table, 1, n, 16)
+    row["density_measured"] = kept / causal
+    # CUDA-graph replay of the whole op and of dense SDPA: launch overhead out
+    try:
+        row["graph_total_ms"] = graph_bench(lambda: op.forward(q, k, v, None, scale, 0.0,
+                                                               **params), 2, a.reps)["median_ms"]
+        row["graph_dense_sdpa_ms"] = graph_bench(lambda: F.scaled_dot_product_attention(
+            q, k, v, enable_gqa=True), 2, a.reps)["median_ms"]
+        row["graph_speedup_vs_dense"] = row["graph_dense_sdpa_ms"] / row["graph_total_ms"]
+    except Exception as e:  # noqa: BLE001 - capture can fail; the eager numbers stand
+        row["graph_error"] = f"{type(e).__name__}: {e}"[:300]
     res["decode"] = row
     print(json.dumps(row), flush=True)
 

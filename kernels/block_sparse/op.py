@@ -17,6 +17,7 @@ runs dense SDPA. So short prompts, and decode without ``decode_topk``, are uncha
 
 Lowering of a table: the Triton block-table kernel on CUDA
 (``kernels/sparse_attention/triton.py:block_sparse_attention``), else the gather in gather.py.
+The decode bounds: one pass over the keys in Triton on CUDA (triton.py), else the reference.
 Semantics: reference.py (``table_mask``). ``record_density()`` counts the kept and causal block
 pairs of the tables built while it is active (costs a device sync per call).
 """
@@ -71,6 +72,24 @@ def _triton_impl():
     return impl if getattr(impl, "AVAILABLE", False) else None
 
 
+def _quest_impl():
+    try:
+        from longfx.kernels.block_sparse import triton as impl
+    except Exception:  # noqa: BLE001 - no triton: the reference bounds serve
+        return None
+    return impl if getattr(impl, "AVAILABLE", False) else None
+
+
+def quest_scores(q, k, bs):
+    """Quest bounds [B, H, 1, nkb]: the one-pass Triton kernel on CUDA when it takes the
+    inputs, else the reference."""
+    if q.is_cuda:
+        impl = _quest_impl()
+        if impl is not None and impl.supports(q, k, bs):
+            return impl.quest_scores(q, k, bs)
+    return reference.quest_scores(q, k, bs)
+
+
 def _dense(q, k, v, key_keep, scale, softcap):
     if _STATS:
         for st in _STATS:
@@ -116,7 +135,7 @@ def forward(q, k, v, key_keep, scale, softcap, *, block, topk, density, sink, wi
             while bs < s:
                 bs *= 2
             table = reference.decode_table(q, k, bs, decode_topk, decode_density, decode_sink,
-                                           decode_window)
+                                           decode_window, scores=quest_scores(q, k, bs))
             _count("decode", table, s, skv, bs)
             return attend_table(q, k, v, table, bs, scale, softcap, key_keep)
         return _dense(q, k, v, key_keep, scale, softcap)

@@ -177,15 +177,19 @@ def prefill_table(q: torch.Tensor, k: torch.Tensor, block: int, topk: int = 0,
 
 
 def decode_table(q: torch.Tensor, k: torch.Tensor, block: int, topk: int = 0,
-                 density: float = 0.0, sink: int = 0, window: int = 0) -> torch.Tensor:
-    """The decode block table int32 [B, H, 1, n_keep] (S <= block queries, Quest bounds)."""
+                 density: float = 0.0, sink: int = 0, window: int = 0,
+                 scores: torch.Tensor | None = None) -> torch.Tensor:
+    """The decode block table int32 [B, H, 1, n_keep] (S <= block queries, Quest bounds;
+    ``scores``: the bounds when computed already, e.g. by the Triton kernel)."""
     check_block(block)
     S, Skv = q.shape[2], k.shape[2]
     if S > block:
         raise ValueError(f"decode selection takes at most block={block} queries, got {S}")
     causal, forced = layout(S, Skv, block, sink, window, q.device)       # [1, nkb]
     width = max_budget(S, Skv, block, sink, window, topk, density)
-    return select(quest_scores(q, k, block), causal, forced, topk, density, width)
+    if scores is None:
+        scores = quest_scores(q, k, block)
+    return select(scores, causal, forced, topk, density, width)
 
 
 def table_mask(table: torch.Tensor, s: int, skv: int, bs: int,
