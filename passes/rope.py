@@ -606,9 +606,10 @@ class TruncatedBasis(Recipe):
 @dataclass(frozen=True)
 class Extend(Recipe):
     """The recommended training-free way to reach ``to`` tokens: ``dynamic_yarn(factor=
-    to/original)`` — the model unchanged up to its trained length, YaRN scaled to the current
-    length beyond it, keys re-rotated so the cache stays consistent (docs/rope.md says why
-    this choice, with the measurements behind it)."""
+    1.5·to/original, margin=2)`` — the model unchanged up to half its trained length, YaRN
+    scaled ahead of the current length beyond it (s = 2L/L₀, capped at 1.5·to/L₀), keys
+    re-rotated so the cache stays consistent (``ExtendRule``; docs/rope.md says why this
+    choice, with the measurements behind it)."""
 
     to: int = 0
     original: int | None = _opt(None)
