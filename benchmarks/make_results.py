@@ -289,6 +289,13 @@ def independent(results: Path, rows: list[dict]) -> str:
     ind = load_rows(sorted((results / "independent").glob("*.jsonl")))
     if not ind:
         return ""
+    for r in ind:       # the labels the harness rows of the same rules carry
+        rec, env = str(r.get("recipe") or ""), r["env"]
+        if str(env.get("date", "")) < EXTEND_RULE_CHANGED and rec.startswith("extend("):
+            r["recipe"] = f"{rec} · cap 2N/L₀ (until 2026-11-23)"
+        if str(env.get("date", "")) < DECODE_MASK_FIXED and rec.startswith("self_extend(") and \
+                env.get("device") == "cuda" and env.get("transformers") == "5.17.0":
+            r["recipe"] = f"{rec} · decode steps ran dense (transformers 5.17 mask, fixed 2026-11-24)"
     out = ["## Independent implementation check", "",
            "`benchmarks/independent_check.py` imports neither longfx nor its evaluation code "
            "(longfx only to build a recipe's model). Perplexity: the same text and tokens in one "
@@ -364,6 +371,9 @@ def relabel_alt_passkey(rows: list[dict]) -> list[dict]:
 # extend(to=N)'s rule changed on 2026-11-24 (session 6): scale cap 2·N/L₀ -> 1.5·N/L₀
 # (passes/rope_dynamic.py EXTEND_CAP). Rows of the earlier rule are shown under their own label.
 EXTEND_RULE_CHANGED = "2026-11-24"
+# transformers 5.17's one-query decode mask was taken for a "full" mask until 2026-11-24
+# (session 8, passes/sparse.py mask_from_sizes): sparse and SelfExtend decode steps ran dense.
+DECODE_MASK_FIXED = "2026-11-24"
 
 
 def relabel_old_extend(rows: list[dict]) -> list[dict]:
