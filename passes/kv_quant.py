@@ -9,7 +9,11 @@ scale/zero per channel), values per token (groups of ``group`` channels), the mo
 versions): the first ``sink`` tokens — the attention sinks — are also kept exact in a
 full-precision copy beside the packed state (measured on SmolLM2-135M, 2026-11-23: 4-bit
 perplexity +1.05 % / +1.92 % over dense at 4k / 8k with sink=0, +0.33 % / +0.57 % with sink=4,
-for 4 tokens of K + V per layer). Layout and kernels: ``kernels/kv_quant``.
+for 4 tokens of K + V per layer). Two options cost no bytes and are off by default:
+``rotate=true`` stores each head's keys and values multiplied by a fixed orthogonal
+Hadamard-with-signs matrix and un-rotates them on read (QuaRot-style incoherence processing),
+``clip=true`` picks each group's range among a few clip ratios by squared error
+(``kernels/kv_quant/reference.py``). Layout and kernels: ``kernels/kv_quant``.
 
 The recipe changes the model's *runtime state*, not its graph: ``longfx.compile(model,
 "kv_quant(bits=4)")`` gives a model whose forward swaps an empty (or absent) HF cache for a
@@ -57,13 +61,20 @@ class KVQuant(Recipe):
     residual: int = 128
     scales: str = field(default="u8", metadata={"omit_default": True})
     sink: int = 4
+    rotate: bool = field(default=False, metadata={"omit_default": True})
+    clip: bool = field(default=False, metadata={"omit_default": True})
 
     def __post_init__(self):
         check_state_args("kv_quant", self)
+        for name in ("rotate", "clip"):
+            if not isinstance(getattr(self, name), bool):
+                raise RecipeError(f"kv_quant: {name} must be true or false, "
+                                  f"got {getattr(self, name)!r}")
 
     @property
     def kv_config(self) -> KVQuantConfig:
-        return KVQuantConfig(self.bits, self.group, self.residual, self.scales)
+        return KVQuantConfig(self.bits, self.group, self.residual, self.scales, self.rotate,
+                             self.clip)
 
     def make_cache(self, model=None):
         """A fresh, empty quantized cache for ``model`` (its config sizes the layer list)."""

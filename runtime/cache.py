@@ -33,6 +33,16 @@ quantized there, as before; the copy costs ``n`` tokens of full-precision K + V 
 :class:`GearCache` / :class:`GearKVLayer` hold GEAR's correction (stored outliers and low-rank
 factors of the quantization error, ``kernels/kv_quant/gear.py``) beside the same packed state.
 
+Rotation (``KVQuantConfig(rotate=True)``): the layer stores ``k·Q``, ``v·Q`` (``Q`` the fixed
+orthogonal Hadamard-with-signs matrix of ``reference.rotation``, built once per layer from the
+head dim, stored nowhere) and multiplies what it reads by ``Qᵀ``, so attention sees keys and
+values in the model's own basis. The rotation is plain torch around the unchanged append (the
+Triton quantize-on-append on CUDA included) and read; it is computed in fp32, so with a bf16
+model the ring tokens pick up two bf16 roundings. The sink copy is stored unrotated.
+Clipping (``clip=True``): the per-group range search of ``reference.search_params``. The
+custom append op and the Triton append do not know it (their schema has no ``clip``), so a
+clipping layer appends through the reference ``append`` in plain torch on every device.
+
 Beam search works (``reorder_cache`` permutes the state); ``crop`` (assisted decoding) does not:
 packed groups cannot be un-quantized.
 """
@@ -44,6 +54,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from longfx.kernels.kv_quant import gear as gear_ref
 from longfx.kernels.kv_quant import op as kv_op
 from longfx.kernels.kv_quant.gear import GearConfig
+from longfx.kernels.kv_quant import reference as kv_ref
 from longfx.kernels.kv_quant.reference import KVQuantConfig, QuantizedKV, n_packed
 
 __all__ = ["QuantizedKVLayer", "QuantizedCache", "GearKVLayer", "GearCache", "DEFAULT_BLOCK",
@@ -72,6 +83,7 @@ class QuantizedKVLayer(CacheLayerMixin):
         self.state: QuantizedKV | None = None
         self.sink_k: torch.Tensor | None = None                    # [B, Hkv, sink, D] exact
         self.sink_v: torch.Tensor | None = None
+        self.rot: torch.Tensor | None = None                       # [D, D] fp32 (rotate=True)
         self.length = 0                                            # tokens held (all rows)
 
     def __repr__(self):
@@ -103,6 +115,8 @@ class QuantizedKVLayer(CacheLayerMixin):
         if self.sink:
             self.sink_k = key_states.new_zeros(B, Hkv, self.sink, D)
             self.sink_v = value_states.new_zeros(B, Hkv, self.sink, D)
+        if self.config.rotate:
+            self.rot = kv_ref.rotation(D, self.device)                  # [D, D] fp32
         self.batch_size = B
         self.is_initialized = True
 
@@ -142,6 +156,12 @@ class QuantizedKVLayer(CacheLayerMixin):
 
     def _append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         st, c = self.state, self.config
+        if self.rot is not None:                                         # store k·Q, v·Q
+            key_states = kv_ref.rotate(key_states, self.rot)
+            value_states = kv_ref.rotate(value_states, self.rot)
+        if c.clip:              # the op has no clip argument: the reference, in plain torch
+            kv_ref.append(st, key_states.contiguous(), value_states.contiguous(), self.length)
+            return
         # the overload, not the packet: a graph records what is called, and the overload's
         # mutable schema is what keeps dead-code passes from dropping the write (manager.py)
         kv_op.APPEND(*st.tensors(), key_states.contiguous(), value_states.contiguous(), c.bits,
@@ -150,8 +170,11 @@ class QuantizedKVLayer(CacheLayerMixin):
     def _read_state(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         st, c = self.state, self.config
         # one custom op (kernels/kv_quant/op.py says why the unpacking is kept from Inductor)
-        return kv_op.READ(st.k_codes, st.k_params, st.v_codes, st.v_params, st.k_ring,
+        k, v = kv_op.READ(st.k_codes, st.k_params, st.v_codes, st.v_params, st.k_ring,
                           st.v_ring, length, c.bits, c.group, c.residual, c.scales)
+        if self.rot is not None:                                         # back to the model's basis
+            k, v = kv_ref.unrotate(k, self.rot), kv_ref.unrotate(v, self.rot)
+        return k, v
 
     def _read(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The first ``length`` tokens of the state, [B, Hkv, length, D] in the model's dtype:
@@ -209,6 +232,7 @@ class QuantizedKVLayer(CacheLayerMixin):
     def reset(self) -> None:
         self.state = None
         self.sink_k = self.sink_v = None
+        self.rot = None
         self.length = 0
         self.is_initialized = False
 

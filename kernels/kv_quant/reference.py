@@ -31,6 +31,22 @@ Scale formats (``scales``), one (scale, zero) pair per group:
   ``|min|`` lies beyond 127 zero steps gets a larger scale. Every element of the group is
   still within ``a / 2`` of its value (error ≤ scale / 2, as with fp16).
 
+Two options that cost no bytes (``rotate``, ``clip``; both off by default):
+
+* ``rotate=True`` — incoherence processing (QuaRot, Ashkboos et al. 2024; QuIP#, SpinQuant):
+  each head's keys and values are multiplied by a fixed orthogonal matrix ``Q = diag(s) · H``
+  (``H`` the normalized Walsh–Hadamard matrix of size ``head_dim`` — block-diagonal with the
+  largest power-of-two block dividing ``head_dim`` otherwise — and ``s`` a fixed ±1 sign vector
+  regenerated from ``ROTATION_SEED``, stored nowhere) *before* they are quantized, and by
+  ``Qᵀ`` after they are read. ``q·k`` and ``softmax·v`` are unchanged by a rotation of both
+  sides, and the rotation spreads a few outlier channels over all of them, so each group's
+  range is tighter. The state itself is rotation-agnostic (it holds ``x·Q``): the cache
+  (``runtime/cache.py``) and ``fake_quantize`` rotate around it. A fused decode kernel reading
+  such a state (``longfx::kv_quant_attention``) would need ``q·Q`` in and ``out·Qᵀ`` out.
+* ``clip=True`` — each group's (min, max) is scaled by the ratio of ``CLIP_RATIOS`` that gives
+  the lowest squared error of that group (values beyond the clipped range saturate), searched
+  at quantization time; the stored format is unchanged.
+
 State tensors (``QuantizedKV``), fixed dtypes and static shapes so that a graph can take and
 return them (Sp = packed capacity, a multiple of group; Jv = ceil(D / group)):
 
@@ -62,6 +78,8 @@ SCALE_BIAS = 160          # u8 scale code c stands for 2^((c - SCALE_BIAS) / SCA
 SCALE_STEPS = 8
 MIN_SCALE = 2.0 ** -20
 ZERO_STEPS = 32           # u8 zero moves in steps of qmax / ZERO_STEPS scales
+ROTATION_SEED = 0         # the ±1 signs of rotate=True (regenerated, never stored)
+CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8)   # clip=True: per-group range ratios searched
 
 
 @dataclass(frozen=True)
@@ -71,6 +89,8 @@ class KVQuantConfig:
     group: int = 64
     residual: int = 128
     scales: str = "u8"
+    rotate: bool = False
+    clip: bool = False
 
     def __post_init__(self):
         if self.bits not in BITS:
@@ -81,9 +101,14 @@ class KVQuantConfig:
             raise ValueError(f"residual must be >= 0, got {self.residual}")
         if self.scales not in SCALES:
             raise ValueError(f"scales must be one of {SCALES}, got {self.scales!r}")
+        for name in ("rotate", "clip"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
 
     def __str__(self):
         extra = "" if self.scales == "u8" else f", scales={self.scales!r}"
+        extra += ", rotate=True" if self.rotate else ""
+        extra += ", clip=True" if self.clip else ""
         return f"kv_quant(bits={self.bits}, group={self.group}, residual={self.residual}{extra})"
 
     @property
@@ -118,6 +143,56 @@ def n_packed(length, config: KVQuantConfig):
     if isinstance(length, torch.Tensor):
         return ((length - r + g - 1).div(g, rounding_mode="floor")).clamp(min=0) * g
     return max(0, -(-(length - r) // g)) * g
+
+
+# ---------------------------------------------------------------- rotation (rotate=True)
+
+def _signs(n: int, seed: int) -> list[float]:
+    """n fixed pseudo-random ±1 (a 32-bit integer hash of (seed, i); plain Python, so that a
+    traced cache builds the same constant)."""
+    out = []
+    for i in range(n):
+        h = (i + 1) * 0x9E3779B1 + seed * 0x85EBCA77
+        h = ((h ^ (h >> 15)) * 0x2C1B3C6D) & 0xFFFFFFFF
+        h = ((h ^ (h >> 12)) * 0x297A2D39) & 0xFFFFFFFF
+        out.append(1.0 if (h ^ (h >> 15)) & 1 else -1.0)
+    return out
+
+
+def rotation_block(head_dim: int) -> int:
+    """Size of the Hadamard blocks of ``rotation(head_dim)``: the largest power of two dividing
+    head_dim (head_dim itself when it is a power of two)."""
+    if head_dim < 1:
+        raise ValueError(f"head_dim must be >= 1, got {head_dim}")
+    return head_dim & -head_dim
+
+
+def rotation(head_dim: int, device=None, dtype: torch.dtype = torch.float32,
+             seed: int = ROTATION_SEED) -> torch.Tensor:
+    """The fixed orthogonal matrix Q [D, D] of ``rotate=True``: ``diag(s) · H``, H the
+    normalized Walsh–Hadamard matrix (block-diagonal, blocks of ``rotation_block(D)``), s ±1
+    signs regenerated from ``seed``. Rotate with ``x @ Q``, undo with ``y @ Q.T``."""
+    b = rotation_block(head_dim)
+    i = torch.arange(head_dim, device=device)
+    ib, jb = (i % b)[:, None], (i % b)[None, :]                         # [D, 1], [1, D]
+    both = ib & jb
+    parity = torch.zeros_like(both)
+    for shift in range(max(1, b.bit_length() - 1)):                    # popcount(i & j) mod 2
+        parity = parity ^ ((both >> shift) & 1)
+    h = (1 - 2 * parity).to(torch.float32) / math.sqrt(b)
+    h = torch.where((i // b)[:, None] == (i // b)[None, :], h, torch.zeros_like(h))
+    s = torch.tensor(_signs(head_dim, seed), dtype=torch.float32, device=device)
+    return (s[:, None] * h).to(dtype)
+
+
+def rotate(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """x [..., D] @ Q, computed in fp32, returned in x's dtype."""
+    return (x.float() @ q.float()).to(x.dtype)
+
+
+def unrotate(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """x [..., D] @ Qᵀ (the inverse of ``rotate``), computed in fp32, in x's dtype."""
+    return (x.float() @ q.float().T).to(x.dtype)
 
 
 # ---------------------------------------------------------------- packing
@@ -165,6 +240,29 @@ def group_params(mn: torch.Tensor, mx: torch.Tensor, bits: int, scales: str) -> 
     return torch.stack((c, zc + 128), -1).to(torch.uint8)
 
 
+def search_params(x: torch.Tensor, mn: torch.Tensor, mx: torch.Tensor, dim: int, bits: int,
+                  scales: str, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """``clip=True``: the stored (scale, zero) [..., 2] of each group of x (fp32, reduced over
+    ``dim``; ``mn``/``mx`` its min/max with ``dim`` removed) whose clipped range
+    ``(r·min, r·max)``, r in ``CLIP_RATIOS``, gives the lowest squared quantization error
+    (ties: the larger range). ``valid`` masks padding out of the error."""
+    best, best_err = None, None
+    for r in CLIP_RATIOS:
+        params = group_params(mn * r, mx * r, bits, scales)
+        a, b = (t.unsqueeze(dim) for t in affine(params, bits))
+        err = (quantize_codes(x, a, b, bits).float() * a + b - x).square()
+        if valid is not None:
+            err = torch.where(valid, err, torch.zeros_like(err))
+        err = err.sum(dim)
+        if best is None:
+            best, best_err = params, err
+        else:
+            better = err < best_err
+            best = torch.where(better[..., None], params, best)
+            best_err = torch.where(better, err, best_err)
+    return best
+
+
 def affine(params: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Stored params [..., 2] -> fp32 (a, b) with x ≈ code · a + b."""
     if params.dtype == torch.float16:
@@ -191,7 +289,10 @@ def quantize_keys(k: torch.Tensor, config: KVQuantConfig) -> tuple[torch.Tensor,
         raise ValueError(f"{T} key tokens are not whole groups of {g}")
     config.check_head_dim(D)
     x = k.float().view(B, H, T // g, g, D)                              # [B, Hkv, T/g, g, D]
-    params = group_params(x.amin(3), x.amax(3), config.bits, config.scales)  # [.., T/g, D, 2]
+    if config.clip:
+        params = search_params(x, x.amin(3), x.amax(3), 3, config.bits, config.scales)
+    else:
+        params = group_params(x.amin(3), x.amax(3), config.bits, config.scales)  # [.., T/g, D, 2]
     a, b = affine(params, config.bits)                                 # [B, Hkv, T/g, D]
     codes = quantize_codes(x, a[:, :, :, None], b[:, :, :, None], config.bits)
     return pack(codes.view(B, H, T, D), config.bits), params.transpose(-1, -2).contiguous()
@@ -211,7 +312,10 @@ def quantize_values(v: torch.Tensor, config: KVQuantConfig) -> tuple[torch.Tenso
     pad = x.isnan()
     mn = torch.where(pad, float("inf"), x).amin(-1)
     mx = torch.where(pad, float("-inf"), x).amax(-1)
-    params = group_params(mn, mx, config.bits, config.scales)           # [B, Hkv, T, Jv, 2]
+    if config.clip:
+        params = search_params(x.nan_to_num(0.0), mn, mx, -1, config.bits, config.scales, ~pad)
+    else:
+        params = group_params(mn, mx, config.bits, config.scales)       # [B, Hkv, T, Jv, 2]
     a, b = affine(params, config.bits)
     codes = quantize_codes(x.nan_to_num(0.0), a[..., None], b[..., None], config.bits)
     codes = codes.view(B, H, T, jv * g)[..., :D]
@@ -309,19 +413,25 @@ def _roundtrip_groups(x: torch.Tensor, kind: str, config: KVQuantConfig, gear: G
     if full == 0:
         return x
     head = x[:, :, :full]
+    q = rotation(x.shape[-1], x.device) if config.rotate else None
+    if q is not None:
+        head = rotate(head, q)
     if gear is not None:
         rt = gear_roundtrip(head, kind, config, gear)
     elif kind == "keys":
         rt = roundtrip_keys(head, config)
     else:
         rt = roundtrip_values(head, config)
+    if q is not None:
+        rt = unrotate(rt, q)
     return torch.cat((rt, x[:, :, full:]), dim=2)
 
 
 def fake_quantize(k: torch.Tensor, v: torch.Tensor, config: KVQuantConfig,
                   gear: Gear | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """What a state holding k, v [B, Hkv, T, D] gives back: the first n_packed(T) tokens
-    quantized -> dequantized (with GEAR's correction when given), the rest unchanged."""
+    quantized -> dequantized (with GEAR's correction when given; rotated before and back after
+    with ``config.rotate``), the rest unchanged."""
     n = n_packed(k.shape[2], config)
     kq = _roundtrip_groups(k[:, :, :n], "keys", config, gear)
     vq = _roundtrip_groups(v[:, :, :n], "values", config, gear)
@@ -441,9 +551,13 @@ class QuantizedKV:
             raise ValueError(f"packed capacity {sp} / ring {R} do not fit {c} (ring {c.ring})")
 
 
-def append(state: QuantizedKV, k: torch.Tensor, v: torch.Tensor) -> QuantizedKV:
+def append(state: QuantizedKV, k: torch.Tensor, v: torch.Tensor,
+           length: int | None = None) -> QuantizedKV:
     """Append k, v [B, Hkv, s, D] in place: whole groups that leave the ring are quantized
-    (keys per channel, values per token) into packed storage, the rest goes to the ring."""
+    (keys per channel, values per token; ``state.config.clip`` searched) into packed storage,
+    the rest goes to the ring. ``length``: the tokens held, when the caller knows it as a Python
+    int (a traced cache; otherwise it is read from ``state.length``). The state holds what it
+    is given: rotation (``rotate``) is the caller's."""
     c = state.config
     if k.shape != v.shape or k.dim() != 4 or k.shape[:2] != state.k_ring.shape[:2] \
             or k.shape[-1] != state.head_dim:
@@ -451,13 +565,12 @@ def append(state: QuantizedKV, k: torch.Tensor, v: torch.Tensor) -> QuantizedKV:
                          f"(s, {state.head_dim}), got {tuple(k.shape)} and {tuple(v.shape)}")
     if k.dtype != state.k_ring.dtype or v.dtype != state.k_ring.dtype:
         raise ValueError(f"k, v are {k.dtype}/{v.dtype}, the state holds {state.k_ring.dtype}")
-    L, s, R = int(state.length), k.shape[2], c.ring
+    L, s, R = int(state.length) if length is None else length, k.shape[2], c.ring
     if L + s > state.capacity:
         raise ValueError(f"appending {s} tokens to {L} exceeds the capacity {state.capacity}")
     n0, n1 = n_packed(L, c), n_packed(L + s, c)
     if n1 > n0:
-        pos = torch.arange(n0, n1, device=k.device)
-        old = pos[pos < L]
+        old = torch.arange(n0, min(n1, L), device=k.device)              # ring tokens packed now
         fresh = max(0, n1 - L)                                            # new tokens packed now
         xk = torch.cat((state.k_ring[:, :, old % R], k[:, :, :fresh]), 2)   # [B, Hkv, n1 - n0, D]
         xv = torch.cat((state.v_ring[:, :, old % R], v[:, :, :fresh]), 2)

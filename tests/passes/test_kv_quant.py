@@ -142,3 +142,39 @@ def test_compiled_cache_keeps_its_appends_under_torch_2_11_purity(monkeypatch):
     eager = _chunked(model, ids, 32, fast.longfx_new_cache())
     assert fast.longfx_backend.report.graphs                      # it was captured
     torch.testing.assert_close(got, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_rotate_and_clip_parse_print_only_when_set_and_reach_the_cache():
+    p = recipes.parse("kv_quant(bits=2, rotate=true, clip=true)")
+    assert str(p) == "kv_quant(bits=2, group=64, residual=128, sink=4, rotate=true, clip=true)"
+    assert recipes.parse(str(p)) == p
+    assert str(recipes.parse("kv_quant(bits=2, rotate=false)")) == \
+        "kv_quant(bits=2, group=64, residual=128, sink=4)"          # defaults stay unwritten
+    r = p.recipes[0]
+    assert r.kv_config.rotate and r.kv_config.clip
+    cache = r.make_cache()
+    assert cache.kv.rotate and cache.kv.clip and cache.sink == 4
+    with pytest.raises(recipes.RecipeError, match="expected bool"):
+        recipes.parse("kv_quant(rotate=1)")
+    with pytest.raises(recipes.RecipeError, match="expected bool"):
+        recipes.parse("kv_quant(clip=0.9)")
+    from longfx.passes.kv_quant import KVQuant
+    with pytest.raises(recipes.RecipeError, match="rotate must be true or false"):
+        KVQuant(rotate="yes")
+
+
+def test_compiled_rotated_clipped_cache_reads_like_eager_without_graph_breaks():
+    """The rotation (plain torch around the append op and the read op) and the clipped append
+    (the reference, plain torch) trace: the compiled model equals the same cache driven
+    eagerly, chunk after chunk, and the report has no graph break."""
+    model, _ = zoo.build("llama")
+    ids = torch.randint(3, 120, (1, 96), generator=torch.Generator().manual_seed(4))
+    fast = longfx.compile(model, "kv_quant(bits=2, group=16, residual=16, rotate=true, clip=true)")
+    cache = fast.longfx_new_cache()
+    assert cache.kv.rotate and cache.kv.clip
+    got = _chunked(fast, ids, 32, cache)
+    eager = _chunked(model, ids, 32, fast.longfx_new_cache())
+    torch.testing.assert_close(got, eager, rtol=1e-4, atol=1e-4)
+    assert cache.layers[0].state.k_codes.shape[2] >= 80
+    report = fast.longfx_backend.report
+    assert not [w for w in report.warnings if "graph break" in w], report.warnings

@@ -229,3 +229,94 @@ def test_ops_match_reference_and_compile():
         assert torch.equal(st.k_codes, ref.k_codes) and torch.equal(st.v_ring, ref.v_ring)
     emu = torch.ops.longfx.kv_quant_attention_emulated(q, k, v, 0.3, 4, 16, 16, "u8", 0, 0.0)
     assert _rel(emu, R.attention_emulated(q, k, v, c, 0.3)) < 1e-6
+
+
+# ---------------------------------------------------------------- rotate / clip (no bytes)
+
+@pytest.mark.parametrize("D", [64, 128, 80, 96, 16])
+def test_rotation_is_orthogonal_fixed_and_signed(D):
+    q = R.rotation(D)
+    assert q.shape == (D, D) and q.dtype == torch.float32
+    torch.testing.assert_close(q @ q.T, torch.eye(D), rtol=0, atol=1e-6)
+    assert torch.equal(q, R.rotation(D))                      # regenerated, not stored
+    b = R.rotation_block(D)
+    assert b == {64: 64, 128: 128, 80: 16, 96: 32, 16: 16}[D]
+    assert bool((q.abs()[q != 0] == 1 / math.sqrt(b)).all())  # a (block) Hadamard up to signs
+    assert int((q != 0).sum()) == D * b                        # block-diagonal
+    signs = (q[:, 0] * math.sqrt(b)).round()[:b]               # column 0 of H is all ones
+    assert 0 < int((signs > 0).sum()) < b                      # the ±1 diagonal is not trivial
+    assert not torch.equal(q, R.rotation(D, seed=1))
+    x = torch.randn(3, 5, D, generator=torch.Generator().manual_seed(D))
+    torch.testing.assert_close(R.unrotate(R.rotate(x, q), q), x, rtol=0, atol=1e-5)
+    torch.testing.assert_close(R.rotate(x, q).norm(dim=-1), x.norm(dim=-1))   # norms kept
+
+
+def test_rotation_lowers_the_error_of_channel_outliers():
+    """Values are quantized per token over groups of channels: one outlier channel stretches
+    every token's range; the rotation spreads it over all channels (QuaRot's argument)."""
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(1, 2, 256, 64, generator=g)
+    v[..., 5] *= 25.0
+    v[..., 40] += 12.0
+    k = torch.randn(1, 2, 256, 64, generator=g)
+    for bits in (2, 4):
+        plain = R.KVQuantConfig(bits=bits, residual=0)
+        rot = R.KVQuantConfig(bits=bits, residual=0, rotate=True)
+        err = {c.rotate: float((R.fake_quantize(k, v, c)[1] - v).square().mean())
+               for c in (plain, rot)}
+        assert err[True] < 0.5 * err[False], (bits, err)
+    # the rotated state holds exactly the rotated tensors quantized: same bytes, same layout
+    assert R.state_bytes(4096, 3, 64, rot) == R.state_bytes(4096, 3, 64, plain)
+
+
+@pytest.mark.parametrize("scales", R.SCALES)
+def test_clip_never_raises_a_groups_error_and_lowers_it_on_gaussian_data(scales):
+    k, v = _kv(2, 3, 128, 64, seed=5)
+    out = {}
+    for clip in (False, True):
+        c = R.KVQuantConfig(bits=2, scales=scales, clip=clip)
+        out[clip] = ((R.roundtrip_keys(k, c) - k).square().view(2, 3, 2, 64, 64).sum(3),
+                     (R.roundtrip_values(v, c) - v).square().sum(-1))
+    for plain, clipped in zip(out[False], out[True]):
+        assert bool((clipped <= plain + 1e-6).all())              # ratio 1.0 is a candidate
+        assert float(clipped.sum()) < 0.9 * float(plain.sum())
+    # the stored format is unchanged (a clipped state dequantizes with the usual code)
+    c = R.KVQuantConfig(bits=2, scales=scales, clip=True)
+    codes, params = R.quantize_values(v, c)
+    assert codes.shape == R.quantize_values(v, R.KVQuantConfig(bits=2, scales=scales))[0].shape
+    assert params.dtype == c.params_dtype
+
+
+def test_clip_handles_a_short_last_value_group():
+    v = torch.randn(1, 1, 8, 80, generator=torch.Generator().manual_seed(1))   # groups 64 + 16
+    c = R.KVQuantConfig(bits=2, clip=True)
+    rt = R.roundtrip_values(v, c)
+    assert bool(rt.isfinite().all())
+    plain = R.roundtrip_values(v, R.KVQuantConfig(bits=2))
+    assert float((rt - v).square().sum()) <= float((plain - v).square().sum()) + 1e-6
+
+
+def test_config_rotate_and_clip_are_checked_and_printed_only_when_set():
+    assert str(R.KVQuantConfig(bits=2)) == "kv_quant(bits=2, group=64, residual=128)"
+    assert str(R.KVQuantConfig(bits=2, rotate=True, clip=True)) == \
+        "kv_quant(bits=2, group=64, residual=128, rotate=True, clip=True)"
+    with pytest.raises(ValueError, match="rotate must be True or False"):
+        R.KVQuantConfig(rotate=1)
+    with pytest.raises(ValueError, match="clip must be True or False"):
+        R.KVQuantConfig(clip="yes")
+    with pytest.raises(ValueError, match="head_dim must be >= 1"):
+        R.rotation(0)
+
+
+def test_emulated_attention_with_rotation_equals_rotated_fake_quantize():
+    """attention_emulated rotates the packed groups like fake_quantize: the last query sees
+    every token, packed ones (n_packed(64) = 32) round-tripped in the rotated basis, so both
+    read the same keys and values."""
+    k, v = _kv(1, 2, 64, 32, seed=7)
+    q = torch.randn(1, 4, 1, 32, generator=torch.Generator().manual_seed(8))
+    c = R.KVQuantConfig(bits=2, group=32, residual=0, rotate=True, clip=True)
+    kq, vq = R.fake_quantize(k, v, c)
+    want = attention(q, kq.repeat_interleave(2, 1), vq.repeat_interleave(2, 1),
+                     torch.ones(1, 64, dtype=torch.bool), None)
+    got = R.attention_emulated(q, k, v, c)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
