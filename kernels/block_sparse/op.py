@@ -64,18 +64,14 @@ def _count(kind: str, table, s, skv, bs) -> None:
             st[kind][2] += 1
 
 
-def _triton_impl():
-    try:
-        from longfx.kernels.sparse_attention import triton as impl
-    except Exception:  # noqa: BLE001 - no triton, or no CUDA build: the gather serves
-        return None
-    return impl if getattr(impl, "AVAILABLE", False) else None
+def _triton_impl(module: str = "longfx.kernels.sparse_attention.triton"):
+    """A Triton module (the table kernel by default, or the Quest bounds) when it imports and
+    runs here, else None: no triton, or no CUDA build, and the torch path serves."""
+    import importlib
 
-
-def _quest_impl():
     try:
-        from longfx.kernels.block_sparse import triton as impl
-    except Exception:  # noqa: BLE001 - no triton: the reference bounds serve
+        impl = importlib.import_module(module)
+    except Exception:  # noqa: BLE001 - any import failure means the fallback
         return None
     return impl if getattr(impl, "AVAILABLE", False) else None
 
@@ -84,7 +80,7 @@ def quest_scores(q, k, bs):
     """Quest bounds [B, H, 1, nkb]: the one-pass Triton kernel on CUDA when it takes the
     inputs, else the reference."""
     if q.is_cuda:
-        impl = _quest_impl()
+        impl = _triton_impl("longfx.kernels.block_sparse.triton")
         if impl is not None and impl.supports(q, k, bs):
             return impl.quest_scores(q, k, bs)
     return reference.quest_scores(q, k, bs)
