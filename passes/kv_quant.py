@@ -15,6 +15,14 @@ Hadamard-with-signs matrix and un-rotates them on read (QuaRot-style incoherence
 ``clip=true`` picks each group's range among a few clip ratios by squared error
 (``kernels/kv_quant/reference.py``). Layout and kernels: ``kernels/kv_quant``.
 
+Layer-wise mixed precision (off by default): ``key_bits=4, key_layers=(i, j)`` stores the keys
+of decoder layers ``i`` and ``j`` with 4-bit codes while every other code stays at ``bits``
+(KVTuner, Li et al. 2025, "KVTuner: Sensitivity-Aware Layer-wise Mixed Precision KV Cache
+Quantization"; keys are the sensitive half at 2 bits, as KIVI's K4V2 setting reflects);
+``key_bits`` without ``key_layers`` widens every layer's keys. Which layers: a calibration on
+text other than the evaluation's, :func:`calibrate_key_layers` (each layer's keys alone at
+``bits``, KL divergence of the logits from the unquantized model), or any list one writes.
+
 The recipe changes the model's *runtime state*, not its graph: ``longfx.compile(model,
 "kv_quant(bits=4)")`` gives a model whose forward swaps an empty (or absent) HF cache for a
 :class:`longfx.runtime.cache.QuantizedCache`, which quantizes on append and hands attention the
@@ -26,6 +34,7 @@ sparse and RoPE recipes (``sink_window(...) + kv_quant(bits=4)``), and with Snap
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from longfx.kernels.kv_quant.reference import BITS, SCALES, KVQuantConfig
@@ -63,6 +72,8 @@ class KVQuant(Recipe):
     sink: int = 4
     rotate: bool = field(default=False, metadata={"omit_default": True})
     clip: bool = field(default=False, metadata={"omit_default": True})
+    key_bits: int | None = field(default=None, metadata={"omit_default": True})
+    key_layers: tuple[int, ...] = field(default=(), metadata={"omit_default": True})
 
     def __post_init__(self):
         check_state_args("kv_quant", self)
@@ -70,17 +81,45 @@ class KVQuant(Recipe):
             if not isinstance(getattr(self, name), bool):
                 raise RecipeError(f"kv_quant: {name} must be true or false, "
                                   f"got {getattr(self, name)!r}")
+        if self.key_bits is not None and self.key_bits not in BITS:
+            raise RecipeError(f"kv_quant: key_bits must be one of {', '.join(map(str, BITS))}, "
+                              f"got {self.key_bits!r}")
+        layers = tuple(self.key_layers)
+        if layers and self.key_bits is None:
+            raise RecipeError("kv_quant: key_layers names the layers whose keys get key_bits; "
+                              "give key_bits too (e.g. key_bits=4)")
+        if any(not isinstance(i, int) or isinstance(i, bool) or i < 0 for i in layers):
+            raise RecipeError(f"kv_quant: key_layers must be layer indices >= 0, got {layers!r}")
+        if len(set(layers)) != len(layers):
+            raise RecipeError(f"kv_quant: key_layers names a layer twice: {layers!r}")
+        object.__setattr__(self, "key_layers", layers)
 
     @property
     def kv_config(self) -> KVQuantConfig:
+        """The config of every layer not in ``key_layers`` (all layers when it is empty: then
+        ``key_bits``, if set, applies to every layer's keys)."""
+        kb = self.key_bits if not self.key_layers else None
         return KVQuantConfig(self.bits, self.group, self.residual, self.scales, self.rotate,
-                             self.clip)
+                             self.clip, None if kb == self.bits else kb)
+
+    @property
+    def layer_configs(self) -> dict[int, KVQuantConfig]:
+        """{layer: config} of the ``key_layers`` (keys at ``key_bits``); empty otherwise."""
+        if not self.key_layers or self.key_bits == self.bits:
+            return {}
+        wide = dataclasses.replace(self.kv_config, key_bits=self.key_bits)
+        return {i: wide for i in self.key_layers}
 
     def make_cache(self, model=None):
-        """A fresh, empty quantized cache for ``model`` (its config sizes the layer list)."""
+        """A fresh, empty quantized cache for ``model`` (its config sizes the layer list; a
+        ``key_layers`` index beyond it is a RecipeError)."""
         from longfx.runtime.cache import QuantizedCache
 
-        return QuantizedCache(self.kv_config, config=getattr(model, "config", None), sink=self.sink)
+        try:
+            return QuantizedCache(self.kv_config, config=getattr(model, "config", None),
+                                  sink=self.sink, layer_kv=self.layer_configs)
+        except ValueError as e:
+            raise RecipeError(f"kv_quant: key_layers={self.key_layers!r}: {e}") from None
 
 
 @dataclass(frozen=True)
@@ -128,3 +167,118 @@ def cache_recipe(pipeline) -> Recipe | EvictQuantized | None:
         "snapkv(...) + kv_quant(...) or snapkv(...) + gear(...), which store SnapKV's kept tokens "
         "quantized; think(...) and minicache(...) compose with no other KV-cache recipe, and a "
         "pipeline holds at most one eviction and one quantization recipe")
+
+
+# ---------------------------------------------------------------- layer calibration (key_layers)
+
+CALIBRATION_MODULES = (
+    "json", "argparse", "logging", "subprocess", "collections", "email.message", "http.client",
+    "unittest.case", "threading", "asyncio.events", "sqlite3", "csv", "zipfile", "tarfile",
+    "inspect", "ast", "dataclasses", "enum", "decimal", "fractions", "datetime", "shutil",
+    "tempfile", "configparser", "optparse", "pickle", "socket", "difflib", "textwrap", "heapq",
+    "bisect", "functools", "itertools", "contextlib", "typing", "pathlib", "statistics", "random")
+
+
+def calibration_text(modules=CALIBRATION_MODULES) -> str:
+    """Local English text that is *not* the evaluation text (``longfx eval``'s ppl reads
+    ``pydoc_data.topics``): the docstrings of ``modules`` (the module's, then each public
+    class, function and method defined there with more than 80 characters of docstring, in
+    sorted name order), joined by blank lines. About 300k characters on CPython 3.11."""
+    import importlib
+    import inspect
+
+    parts = []
+    for name in modules:
+        mod = importlib.import_module(name)
+        doc = inspect.getdoc(mod)
+        if doc:
+            parts.append(doc)
+        for key, obj in sorted(vars(mod).items()):
+            if key.startswith("_") or getattr(obj, "__module__", None) != mod.__name__:
+                continue
+            if not (inspect.isclass(obj) or inspect.isfunction(obj)):
+                continue
+            doc = inspect.getdoc(obj)
+            if doc and len(doc) > 80:
+                parts.append(f"{key}: {doc}")
+            if inspect.isclass(obj):
+                for sub, fn in sorted(vars(obj).items()):
+                    if sub.startswith("_") or not inspect.isfunction(fn):
+                        continue
+                    doc = inspect.getdoc(fn)
+                    if doc and len(doc) > 80:
+                        parts.append(f"{key}.{sub}: {doc}")
+    return "\n\n".join(parts)
+
+
+def calibrate_key_layers(model, tokenizer_or_ids, recipe: "str | KVQuant" =
+                         "kv_quant(bits=2, rotate=true, clip=true)", tokens: int = 4096,
+                         chunk: int = 1024, path=None, tick=None) -> dict:
+    """Per-layer key sensitivity for ``key_layers`` (KVTuner-style, Li et al. 2025): for each
+    decoder layer ``l``, the mean KL divergence ``KL(p_dense ‖ p_l)`` of the next-token
+    distributions over ``tokens`` tokens read in chunks of ``chunk`` (as ``longfx eval``
+    reads), where ``p_l`` is the model with *only* layer ``l``'s cache stored by ``recipe``
+    (its packed state, sinks, rotation and clipping), every other layer exact (a plain
+    ``DynamicLayer``). At 2 bits the keys carry most of a layer's error (docs/kv_compression.md:
+    keys alone +4.9 % at 8k, values alone +0.6 %), so the ranking is the keys'.
+
+    ``tokenizer_or_ids``: a tokenizer (the text is :func:`calibration_text`, not the
+    evaluation text) or 1-D token ids. Returns (and with ``path`` writes as JSON) ``{"model":
+    identity, "recipe", "text", "tokens", "chunk", "kl": [per layer], "order": layers by
+    decreasing KL, "all_layers": KL with every layer stored by the recipe}``; pick
+    ``key_layers=tuple(order[:k])``. Costs ``layers + 2`` chunked passes (SmolLM2-135M,
+    4096 tokens, 1 CPU thread: about 12 min)."""
+    import json
+    from pathlib import Path
+
+    import torch
+    from transformers.cache_utils import Cache, DynamicLayer
+
+    from longfx import recipes
+    from longfx.passes.duo_heads import model_identity
+    from longfx.runtime.cache import QuantizedKVLayer
+
+    r = recipes.parse(recipe).recipes[0] if isinstance(recipe, str) else recipe
+    if not isinstance(r, KVQuant) or r.key_layers or r.key_bits is not None:
+        raise RecipeError(f"calibrate_key_layers: recipe must be a plain kv_quant(...), got {r}")
+    if isinstance(tokenizer_or_ids, torch.Tensor):
+        ids, text = tokenizer_or_ids.reshape(-1).long(), "given ids"
+    else:
+        ids = torch.tensor(tokenizer_or_ids(calibration_text(), add_special_tokens=False)
+                           .input_ids, dtype=torch.long)
+        text = "calibration_text(): stdlib docstrings"
+    if ids.numel() < tokens:
+        raise ValueError(f"calibrate_key_layers: {tokens} tokens asked, the text has {ids.numel()}")
+    ids = ids[:tokens]
+    n = model.config.get_text_config(decoder=True).num_hidden_layers
+    dev = next(model.parameters()).device
+
+    def logprobs(quantized: set[int]):
+        layers = [QuantizedKVLayer(r.kv_config, sink=r.sink) if i in quantized else DynamicLayer()
+                  for i in range(n)]
+        cache = Cache(layers=layers)
+        with torch.no_grad():
+            for s in range(0, tokens, chunk):
+                out = model(input_ids=ids[s:s + chunk].to(dev)[None], past_key_values=cache,
+                            use_cache=True)
+                yield torch.log_softmax(out.logits[0].float(), -1)
+
+    dense = list(logprobs(set()))                 # fp32: a bf16 copy puts a floor of ~1e-5 on KL
+
+    def kl(quantized: set[int]) -> float:
+        total = 0.0
+        for p, q in zip(dense, logprobs(quantized)):
+            p = p.float()
+            total += float((p.exp() * (p - q)).sum())
+        if tick:
+            tick()
+        return total / tokens
+
+    per_layer = [kl({i}) for i in range(n)]
+    calib = {"model": model_identity(model), "recipe": str(r), "text": text, "tokens": tokens,
+             "chunk": chunk, "kl": per_layer,
+             "order": sorted(range(n), key=lambda i: -per_layer[i]),
+             "all_layers": kl(set(range(n)))}
+    if path is not None:
+        Path(path).write_text(json.dumps(calib, indent=1) + "\n")
+    return calib

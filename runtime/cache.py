@@ -285,17 +285,34 @@ class QuantizedCache(Cache):
     """``past_key_values`` holding a KIVI-quantized state per layer (``kv_quant(...)``).
 
     ``QuantizedCache(KVQuantConfig(bits=4), config=model.config)`` pre-creates one layer per
-    decoder layer; without ``config`` layers are added as ``update`` meets them."""
+    decoder layer; without ``config`` layers are added as ``update`` meets them. ``layer_kv``
+    ({layer index: config}) gives some layers their own config — layer-wise mixed precision
+    (KVTuner, Li et al. 2025), e.g. wider keys (``key_bits``) in the most sensitive layers, as
+    ``kv_quant(..., key_bits=4, key_layers=(...))`` builds it."""
 
     def __init__(self, kv: KVQuantConfig = KVQuantConfig(), config=None,
-                 block: int = DEFAULT_BLOCK, sink: int = 0):
+                 block: int = DEFAULT_BLOCK, sink: int = 0,
+                 layer_kv: dict[int, KVQuantConfig] | None = None):
         self.kv = kv
         self.block = block
         self.sink = sink
+        self.layer_kv = dict(layer_kv or {})
+        self._made = 0                          # layers made so far: the next one's index
+        n = getattr(config.get_text_config(decoder=True), "num_hidden_layers", None) \
+            if config is not None else None
+        bad = sorted(i for i in self.layer_kv if not isinstance(i, int) or i < 0
+                     or (n is not None and i >= n))
+        if bad:
+            raise ValueError(f"layer_kv names layer(s) {bad}, the model has "
+                             f"{n if n is not None else 'an unknown number of'} layers "
+                             f"(0 .. {n - 1 if n else '?'})")
         init_layers(self, config)
 
     def _new_layer(self) -> QuantizedKVLayer:
-        return QuantizedKVLayer(self.kv, self.block, self.sink)
+        """The next decoder layer's store: ``layer_kv[i]`` for layer ``i`` when given (layers
+        are made in order, by ``init_layers`` or as ``update`` meets them), else ``kv``."""
+        i, self._made = self._made, self._made + 1
+        return QuantizedKVLayer(self.layer_kv.get(i, self.kv), self.block, self.sink)
 
     def __repr__(self):
         extra = f", sink={self.sink}" if self.sink else ""

@@ -47,6 +47,15 @@ Two options that cost no bytes (``rotate``, ``clip``; both off by default):
   the lowest squared error of that group (values beyond the clipped range saturate), searched
   at quantization time; the stored format is unchanged.
 
+Key width (``key_bits``, default None = ``bits``): the keys of a state may be stored with more
+(or fewer) bits than its values — KIVI's "K4V2" — so that a mixed-precision cache (KVTuner,
+Li et al. 2025: a few sensitive layers get wider keys) is a per-layer choice of config. The
+key codes are then ``[B, Hkv, Sp, D·key_bits/8]``; the key params keep their shape. Readers
+take the key width off the tensors (``key_bits_of``: code bytes per token against the params'
+head dim), as they take the ring size and the scale format, so the ops' schemas (one ``bits``,
+the values') are unchanged; the Triton kernels refuse such a state (``triton._state_ok``) and
+the reference serves it.
+
 State tensors (``QuantizedKV``), fixed dtypes and static shapes so that a graph can take and
 return them (Sp = packed capacity, a multiple of group; Jv = ceil(D / group)):
 
@@ -65,6 +74,7 @@ SVD of what quantization lost is added back.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -91,6 +101,7 @@ class KVQuantConfig:
     scales: str = "u8"
     rotate: bool = False
     clip: bool = False
+    key_bits: int | None = None     # None: the keys use ``bits`` too
 
     def __post_init__(self):
         if self.bits not in BITS:
@@ -104,12 +115,27 @@ class KVQuantConfig:
         for name in ("rotate", "clip"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.key_bits is not None and self.key_bits not in BITS:
+            raise ValueError(f"key_bits must be None or one of {BITS}, got {self.key_bits!r}")
 
     def __str__(self):
         extra = "" if self.scales == "u8" else f", scales={self.scales!r}"
         extra += ", rotate=True" if self.rotate else ""
         extra += ", clip=True" if self.clip else ""
+        extra += f", key_bits={self.key_bits}" if self.key_bits is not None else ""
         return f"kv_quant(bits={self.bits}, group={self.group}, residual={self.residual}{extra})"
+
+    @property
+    def kbits(self) -> int:
+        """The keys' code width: ``key_bits`` when set, else ``bits``."""
+        return self.bits if self.key_bits is None else self.key_bits
+
+    @property
+    def keys_config(self) -> "KVQuantConfig":
+        """This config with ``bits`` = the keys' width (what the key functions quantize with)."""
+        if self.key_bits is None or self.key_bits == self.bits:
+            return self
+        return dataclasses.replace(self, bits=self.key_bits, key_bits=None)
 
     @property
     def qmax(self) -> int:
@@ -132,9 +158,21 @@ class KVQuantConfig:
         return -(-head_dim // self.group)
 
     def check_head_dim(self, head_dim: int) -> None:
-        if head_dim % self.per_byte:
-            raise ValueError(f"head_dim {head_dim} is not a multiple of {self.per_byte} "
-                             f"({self.bits}-bit codes are packed {self.per_byte} to a byte)")
+        for bits in {self.bits, self.kbits}:
+            per = 8 // bits
+            if head_dim % per:
+                raise ValueError(f"head_dim {head_dim} is not a multiple of {per} "
+                                 f"({bits}-bit codes are packed {per} to a byte)")
+
+
+def key_bits_of(k_codes: torch.Tensor, head_dim: int) -> int:
+    """The key code width of a state, read off its tensors: ``k_codes`` [..., D·bits/8]."""
+    width = k_codes.shape[-1]
+    bits = width * 8 // head_dim if head_dim else 0
+    if bits not in BITS or bits * head_dim != width * 8:
+        raise ValueError(f"key codes of {width} bytes a token do not fit head_dim {head_dim} at "
+                         f"any of {BITS} bits")
+    return bits
 
 
 def n_packed(length, config: KVQuantConfig):
@@ -280,10 +318,12 @@ def quantize_codes(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bits: int)
 
 
 def quantize_keys(k: torch.Tensor, config: KVQuantConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel (KIVI) quantization of k [B, Hkv, T, D], T a multiple of group.
+    """Per-channel (KIVI) quantization of k [B, Hkv, T, D], T a multiple of group, with the
+    keys' width ``config.kbits``.
 
-    Returns packed codes uint8 [B, Hkv, T, D·bits/8] and params [B, Hkv, T/group, 2, D]."""
+    Returns packed codes uint8 [B, Hkv, T, D·kbits/8] and params [B, Hkv, T/group, 2, D]."""
     B, H, T, D = k.shape
+    config = config.keys_config
     g = config.group
     if T % g:
         raise ValueError(f"{T} key tokens are not whole groups of {g}")
@@ -324,11 +364,14 @@ def quantize_values(v: torch.Tensor, config: KVQuantConfig) -> tuple[torch.Tenso
 
 def dequantize_keys(packed: torch.Tensor, params: torch.Tensor,
                     config: KVQuantConfig) -> torch.Tensor:
-    """Packed keys [B, Hkv, T, D·bits/8] + params [B, Hkv, T/group, 2, D] -> fp32 [B, Hkv, T, D]."""
-    codes = unpack(packed, config.bits).float()
+    """Packed keys [B, Hkv, T, D·kbits/8] + params [B, Hkv, T/group, 2, D] -> fp32 [B, Hkv, T, D].
+    The key width is read off the tensors (``key_bits_of``), not from ``config``: the read op
+    is given one ``bits`` (the values'), and a ``key_bits`` state's keys are wider."""
+    bits = key_bits_of(packed, params.shape[-1])
+    codes = unpack(packed, bits).float()
     B, H, T, D = codes.shape
     g = config.group
-    a, b = affine(params.transpose(-1, -2), config.bits)               # [B, Hkv, T/g, D]
+    a, b = affine(params.transpose(-1, -2), bits)                      # [B, Hkv, T/g, D]
     x = codes.view(B, H, T // g, g, D) * a[:, :, :, None] + b[:, :, :, None]
     return x.view(B, H, T, D)
 
@@ -500,9 +543,10 @@ class QuantizedKV:
             raise ValueError(f"capacity must be >= 0, got {capacity}")
         sp, r, g = n_packed(capacity, config), config.ring, config.group
         dp, jv, pd = head_dim // config.per_byte, config.value_groups(head_dim), config.params_dtype
+        dk = head_dim * config.kbits // 8                                   # key code bytes
         B, H = batch, kv_heads
         return cls(
-            k_codes=torch.zeros(B, H, sp, dp, dtype=torch.uint8, device=device),
+            k_codes=torch.zeros(B, H, sp, dk, dtype=torch.uint8, device=device),
             k_params=torch.zeros(B, H, sp // g, 2, head_dim, dtype=pd, device=device),
             v_codes=torch.zeros(B, H, sp, dp, dtype=torch.uint8, device=device),
             v_params=torch.zeros(B, H, sp, 2, jv, dtype=pd, device=device),
@@ -516,7 +560,9 @@ class QuantizedKV:
         """Rebuild the state from its seven tensors (the custom ops' arguments)."""
         t = dict(zip(cls.NAMES, tensors))
         scales = "fp16" if t["k_params"].dtype == torch.float16 else "u8"
-        state = cls(**t, config=KVQuantConfig(bits, group, t["k_ring"].shape[2], scales))
+        kb = key_bits_of(t["k_codes"], t["k_ring"].shape[-1])             # read off the tensors
+        state = cls(**t, config=KVQuantConfig(bits, group, t["k_ring"].shape[2], scales,
+                                              key_bits=None if kb == bits else kb))
         state.validate()
         return state
 
@@ -536,7 +582,7 @@ class QuantizedKV:
         c, (B, H, R, D) = self.config, self.k_ring.shape
         c.check_head_dim(D)
         sp = self.k_codes.shape[2]
-        want = {"k_codes": ((B, H, sp, D // c.per_byte), torch.uint8),
+        want = {"k_codes": ((B, H, sp, D * c.kbits // 8), torch.uint8),
                 "k_params": ((B, H, sp // c.group, 2, D), c.params_dtype),
                 "v_codes": ((B, H, sp, D // c.per_byte), torch.uint8),
                 "v_params": ((B, H, sp, 2, c.value_groups(D)), c.params_dtype),

@@ -77,7 +77,9 @@ def _group_ok(group: int) -> bool:
 
 
 def _state_ok(state: reference.QuantizedKV) -> bool:
-    return (all(t.is_contiguous() for t in state.tensors())
+    # keys as wide as the values only (a ``key_bits`` state is served by the reference)
+    return (state.k_codes.shape[-1] == state.v_codes.shape[-1]
+            and all(t.is_contiguous() for t in state.tensors())
             and _group_ok(state.config.group) and state.head_dim <= MAX_HEAD_DIM
             and len({t.device for t in state.tensors()}) == 1)
 

@@ -178,3 +178,90 @@ def test_compiled_rotated_clipped_cache_reads_like_eager_without_graph_breaks():
     assert cache.layers[0].state.k_codes.shape[2] >= 80
     report = fast.longfx_backend.report
     assert not [w for w in report.warnings if "graph break" in w], report.warnings
+
+
+def test_key_bits_and_key_layers_parse_validate_and_build_per_layer_configs():
+    p = recipes.parse("kv_quant(bits=2, rotate=true, clip=true, key_bits=4, key_layers=(1,))")
+    assert str(p) == ("kv_quant(bits=2, group=64, residual=128, sink=4, rotate=true, clip=true, "
+                      "key_bits=4, key_layers=(1,))")
+    assert recipes.parse(str(p)) == p
+    assert str(recipes.parse("kv_quant(bits=2, key_bits=4, key_layers=[0, 1])")) == \
+        "kv_quant(bits=2, group=64, residual=128, sink=4, key_bits=4, key_layers=(0, 1))"
+    r = p.recipes[0]
+    assert r.kv_config.key_bits is None and set(r.layer_configs) == {1}
+    assert r.layer_configs[1].kbits == 4 and r.layer_configs[1].rotate
+    every = recipes.parse("kv_quant(bits=2, key_bits=4)").recipes[0]   # no list: every layer
+    assert every.kv_config.kbits == 4 and every.layer_configs == {}
+    model, _ = zoo.build("llama")                                        # 2 decoder layers
+    cache = r.make_cache(model)
+    assert [layer.config.kbits for layer in cache.layers] == [2, 4]
+    with pytest.raises(recipes.RecipeError, match=r"layer\(s\) \[2\], the model has 2 layers"):
+        recipes.parse("kv_quant(bits=2, key_bits=4, key_layers=(0, 2))").recipes[0].make_cache(model)
+
+
+@pytest.mark.parametrize("text,match", [
+    ("kv_quant(bits=2, key_layers=(1,))", "give key_bits too"),
+    ("kv_quant(bits=2, key_bits=3)", "key_bits must be one of 2, 4, 8"),
+    ("kv_quant(bits=2, key_bits=4, key_layers=(1, 1))", "names a layer twice"),
+    ("kv_quant(bits=2, key_bits=4, key_layers=(-1,))", "layer indices >= 0"),
+    ("kv_quant(bits=2, key_bits=4, key_layers=(x,))", "expected int"),
+])
+def test_bad_key_bits_arguments_are_recipe_errors(text, match):
+    with pytest.raises(recipes.RecipeError, match=match):
+        recipes.parse(text)
+
+
+def test_key_layers_widen_only_their_keys_and_compile_like_eager():
+    """Layer 1's keys at 8 bits, layer 0 and all values at 2: the cache holds wider key codes
+    in layer 1 only, whose keys read back far closer to the exact ones (one 96-token prefill:
+    both layers see exact inputs), and the compiled model reads like the same cache driven
+    eagerly, with no graph break."""
+    from transformers import DynamicCache
+
+    model, _ = zoo.build("llama")
+    ids = torch.randint(3, 120, (1, 96), generator=torch.Generator().manual_seed(5))
+    text = "kv_quant(bits=2, group=16, residual=16, rotate=true, clip=true, key_bits=8, " \
+        "key_layers=(1,))"
+    exact, cache = DynamicCache(config=model.config), recipes.parse(text).recipes[0].make_cache(model)
+    with torch.no_grad():
+        model(input_ids=ids, past_key_values=exact, use_cache=True)
+        model(input_ids=ids, past_key_values=cache, use_cache=True)
+    l0, l1 = (layer.state for layer in cache.layers)
+    assert l1.k_codes.shape[-1] == 4 * l0.k_codes.shape[-1] and l1.v_codes.shape == l0.v_codes.shape
+    assert cache.layers[1].nbytes() > cache.layers[0].nbytes()
+    err = [float((layer.read()[0] - ex).square().mean() / ex.square().mean())
+           for layer, ex in zip(cache.layers, (exact.layers[0].keys, exact.layers[1].keys))]
+    verr = [float((layer.read()[1] - ex).square().mean() / ex.square().mean())
+            for layer, ex in zip(cache.layers, (exact.layers[0].values, exact.layers[1].values))]
+    assert err[1] < 0.01 * err[0] and err[0] > 1e-3              # 8-bit vs 2-bit keys
+    assert verr[1] > 0.1 * verr[0]                                # values: 2-bit in both
+    fast = longfx.compile(model, text)
+    got = _chunked(fast, ids, 32, fast.longfx_new_cache())
+    eager = _chunked(model, ids, 32, fast.longfx_new_cache())
+    torch.testing.assert_close(got, eager, rtol=1e-4, atol=1e-4)
+    report = fast.longfx_backend.report
+    assert not [w for w in report.warnings if "graph break" in w], report.warnings
+
+
+def test_calibrate_key_layers_ranks_layers_by_kl_on_its_own_text(tmp_path):
+    """The calibration measures each layer's KL alone (others exact), ranks the layers, writes
+    the file, and an 8-bit state is far closer to dense than a 2-bit one (the KL is measured,
+    not a constant). Its default text is not the evaluation text."""
+    from longfx.eval import data
+    from longfx.passes.kv_quant import calibrate_key_layers, calibration_text
+
+    model, _ = zoo.build("llama")
+    ids = torch.randint(3, 120, (96,), generator=torch.Generator().manual_seed(6))
+    two = calibrate_key_layers(model, ids, "kv_quant(bits=2, group=16, residual=16)", tokens=96,
+                               chunk=32, path=tmp_path / "k.json")
+    eight = calibrate_key_layers(model, ids, "kv_quant(bits=8, group=16, residual=16)",
+                                 tokens=96, chunk=32)
+    assert len(two["kl"]) == 2 and all(x > 0 for x in two["kl"])
+    assert two["order"] == sorted(range(2), key=lambda i: -two["kl"][i])
+    assert max(eight["kl"]) < 0.01 * min(two["kl"]) and two["all_layers"] > max(two["kl"]) * 0.5
+    import json
+    assert json.loads((tmp_path / "k.json").read_text())["kl"] == two["kl"]
+    with pytest.raises(recipes.RecipeError, match="plain kv_quant"):
+        calibrate_key_layers(model, ids, "kv_quant(bits=2, key_bits=4)", tokens=96)
+    text = calibration_text()
+    assert len(text) > 100_000 and text[:2000] not in data.corpus_text()

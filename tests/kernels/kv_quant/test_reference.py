@@ -320,3 +320,76 @@ def test_emulated_attention_with_rotation_equals_rotated_fake_quantize():
                      torch.ones(1, 64, dtype=torch.bool), None)
     got = R.attention_emulated(q, k, v, c)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------- key_bits (keys wider than values)
+
+def test_key_bits_config_is_checked_and_printed_only_when_set():
+    c = R.KVQuantConfig(bits=2, key_bits=4)
+    assert c.kbits == 4 and c.bits == 2 and c.keys_config.bits == 4
+    assert R.KVQuantConfig(bits=2).kbits == 2 and R.KVQuantConfig(bits=2).keys_config.bits == 2
+    assert str(c) == "kv_quant(bits=2, group=64, residual=128, key_bits=4)"
+    assert "key_bits" not in str(R.KVQuantConfig(bits=2))
+    with pytest.raises(ValueError, match="key_bits must be None or one of"):
+        R.KVQuantConfig(bits=2, key_bits=3)
+    with pytest.raises(ValueError, match="not a multiple of 2"):     # 4-bit keys need even D
+        R.KVQuantConfig(bits=8, key_bits=4).check_head_dim(15)
+
+
+@pytest.mark.parametrize("key_bits", [4, 8])
+def test_key_bits_state_holds_wider_keys_and_reads_them_back(key_bits):
+    """A K-wide / V-2-bit state: key codes D·key_bits/8 bytes a token, keys within half a step
+    of their (finer) grid, values as in a plain 2-bit state, every tensor equal whether
+    appended in one go or token by token, and the read op (given only the values' bits) reads
+    the wider keys off the tensors."""
+    D, group = 16, 16
+    c = R.KVQuantConfig(bits=2, group=group, residual=16, key_bits=key_bits)
+    plain = R.KVQuantConfig(bits=2, group=group, residual=16)
+    k, v = _kv(1, 2, 70, D, seed=5)
+    st = R.append(R.QuantizedKV.empty(1, 2, D, 80, c, torch.float32), k, v)
+    ref = R.append(R.QuantizedKV.empty(1, 2, D, 80, plain, torch.float32), k, v)
+    st.validate()
+    assert st.k_codes.shape[-1] == D * key_bits // 8 and st.v_codes.shape[-1] == D // 4
+    assert torch.equal(st.v_codes, ref.v_codes) and torch.equal(st.v_params, ref.v_params)
+    n = R.n_packed(70, c)
+    kd, vd = R.dequantize_state(st)
+    kp, _ = R.dequantize_state(ref)
+    step = R.step_size(st.k_params[:, :, :n // group].transpose(-1, -2), key_bits)
+    err = (kd[:, :, :n] - k[:, :, :n]).abs().view(1, 2, n // group, group, D)
+    assert bool((err <= step[:, :, :, None] / 2 + 1e-5).all())
+    assert float((kd - k).square().mean()) < 0.1 * float((kp - k).square().mean())
+    torch.testing.assert_close(vd, R.dequantize_state(ref)[1], rtol=0, atol=0)
+    # token by token: the same packed bytes, the same read
+    tok = R.QuantizedKV.empty(1, 2, D, 80, c, torch.float32)
+    for t in range(70):
+        R.append(tok, k[:, :, t:t + 1], v[:, :, t:t + 1])
+    for name in ("k_codes", "k_params", "v_codes", "v_params"):    # (stale ring slots differ)
+        assert torch.equal(getattr(tok, name), getattr(st, name)), name
+    assert all(torch.equal(a, b) for a, b in zip(R.dequantize_state(tok), (kd, vd)))
+    # the ops take one bits (the values'): the state's key width is read off its tensors
+    again = R.QuantizedKV.from_tensors(st.tensors(), 2, group)
+    assert again.config.key_bits == key_bits
+    opst = R.QuantizedKV.empty(1, 2, D, 80, c, torch.float32)
+    torch.ops.longfx.kv_quant_append(*opst.tensors(), k, v, 2, group)
+    assert torch.equal(opst.k_codes, st.k_codes) and torch.equal(opst.k_params, st.k_params)
+    ko, vo = torch.ops.longfx.kv_quant_read(st.k_codes, st.k_params, st.v_codes, st.v_params,
+                                            st.k_ring, st.v_ring, 70, 2, group, 16, "u8")
+    assert torch.equal(ko, kd) and torch.equal(vo, vd)
+    q = torch.randn(1, 4, 1, D, generator=torch.Generator().manual_seed(6))
+    want = attention(q, kd, vd, torch.ones(1, 70, dtype=torch.bool), 0.25)
+    assert _rel(torch.ops.longfx.kv_quant_attention(q, *st.tensors(), 0.25, 2, group), want) < 1e-6
+
+
+def test_key_bits_bytes_at_32k_add_only_the_wider_key_codes():
+    """SmolLM2's 3 KV heads of 64: 4-bit keys add D/4 bytes a packed token and head over the
+    2-bit state — 0.0625x of that layer's bf16 K + V; the key_bits_of check refuses widths
+    that fit no bit count."""
+    H, D = 3, 64
+    two = R.state_bytes(32768, H, D, R.KVQuantConfig(bits=2))
+    k4 = R.state_bytes(32768, H, D, R.KVQuantConfig(bits=2, key_bits=4))
+    assert k4 - two == H * 32640 * D // 4
+    assert abs(R.memory_ratio(32768, H, D, R.KVQuantConfig(bits=2, key_bits=4))
+               - R.memory_ratio(32768, H, D, R.KVQuantConfig(bits=2)) - 0.0625 * 32640 / 32768) < 1e-9
+    assert R.key_bits_of(torch.zeros(1, 1, 3, 32, dtype=torch.uint8), 64) == 4
+    with pytest.raises(ValueError, match="do not fit head_dim"):
+        R.key_bits_of(torch.zeros(1, 1, 3, 24, dtype=torch.uint8), 64)
