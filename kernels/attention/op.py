@@ -4,18 +4,40 @@ Arguments follow ``F.scaled_dot_product_attention`` (see reference.py for the ex
 semantics) plus ``softcap``; k and v stay un-repeated under GQA. The op is exact: it computes
 what the site computed. Later families attach a sparsity spec or a different state layout
 to it; lowering picks the implementation (reference here; Triton/FlexAttention per device).
+
+Small calls run the reference (the sites' own eager arithmetic, so an unchanged model
+stays bit-exact). A call whose [B, H, S, Skv] score matrix would pass ``REFERENCE_MAX_SCORES``
+elements runs ``F.scaled_dot_product_attention`` instead (dense.py: flash / memory-efficient
+kernels, memory linear in the length; the same function up to float rounding) when SDPA can
+express it (4-D, no softcap, not both a mask and ``is_causal``). The reference alone asked
+for 36 GiB in a 32k-token one-call prefill of SmolLM2 and failed on an H100 (2026-11-24).
 """
 from __future__ import annotations
 
 import torch
 
-from longfx.kernels.attention import reference
+from longfx.kernels.attention import dense, reference
+
+
+REFERENCE_MAX_SCORES = 1 << 24      # 64 MiB of fp32 scores
+
+
+def sdpa_can_run(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, is_causal: bool,
+                 softcap: float) -> bool:
+    if q.dim() != 4 or softcap or (is_causal and mask is not None):
+        return False
+    return q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] > REFERENCE_MAX_SCORES
 
 
 @torch.library.custom_op("longfx::attention", mutates_args=())
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
               scale: float, is_causal: bool, softcap: float) -> torch.Tensor:
-    return reference.attention(q, k, v, mask, scale, is_causal, softcap)
+    if not sdpa_can_run(q, k, mask, is_causal, softcap):
+        return reference.attention(q, k, v, mask, scale, is_causal, softcap)
+    if mask is not None and mask.dtype != torch.bool:
+        mask = mask.to(q.dtype)
+    out = dense.sdpa(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale)
+    return out if mask is None else out.nan_to_num(0.0)     # fully masked rows -> 0
 
 
 @attention.register_fake

@@ -9,10 +9,10 @@ prompts pay nothing for the extension.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from longfx.kernels.sparse_attention.reference import positions, rotate_back
+from longfx.kernels.attention import dense
 from longfx.kernels.self_extend.reference import grouped_positions
+from longfx.kernels.sparse_attention.reference import positions, rotate_back
 
 BLOCK = 1024
 
@@ -20,10 +20,8 @@ BLOCK = 1024
 def self_extend_attention(q, k, v, key_keep, scale, softcap, group, window, inv_freq,
                           rope_style, block: int = BLOCK) -> torch.Tensor:
     s, skv = q.shape[2], k.shape[2]
-    gqa = q.shape[1] != k.shape[1]
     if skv <= window and key_keep is None and not softcap and s in (1, skv):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=s == skv and s > 1,
-                                              scale=scale, enable_gqa=gqa)
+        return dense.sdpa(q, k, v, is_causal=s == skv and s > 1, scale=scale)
     qp_all, kp_all = positions(s, skv, q.device)
     inv = inv_freq.to(q.device)
     gq_all, gk_all = grouped_positions(qp_all, kp_all, group, window)

@@ -43,8 +43,8 @@ is the true one and dense ``F.scaled_dot_product_attention`` runs (exact), as in
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
+from longfx.kernels.attention import dense
 from longfx.kernels.self_extend import reference
 from longfx.kernels.sparse_attention import triton as sparse
 from longfx.kernels.sparse_attention.triton import (DECODE_MAX_S, INTERPRET, LOG2E, MAX_ROWS,
@@ -364,8 +364,7 @@ def self_extend_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if scale is None:
         scale = q.shape[-1] ** -0.5
     if dense_fallback and skv <= window and key_keep is None and not softcap and s in (1, skv):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=s == skv and s > 1,
-                                              scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+        return dense.sdpa(q, k, v, is_causal=s == skv and s > 1, scale=scale)
     return _launch(q, k, v, key_keep, scale, softcap, group, window, inv_freq, rope_style,
                    block_m=block_m, block_n=block_n, num_splits=num_splits,
                    num_warps=num_warps, num_stages=num_stages, rotation=rotation)

@@ -13,8 +13,8 @@ never slower than the model it replaced. Semantics are exactly those of referenc
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
+from longfx.kernels.attention import dense
 from longfx.kernels.sparse_attention.reference import positions, rotate_back, visible
 
 BLOCK = 1024
@@ -30,8 +30,7 @@ def _attend(q, k, v, keep, scale, softcap, qc=None, n_sink=0):
     ``n_sink`` keys (the capped query); GQA is read without copying k/v when possible."""
     groups = q.shape[1] // k.shape[1]
     if qc is None and not softcap:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=scale,
-                                             enable_gqa=groups > 1)
+        out = dense.sdpa(q, k, v, attn_mask=keep, scale=scale)
         return out.nan_to_num(0.0)
     if groups > 1:
         k = k.repeat_interleave(groups, dim=1)                      # [B, H, Sk, D]
@@ -55,11 +54,9 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     pad = None if key_keep is None else key_keep.bool()[:, None, None, :]   # [B, 1, 1, Skv]
     if covers_all(s, skv, window) and not softcap:
         if pad is None and s == skv:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
-                                                  enable_gqa=q.shape[1] != k.shape[1])
+            return dense.sdpa(q, k, v, is_causal=True, scale=scale)
         if pad is None and s == 1:
-            return F.scaled_dot_product_attention(q, k, v, scale=scale,
-                                                  enable_gqa=q.shape[1] != k.shape[1])
+            return dense.sdpa(q, k, v, scale=scale)
     qp_all, _ = positions(s, skv, q.device)
     outs = []
     for i0 in range(0, s, block):

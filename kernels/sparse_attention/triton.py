@@ -47,8 +47,8 @@ from __future__ import annotations
 import os
 
 import torch
-import torch.nn.functional as F
 
+from longfx.kernels.attention import dense
 from longfx.kernels.sparse_attention import reference
 
 try:
@@ -624,10 +624,6 @@ def _sorted_table(block_index: torch.Tensor) -> torch.Tensor:
     return torch.where(tab == big, -1, tab).contiguous()
 
 
-def _gqa(q, k):
-    return q.shape[1] != k.shape[1]
-
-
 def prefer_dense(s: int, skv: int, sink: int, window: int, key_keep, softcap: float,
                  cap: int) -> bool:
     """Whether dense SDPA with the spec's mask should run instead of the kernel: density >=
@@ -657,18 +653,16 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     covers = window <= 0 or window >= skv
     if dense_fallback and covers and key_keep is None and not softcap:
         if s == skv:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
-                                                  enable_gqa=_gqa(q, k))
+            return dense.sdpa(q, k, v, is_causal=True, scale=scale)
         if s == 1:
-            return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=_gqa(q, k))
+            return dense.sdpa(q, k, v, scale=scale)
     if dense_fallback and not covers and prefer_dense(s, skv, sink, window, key_keep, softcap,
                                                       cap):
         qp, kp = reference.positions(s, skv, q.device)
         keep = reference.visible(qp, kp, sink, window)[None, None]          # [1, 1, S, Skv]
         if key_keep is not None:
             keep = keep & key_keep.bool()[:, None, None, :]                 # [B, 1, S, Skv]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=scale,
-                                             enable_gqa=_gqa(q, k))
+        out = dense.sdpa(q, k, v, attn_mask=keep, scale=scale)
         return out.nan_to_num(0.0)
     if covers:
         sink, window, cap = 0, 0, 0
