@@ -186,6 +186,7 @@ def evaluate(model_or_name: Any, recipes: Sequence[Any] = (), tasks: Sequence[st
                     for r in run(ctx, vm):
                         row = {"model": name, "recipe": label, "plain_model": plain, **r,
                                "seed": seed, "trials": trials if t not in ("ppl", "kl", "cost") else None,
+                               "chunk": chunk,
                                "elapsed_s": round(time.perf_counter() - t0, 3), **env}
                         if label != DENSE:
                             row["rewrite"] = rewrite_summary(vm)
