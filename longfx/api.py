@@ -132,11 +132,22 @@ class Diff:
 
 
 def diff(model: torch.nn.Module, recipe: Any = None, inputs: Any = None, *,
-         seq_len: int = 16) -> Diff:
-    """Canonicalize ``model`` and apply ``recipe`` on example inputs; return the diff."""
+         seq_len: int = 16, context: int = 8192) -> Diff:
+    """Canonicalize ``model`` and apply ``recipe`` on example inputs; return the diff.
+
+    A KV-cache recipe (``kv_quant``, ``gear``) changes the runtime cache, not the graph: its
+    bytes per layer at ``context`` tokens, before → after, are read from the cache itself
+    (``runtime/state_bytes.py``) and end the diff text."""
     be = backend(recipe, model=model)
     be.report.model = _model_name(model)
     _run_once(model, be, inputs, seq_len)
+    from longfx.passes.kv_quant import cache_recipe
+    from longfx.runtime.state_bytes import kv_state_bytes
+
+    kv = cache_recipe(_pipeline(recipe))
+    if kv is not None:
+        rows, note = kv_state_bytes(model, kv, context)
+        be.report.kv_state = {"context": context, "recipe": str(kv), "layers": rows, "note": note}
     return Diff(be.report)
 
 

@@ -67,7 +67,8 @@ def cmd_diff(args: argparse.Namespace) -> int:
 
     model, _tok, inputs = _load(args.model, args.attn)
     with console.status("capturing, canonicalizing and applying the recipe"):
-        result = longfx.diff(model, args.recipe, inputs, seq_len=args.seq_len)
+        result = longfx.diff(model, args.recipe, inputs, seq_len=args.seq_len,
+                             context=args.context)
     report = result.report
     if args.json:
         out = report.to_dict(context=args.context)

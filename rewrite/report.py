@@ -95,6 +95,9 @@ class RewriteReport:
     recipe: str = ""
     graphs: list[GraphReport] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    # KV-state bytes per layer read from a KV-cache recipe's runtime cache (runtime/state_bytes.py):
+    # {"context": L, "recipe": str, "layers": [{"layer", "before", "after"}] or None, "note": str}
+    kv_state: dict[str, Any] | None = None
 
     @property
     def sites(self) -> list[Site]:
@@ -123,7 +126,15 @@ class RewriteReport:
         return out
 
     def diff(self) -> str:
-        return "".join(g.diff() for g in self.graphs)
+        text = "".join(g.diff() for g in self.graphs)
+        ks = self.kv_state
+        if ks and ks.get("layers"):
+            from longfx.runtime.state_bytes import render
+
+            text += render(ks["layers"], ks["context"], ks["recipe"])
+        elif ks:
+            text += f"KV state: {ks['note']}\n"
+        return text
 
     def estimate(self, context: int = 8192) -> dict[str, float]:
         """KV bytes and prefill attention FLOPs at ``context`` tokens (batch 1), before/after."""
@@ -132,14 +143,24 @@ class RewriteReport:
             "context": context,
             "kv_bytes_before": sum(_kv_row_bytes(s, context, False) for s in attn),
             "kv_bytes_after": sum(_kv_row_bytes(s, context, True) for s in attn),
+            **self._kv_state_after(context),
             "attn_flops_before": sum(_attn_flops(s, context, False) for s in attn),
             "attn_flops_after": sum(_attn_flops(s, context, True) for s in attn),
         }
+
+    def _kv_state_after(self, context: int) -> dict[str, Any]:
+        """The runtime cache's own bytes, when they were read at this ``context``."""
+        ks = self.kv_state
+        if not ks or not ks.get("layers") or ks["context"] != context:
+            return {}
+        return {"kv_bytes_after": float(sum(r["after"] for r in ks["layers"])),
+                "kv_bytes_source": "runtime cache (runtime/state_bytes.py)"}
 
     def to_dict(self, context: int = 8192) -> dict[str, Any]:
         return {"model": self.model, "recipe": self.recipe, "sites": self.rows(),
                 "counts": self.counts(), "estimate": self.estimate(context),
                 "graphs": [g.name for g in self.graphs],
+                "kv_state": self.kv_state,
                 "warnings": self.warnings + [w for g in self.graphs for w in g.warnings]}
 
     def to_json(self, context: int = 8192, **kw) -> str:

@@ -1,0 +1,63 @@
+"""runtime/state_bytes.py: KV-state bytes per layer read from a KV-cache recipe's own cache,
+and their place in ``longfx diff``."""
+import pytest
+import torch
+
+import longfx
+from longfx.api import _pipeline
+from longfx.passes.kv_quant import cache_recipe
+from longfx.runtime.state_bytes import kv_state_bytes
+from longfx.testing import zoo
+
+
+@pytest.fixture(scope="module")
+def llama():
+    model, _ = zoo.build("llama")
+    return model
+
+
+def _rows(model, recipe, context):
+    return kv_state_bytes(model, cache_recipe(_pipeline(recipe)), context)
+
+
+def test_bytes_follow_the_bits_and_match_a_real_fill(llama):
+    cfg = llama.config
+    dim = cfg.hidden_size // cfg.num_attention_heads
+    dense = 2 * cfg.num_key_value_heads * 2000 * dim * 4                   # fp32 K + V
+    r8, _ = _rows(llama, "kv_quant(bits=8)", 2000)
+    r4, _ = _rows(llama, "kv_quant(bits=4)", 2000)
+    r2, why = _rows(llama, "kv_quant(bits=2)", 2000)
+    assert len(r4) == cfg.num_hidden_layers and "2000 synthetic tokens" in why
+    for a, b, c in zip(r8, r4, r2):
+        assert a["before"] == b["before"] == c["before"] == dense
+        assert dense > a["after"] > b["after"] > c["after"] > 0
+    # the same bytes as the recipe's cache after a real append of 2000 tokens
+    cache = cache_recipe(_pipeline("kv_quant(bits=4)")).make_cache(llama)
+    k = torch.randn(1, cfg.num_key_value_heads, 2000, dim)
+    cache.update(k, k, 0)
+    assert cache.layers[0].nbytes() == r4[0]["after"]
+
+
+def test_wider_key_layers_cost_more_in_those_layers_only(llama):
+    rows, _ = _rows(llama, "kv_quant(bits=2, key_bits=4, key_layers=(1,))", 1024)
+    plain, _ = _rows(llama, "kv_quant(bits=2)", 1024)
+    assert rows[0]["after"] == plain[0]["after"] and rows[1]["after"] > plain[1]["after"]
+
+
+def test_eviction_caches_are_not_guessed(llama):
+    rows, why = _rows(llama, "snapkv(ratio=0.5)", 512)
+    assert rows is None and "eval --task cost" in why
+    with pytest.raises(ValueError, match="context"):
+        _rows(llama, "kv_quant(bits=4)", 0)
+
+
+def test_diff_shows_the_state_and_the_summary_uses_it(llama):
+    d = longfx.diff(llama, "kv_quant(bits=2)", context=4096)
+    assert "KV state at 4096 tokens" in d.text and "all layers:" in d.text
+    est = d.report.estimate(4096)
+    assert est["kv_bytes_after"] < 0.2 * est["kv_bytes_before"]
+    assert est["kv_bytes_source"].startswith("runtime cache")
+    assert d.report.to_dict(4096)["kv_state"]["context"] == 4096
+    # another context: the graph estimate, not bytes read at 4096
+    assert "kv_bytes_source" not in d.report.estimate(8192)
+    assert longfx.diff(llama, "").report.kv_state is None
