@@ -40,7 +40,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="passkey depths (0 = start)")
     p.add_argument("--trials", type=int, default=1, help="prompts per passkey cell / needle length")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--chunk", type=int, default=1024, help="tokens per forward through the cache")
+    p.add_argument("--chunk", type=int, default=1024, help="tokens per forward through the cache (a value >= the prompt feeds it in one call, as generate() does; dynamic RoPE recipes differ between the two: docs/rope.md)")
     p.add_argument("--device", default="auto",
                    help="where the model runs: auto (CUDA when available), cpu, cuda, cuda:1 ...")
     p.add_argument("--out", help="append rows here as JSON lines")
