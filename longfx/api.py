@@ -135,9 +135,9 @@ def diff(model: torch.nn.Module, recipe: Any = None, inputs: Any = None, *,
          seq_len: int = 16, context: int = 8192) -> Diff:
     """Canonicalize ``model`` and apply ``recipe`` on example inputs; return the diff.
 
-    A KV-cache recipe (``kv_quant``, ``gear``) changes the runtime cache, not the graph: its
-    bytes per layer at ``context`` tokens, before → after, are read from the cache itself
-    (``runtime/state_bytes.py``) and end the diff text."""
+    A KV-cache recipe (``kv_quant``, ``gear``, eviction, or both) changes the runtime cache, not
+    the graph: its bytes per layer at ``context`` tokens, before → after, are read from the
+    recipe's own storage (``runtime/state_bytes.py``) and end the diff text."""
     be = backend(recipe, model=model)
     be.report.model = _model_name(model)
     _run_once(model, be, inputs, seq_len)

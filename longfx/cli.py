@@ -76,11 +76,13 @@ def cmd_diff(args: argparse.Namespace) -> int:
         print(json.dumps(out, indent=2))
         return 0
     console.print(report.table())
-    text = result.text
+    text = "".join(g.diff() for g in report.graphs)
     lines = text.splitlines()
     if args.max_lines and len(lines) > args.max_lines:
         text = "\n".join(lines[:args.max_lines]) + f"\n... ({len(lines) - args.max_lines} more lines; --max-lines 0 shows all)"
     console.print(Syntax(text, "diff", word_wrap=True))
+    if report.kv_state:                      # never cut by --max-lines: a KV recipe's whole diff
+        console.print(report.kv_state_text(), markup=False)
     console.print(report.summary(args.context))
     for w in report.warnings:
         console.print(f"[yellow]warning:[/yellow] {w}")

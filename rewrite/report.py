@@ -96,7 +96,7 @@ class RewriteReport:
     graphs: list[GraphReport] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     # KV-state bytes per layer read from a KV-cache recipe's runtime cache (runtime/state_bytes.py):
-    # {"context": L, "recipe": str, "layers": [{"layer", "before", "after"}] or None, "note": str}
+    # {"context": L, "recipe": str, "layers": [{"layer", "before", "after"}], "note": str}
     kv_state: dict[str, Any] | None = None
 
     @property
@@ -126,15 +126,16 @@ class RewriteReport:
         return out
 
     def diff(self) -> str:
-        text = "".join(g.diff() for g in self.graphs)
-        ks = self.kv_state
-        if ks and ks.get("layers"):
-            from longfx.runtime.state_bytes import render
+        return "".join(g.diff() for g in self.graphs) + self.kv_state_text()
 
-            text += render(ks["layers"], ks["context"], ks["recipe"])
-        elif ks:
-            text += f"KV state: {ks['note']}\n"
-        return text
+    def kv_state_text(self) -> str:
+        """KV-state bytes per layer before → after (a KV-cache recipe; "" otherwise)."""
+        ks = self.kv_state
+        if not ks:
+            return ""
+        from longfx.runtime.state_bytes import render
+
+        return render(ks["layers"], ks["context"], ks["recipe"]) + f"  ({ks['note']})\n"
 
     def estimate(self, context: int = 8192) -> dict[str, float]:
         """KV bytes and prefill attention FLOPs at ``context`` tokens (batch 1), before/after."""
@@ -151,7 +152,7 @@ class RewriteReport:
     def _kv_state_after(self, context: int) -> dict[str, Any]:
         """The runtime cache's own bytes, when they were read at this ``context``."""
         ks = self.kv_state
-        if not ks or not ks.get("layers") or ks["context"] != context:
+        if not ks or ks["context"] != context:
             return {}
         return {"kv_bytes_after": float(sum(r["after"] for r in ks["layers"])),
                 "kv_bytes_source": "runtime cache (runtime/state_bytes.py)"}

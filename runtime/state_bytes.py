@@ -1,17 +1,22 @@
 """KV-state bytes per layer before and after a KV-cache recipe, read from the runtime's own
-state (what ``longfx diff`` shows for ``kv_quant(...)`` / ``gear(...)``).
+state (what ``longfx diff`` shows for ``kv_quant``, ``gear``, ``snapkv``, ``h2o``,
+``streaming_kv`` and ``snapkv(...) + kv_quant(...)``).
 
 A KV-cache recipe changes the model's runtime cache, not its graph, so the graph diff alone
-shows nothing for it. :func:`kv_state_bytes` builds the recipe's cache for the model, fills
-every layer with ``context`` synthetic tokens (seeded normal keys/values of the model's KV
-shape and dtype, appended in chunks as a chunked prefill would) and reads each layer's
-``nbytes()`` — codes, scales, rings and sink copies as allocated. "Before" is a plain K + V
-cache of the same tokens in the model's dtype. Quantization's bytes do not depend on the
-values, so synthetic tokens give the real footprint.
+shows nothing for it. :func:`kv_state_bytes` builds the recipe's storage for the model, fills
+every layer with synthetic tokens (seeded normal keys/values of the model's KV shape and
+dtype, appended in chunks as a chunked prefill would) and reads each layer's ``nbytes()`` —
+codes, scales, rings and sink copies as allocated. Quantization's bytes do not depend on the
+values, so synthetic tokens give the real footprint. "Before" is a plain K + V cache of the
+same ``context`` tokens in the model's dtype (the total also gives the ratio to bf16, the unit
+of the papers' and the issue's targets, when the model runs in another dtype).
 
-Eviction caches (``snapkv``, ``h2o``, ``streaming_kv``) decide what to keep from the model's
-queries, which a synthetic fill does not have; for them this returns ``None`` with the
-reason, and ``longfx eval --task cost`` measures the bytes on a real prompt.
+Eviction: which tokens an eviction cache keeps depends on the model's queries, but how many
+does not — every KV head keeps the policy's budget at ``context`` tokens
+(``budget_for``: SnapKV's and H2O's budget or ratio, StreamingLLM's sink + window; the
+runtime compacts to exactly that). So an eviction recipe's layer is filled with that many
+tokens, in plain tensors or in the quantization recipe's store when one is composed.
+``longfx eval --task cost`` measures the same on a real prompt.
 """
 from __future__ import annotations
 
@@ -29,33 +34,48 @@ def _kv_shape(model) -> tuple[int, int, int, torch.dtype]:
     return cfg.num_hidden_layers, kv_heads, dim, dtype
 
 
-def kv_state_bytes(model, kv_recipe, context: int, chunk: int = CHUNK,
-                   seed: int = 0) -> tuple[list[dict] | None, str]:
-    """([{"layer", "before", "after"}, ...] bytes at ``context`` tokens, batch 1, or None;
-    a one-line description of what was measured or why not)."""
-    from longfx.runtime.evict_cache import EvictCache
+def _storage(model, kv_recipe, context: int):
+    """(cache whose layers get the synthetic tokens or None for plain tensors, tokens kept per
+    KV head, what the fill stands for)."""
+    from longfx.passes.kv_evict import H2O, SnapKV, StreamingKV
+    from longfx.passes.kv_quant import EvictQuantized
 
+    evict, quant = kv_recipe, None
+    if isinstance(kv_recipe, EvictQuantized):
+        evict, quant = kv_recipe.evict, kv_recipe.quant
+    if not isinstance(evict, (SnapKV, H2O, StreamingKV)):
+        return kv_recipe.make_cache(model), context, f"{context} synthetic tokens"
+    kept = min(context, evict.policy.budget_for(context))
+    cache = quant.make_cache(model) if quant is not None else None
+    return cache, kept, f"the {kept} tokens per KV head its policy keeps of {context}"
+
+
+def kv_state_bytes(model, kv_recipe, context: int, chunk: int = CHUNK,
+                   seed: int = 0) -> tuple[list[dict], str]:
+    """([{"layer", "before", "after"}, ...] bytes at ``context`` tokens, batch 1; a one-line
+    description of what was measured)."""
     if context < 1:
         raise ValueError(f"context must be >= 1 token, got {context}")
-    cache = kv_recipe.make_cache(model)
-    if isinstance(cache, EvictCache):
-        return None, (f"{kv_recipe}: an eviction cache keeps tokens by the model's queries; "
-                      "`longfx eval --task cost` measures its bytes on a real prompt")
     n_layers, kv_heads, dim, dtype = _kv_shape(model)
+    item = torch.empty((), dtype=dtype).element_size()
+    cache, kept, what = _storage(model, kv_recipe, context)
     g = torch.Generator().manual_seed(seed)
     rows = []
     for i in range(n_layers):
-        for start in range(0, context, chunk):
-            s = min(chunk, context - start)
-            k = torch.randn(1, kv_heads, s, dim, generator=g).to(dtype)     # [B, Hkv, S, D]
-            v = torch.randn(1, kv_heads, s, dim, generator=g).to(dtype)
-            cache.update(k, v, i)
-        layer = cache.layers[i]
-        before = 2 * kv_heads * context * dim * torch.empty((), dtype=dtype).element_size()
-        rows.append({"layer": i, "before": before, "after": int(layer.nbytes())})
-        layer.reset()                                         # free the layer before the next
-    return rows, (f"{kv_recipe}: {n_layers} layers filled with {context} synthetic tokens "
-                  f"(batch 1, {str(dtype).removeprefix('torch.')}), bytes read from the cache")
+        if cache is None:                                   # plain tensors of the kept tokens
+            after = 2 * kv_heads * kept * dim * item
+        else:
+            for start in range(0, kept, chunk):
+                s = min(chunk, kept - start)
+                k = torch.randn(1, kv_heads, s, dim, generator=g).to(dtype)  # [B, Hkv, S, D]
+                v = torch.randn(1, kv_heads, s, dim, generator=g).to(dtype)
+                cache.update(k, v, i)
+            after = int(cache.layers[i].nbytes())
+            cache.layers[i].reset()                         # free it before the next layer
+        rows.append({"layer": i, "before": 2 * kv_heads * context * dim * item, "after": after,
+                     "bf16": 2 * kv_heads * context * dim * 2})
+    return rows, (f"{kv_recipe}: {n_layers} layers holding {what} (batch 1, "
+                  f"{str(dtype).removeprefix('torch.')}), bytes read from the cache's storage")
 
 
 def render(rows: list[dict], context: int, recipe: str) -> str:
@@ -66,5 +86,7 @@ def render(rows: list[dict], context: int, recipe: str) -> str:
         lines.append(f"  layer {r['layer']:>3}: {r['before'] / mib:9.3f} → {r['after'] / mib:9.3f} MiB"
                      f"  ({r['after'] / r['before']:.4f}×)")
     b, a = sum(r["before"] for r in rows), sum(r["after"] for r in rows)
-    lines.append(f"  all layers: {b / mib:.3f} → {a / mib:.3f} MiB ({a / b:.4f}×)")
+    h = sum(r["bf16"] for r in rows)          # the issue targets and the papers quote ×bf16
+    extra = "" if h == b else f"; {a / h:.4f}× of a bf16 cache"
+    lines.append(f"  all layers: {b / mib:.3f} → {a / mib:.3f} MiB ({a / b:.4f}×{extra})")
     return "\n".join(lines) + "\n"

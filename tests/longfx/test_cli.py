@@ -21,6 +21,13 @@ def test_inspect_table_and_diff(capsys):
     assert "longfx.attention" in out and "longfx.rope" in out
 
 
+def test_diff_of_a_kv_recipe_ends_with_the_state_bytes_even_when_cut(capsys):
+    assert main(["diff", "zoo:llama", "--recipe", "kv_quant(bits=4)", "--max-lines", "3",
+                 "--context", "1024"]) == 0
+    out = capsys.readouterr().out
+    assert "more lines" in out and "KV state at 1024 tokens" in out and "all layers:" in out
+
+
 def test_bad_recipe_points_at_token(capsys):
     assert main(["diff", "zoo:llama", "--recipe", "nosuch(x=1)"]) == 2
     out = capsys.readouterr().out

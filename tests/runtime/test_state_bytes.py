@@ -44,9 +44,20 @@ def test_wider_key_layers_cost_more_in_those_layers_only(llama):
     assert rows[0]["after"] == plain[0]["after"] and rows[1]["after"] > plain[1]["after"]
 
 
-def test_eviction_caches_are_not_guessed(llama):
-    rows, why = _rows(llama, "snapkv(ratio=0.5)", 512)
-    assert rows is None and "eval --task cost" in why
+def test_eviction_keeps_its_budget_plain_or_quantized(llama):
+    cfg = llama.config
+    dim = cfg.hidden_size // cfg.num_attention_heads
+    token = 2 * cfg.num_key_value_heads * dim * 4                          # fp32 K + V
+    rows, why = _rows(llama, "snapkv(ratio=0.5)", 1000)
+    assert "500 tokens per KV head" in why
+    assert all(r["after"] == 500 * token and r["before"] == 1000 * token for r in rows)
+    rows, _ = _rows(llama, "streaming_kv(sink=4, window=100)", 1000)
+    assert rows[0]["after"] == 104 * token
+    rows, _ = _rows(llama, "h2o(budget=2000)", 1000)                       # budget > context
+    assert rows[0]["after"] == rows[0]["before"]
+    both, _ = _rows(llama, "snapkv(ratio=0.5) + kv_quant(bits=4)", 1000)
+    quant, _ = _rows(llama, "kv_quant(bits=4)", 500)
+    assert both[0]["after"] == quant[0]["after"] < 500 * token
     with pytest.raises(ValueError, match="context"):
         _rows(llama, "kv_quant(bits=4)", 0)
 
@@ -61,3 +72,4 @@ def test_diff_shows_the_state_and_the_summary_uses_it(llama):
     # another context: the graph estimate, not bytes read at 4096
     assert "kv_bytes_source" not in d.report.estimate(8192)
     assert longfx.diff(llama, "").report.kv_state is None
+    assert "(0.5" in longfx.diff(llama, "snapkv(ratio=0.5)", context=1024).text
