@@ -7,9 +7,11 @@ shows nothing for it. :func:`kv_state_bytes` builds the recipe's storage for the
 every layer with synthetic tokens (seeded normal keys/values of the model's KV shape and
 dtype, appended in chunks as a chunked prefill would) and reads each layer's ``nbytes()`` —
 codes, scales, rings and sink copies as allocated. Quantization's bytes do not depend on the
-values, so synthetic tokens give the real footprint. "Before" is a plain K + V cache of the
-same ``context`` tokens in the model's dtype (the total also gives the ratio to bf16, the unit
-of the papers' and the issue's targets, when the model runs in another dtype).
+values, so synthetic tokens give the real footprint. "Before" is the cache the model builds
+without the recipe, transformers' ``DynamicCache(config=...)`` filled the same way: ``context``
+tokens per layer, except in sliding-window layers (Gemma 3's local layers), which keep only
+their window. The total also gives the ratio to a bf16 cache of the same tokens, the unit of
+the papers' and the issue's targets, when the model runs in another dtype.
 
 Eviction: which tokens an eviction cache keeps depends on the model's queries, but how many
 does not — every KV head keeps the policy's budget at ``context`` tokens
@@ -56,12 +58,22 @@ def kv_state_bytes(model, kv_recipe, context: int, chunk: int = CHUNK,
     description of what was measured)."""
     if context < 1:
         raise ValueError(f"context must be >= 1 token, got {context}")
+    from transformers import DynamicCache
+
     n_layers, kv_heads, dim, dtype = _kv_shape(model)
     item = torch.empty((), dtype=dtype).element_size()
     cache, kept, what = _storage(model, kv_recipe, context)
+    dense = DynamicCache(config=model.config)
     g = torch.Generator().manual_seed(seed)
     rows = []
     for i in range(n_layers):
+        for start in range(0, context, chunk):                 # the model's own cache
+            z = torch.zeros(1, kv_heads, min(chunk, context - start), dim, dtype=dtype)
+            dense.update(z, z, i)
+        layer = dense.layers[i]
+        held = layer.keys.shape[2]                               # sliding layers: their window
+        before = layer.keys.numel() * item + layer.values.numel() * item
+        layer.keys = layer.values = None
         if cache is None:                                   # plain tensors of the kept tokens
             after = 2 * kv_heads * kept * dim * item
         else:
@@ -72,8 +84,8 @@ def kv_state_bytes(model, kv_recipe, context: int, chunk: int = CHUNK,
                 cache.update(k, v, i)
             after = int(cache.layers[i].nbytes())
             cache.layers[i].reset()                         # free it before the next layer
-        rows.append({"layer": i, "before": 2 * kv_heads * context * dim * item, "after": after,
-                     "bf16": 2 * kv_heads * context * dim * 2})
+        rows.append({"layer": i, "before": before, "after": after,
+                     "bf16": 2 * kv_heads * held * dim * 2})
     return rows, (f"{kv_recipe}: {n_layers} layers holding {what} (batch 1, "
                   f"{str(dtype).removeprefix('torch.')}), bytes read from the cache's storage")
 

@@ -73,3 +73,14 @@ def test_diff_shows_the_state_and_the_summary_uses_it(llama):
     assert "kv_bytes_source" not in d.report.estimate(8192)
     assert longfx.diff(llama, "").report.kv_state is None
     assert "(0.5" in longfx.diff(llama, "snapkv(ratio=0.5)", context=1024).text
+
+
+def test_before_is_the_models_own_cache_sliding_layers_hold_their_window():
+    model, _ = zoo.build("gemma3")                      # layer 0 slides (window 4), layer 1 full
+    rows, _ = _rows(model, "kv_quant(bits=4)", 256)
+    cfg = model.config
+    token = 2 * cfg.num_key_value_heads * cfg.head_dim * 4
+    assert rows[0]["before"] == (cfg.sliding_window - 1) * token      # what DynamicCache keeps
+    assert rows[1]["before"] == 256 * token
+    # the quantized layer keeps every token, also in the sliding layer: more than dense there
+    assert rows[0]["after"] > rows[0]["before"] and rows[1]["after"] < rows[1]["before"]
