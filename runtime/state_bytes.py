@@ -10,8 +10,8 @@ codes, scales, rings and sink copies as allocated. Quantization's bytes do not d
 values, so synthetic tokens give the real footprint. "Before" is the cache the model builds
 without the recipe, transformers' ``DynamicCache(config=...)`` filled the same way: ``context``
 tokens per layer, except in sliding-window layers (Gemma 3's local layers), which keep only
-their window. The total also gives the ratio to a bf16 cache of the same tokens, the unit of
-the papers' and the issue's targets, when the model runs in another dtype.
+their window. When the model runs in another dtype, the total also gives the ratio to that
+cache in bf16, the unit of the papers' and the issue's targets.
 
 Eviction: which tokens an eviction cache keeps depends on the model's queries, but how many
 does not — every KV head keeps the policy's budget at ``context`` tokens
