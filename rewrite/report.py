@@ -150,12 +150,14 @@ class RewriteReport:
         }
 
     def _kv_state_after(self, context: int) -> dict[str, Any]:
-        """The runtime cache's own bytes, when they were read at this ``context``."""
+        """The runtime caches' own bytes (the model's and the recipe's), when they were read at
+        this ``context``."""
         ks = self.kv_state
         if not ks or ks["context"] != context:
             return {}
-        return {"kv_bytes_after": float(sum(r["after"] for r in ks["layers"])),
-                "kv_bytes_source": "runtime cache (runtime/state_bytes.py)"}
+        return {"kv_bytes_before": float(sum(r["before"] for r in ks["layers"])),
+                "kv_bytes_after": float(sum(r["after"] for r in ks["layers"])),
+                "kv_bytes_source": "runtime caches (runtime/state_bytes.py)"}
 
     def to_dict(self, context: int = 8192) -> dict[str, Any]:
         return {"model": self.model, "recipe": self.recipe, "sites": self.rows(),

@@ -68,6 +68,7 @@ def test_diff_shows_the_state_and_the_summary_uses_it(llama):
     est = d.report.estimate(4096)
     assert est["kv_bytes_after"] < 0.2 * est["kv_bytes_before"]
     assert est["kv_bytes_source"].startswith("runtime cache")
+    assert est["kv_bytes_before"] == sum(r["before"] for r in d.report.kv_state["layers"])
     assert d.report.to_dict(4096)["kv_state"]["context"] == 4096
     # another context: the graph estimate, not bytes read at 4096
     assert "kv_bytes_source" not in d.report.estimate(8192)
