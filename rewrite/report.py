@@ -96,7 +96,8 @@ class RewriteReport:
     graphs: list[GraphReport] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     # KV-state bytes per layer read from a KV-cache recipe's runtime cache (runtime/state_bytes.py):
-    # {"context": L, "recipe": str, "layers": [{"layer", "before", "after"}], "note": str}
+    # {"context": L, "recipe": str, "layers": [{"layer", "before", "after", "bf16"}] or None,
+    #  "note": str}
     kv_state: dict[str, Any] | None = None
 
     @property
@@ -133,6 +134,8 @@ class RewriteReport:
         ks = self.kv_state
         if not ks:
             return ""
+        if ks["layers"] is None:
+            return f"KV state: {ks['note']}\n"
         from longfx.runtime.state_bytes import render
 
         return render(ks["layers"], ks["context"], ks["recipe"]) + f"  ({ks['note']})\n"
@@ -153,7 +156,7 @@ class RewriteReport:
         """The runtime caches' own bytes (the model's and the recipe's), when they were read at
         this ``context``."""
         ks = self.kv_state
-        if not ks or ks["context"] != context:
+        if not ks or ks["layers"] is None or ks["context"] != context:
             return {}
         return {"kv_bytes_before": float(sum(r["before"] for r in ks["layers"])),
                 "kv_bytes_after": float(sum(r["after"] for r in ks["layers"])),

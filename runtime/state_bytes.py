@@ -53,16 +53,24 @@ def _storage(model, kv_recipe, context: int):
 
 
 def kv_state_bytes(model, kv_recipe, context: int, chunk: int = CHUNK,
-                   seed: int = 0) -> tuple[list[dict], str]:
-    """([{"layer", "before", "after"}, ...] bytes at ``context`` tokens, batch 1; a one-line
-    description of what was measured)."""
+                   seed: int = 0) -> tuple[list[dict] | None, str]:
+    """([{"layer", "before", "after", "bf16"}, ...] bytes at ``context`` tokens, batch 1, or
+    None for a cache a synthetic fill cannot drive (``think``, ``minicache``); a one-line
+    description of what was measured, or why not)."""
     if context < 1:
         raise ValueError(f"context must be >= 1 token, got {context}")
     from transformers import DynamicCache
 
+    from longfx.runtime.cache import QuantizedCache
+
     n_layers, kv_heads, dim, dtype = _kv_shape(model)
     item = torch.empty((), dtype=dtype).element_size()
     cache, kept, what = _storage(model, kv_recipe, context)
+    if cache is not None and not isinstance(cache, QuantizedCache):
+        # think (channels pruned by the model's queries), minicache (layers merged in pairs)
+        return None, (f"{kv_recipe}: its {type(cache).__name__} is not measured here (what it "
+                      "keeps depends on the model's queries or on pairs of layers); `longfx eval "
+                      "--task cost` measures its bytes on a real prompt")
     dense = DynamicCache(config=model.config)
     g = torch.Generator().manual_seed(seed)
     rows = []

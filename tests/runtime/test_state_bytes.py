@@ -85,3 +85,11 @@ def test_before_is_the_models_own_cache_sliding_layers_hold_their_window():
     assert rows[1]["before"] == 256 * token
     # the quantized layer keeps every token, also in the sliding layer: more than dense there
     assert rows[0]["after"] > rows[0]["before"] and rows[1]["after"] < rows[1]["before"]
+
+
+@pytest.mark.parametrize("recipe", ["think(ratio=0.5)", "minicache(t=0.5)"])
+def test_caches_a_synthetic_fill_cannot_drive_are_named_not_guessed(llama, recipe):
+    rows, why = _rows(llama, recipe, 512)
+    assert rows is None and "eval --task cost" in why
+    d = longfx.diff(llama, recipe, context=512)
+    assert "KV state: " in d.text and "kv_bytes_source" not in d.report.estimate(512)
