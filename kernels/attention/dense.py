@@ -14,13 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-
-def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
-    """[B, Hkv, S, D] -> [B, Hkv·groups, S, D], kv head h serving query heads h·groups …"""
-    if groups == 1:
-        return x
-    b, hkv, s, d = x.shape
-    return x[:, :, None].expand(b, hkv, groups, s, d).reshape(b, hkv * groups, s, d)
+from longfx.kernels.attention.reference import expand_kv
 
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, attn_mask=None,
@@ -29,6 +23,6 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, attn_mask=None,
     H / Hkv query heads each (GQA), q [B, H, S, D]."""
     groups = q.shape[1] // k.shape[1]
     if groups > 1 and q.is_cuda and (q.dtype == torch.float32 or attn_mask is not None):
-        k, v = repeat_kv(k, groups), repeat_kv(v, groups)
+        k, v = expand_kv(q, k), expand_kv(q, v)                     # [B, H, Skv, D]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
                                           scale=scale, enable_gqa=q.shape[1] != k.shape[1])

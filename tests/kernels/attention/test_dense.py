@@ -6,13 +6,6 @@ import torch.nn.functional as F
 from longfx.kernels.attention import dense
 
 
-def test_repeat_kv_order():
-    x = torch.arange(2 * 3 * 1 * 1.0).reshape(2, 3, 1, 1)          # [B, Hkv, S, D]
-    y = dense.repeat_kv(x, 2)                                     # [B, 6, 1, 1]
-    assert y[:, :, 0, 0].tolist() == [[0, 0, 1, 1, 2, 2], [3, 3, 4, 4, 5, 5]]
-    assert dense.repeat_kv(x, 1) is x
-
-
 @pytest.mark.parametrize("mask", [False, True])
 @pytest.mark.parametrize("causal,s", [(True, 7), (False, 1), (False, 5)])
 def test_sdpa_matches_repeated_heads(mask, causal, s):
