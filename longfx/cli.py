@@ -76,7 +76,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
         print(json.dumps(out, indent=2))
         return 0
     console.print(report.table())
-    text = "".join(g.diff() for g in report.graphs)
+    text = report.graph_diff()
     lines = text.splitlines()
     if args.max_lines and len(lines) > args.max_lines:
         text = "\n".join(lines[:args.max_lines]) + f"\n... ({len(lines) - args.max_lines} more lines; --max-lines 0 shows all)"

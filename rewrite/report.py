@@ -127,7 +127,11 @@ class RewriteReport:
         return out
 
     def diff(self) -> str:
-        return "".join(g.diff() for g in self.graphs) + self.kv_state_text()
+        return self.graph_diff() + self.kv_state_text()
+
+    def graph_diff(self) -> str:
+        """The graph-code diff of every captured graph (without the KV-state block)."""
+        return "".join(g.diff() for g in self.graphs)
 
     def kv_state_text(self) -> str:
         """KV-state bytes per layer before → after (a KV-cache recipe; "" otherwise)."""
@@ -147,12 +151,12 @@ class RewriteReport:
             "context": context,
             "kv_bytes_before": sum(_kv_row_bytes(s, context, False) for s in attn),
             "kv_bytes_after": sum(_kv_row_bytes(s, context, True) for s in attn),
-            **self._kv_state_after(context),
+            **self._kv_state_bytes(context),
             "attn_flops_before": sum(_attn_flops(s, context, False) for s in attn),
             "attn_flops_after": sum(_attn_flops(s, context, True) for s in attn),
         }
 
-    def _kv_state_after(self, context: int) -> dict[str, Any]:
+    def _kv_state_bytes(self, context: int) -> dict[str, Any]:
         """The runtime caches' own bytes (the model's and the recipe's), when they were read at
         this ``context``."""
         ks = self.kv_state
