@@ -43,6 +43,18 @@ Clipping (``clip=True``): the per-group range search of ``reference.search_param
 custom append op and the Triton append do not know it (their schema has no ``clip``), so a
 clipping layer appends through the reference ``append`` in plain torch on every device.
 
+Sliding-window layers (``window=W``; :class:`QuantizedCache` gives every layer the model's
+config marks ``sliding_attention`` or ``chunked_attention`` the window transformers' own
+``DynamicSlidingWindowLayer`` gets): no later query of such a layer sees a key more than W − 1
+positions back, so after each call the layer drops the packed groups that lie wholly before
+that point (:meth:`QuantizedKVLayer._trim`). Whole groups only: their codes and (scale, zero)
+are moved, never re-quantized, so the tokens kept read back exactly as before (no drift). The
+layer then holds at most W − 1 + group − 1 + ring tokens (Gemma-3: 512-token windows), where
+before this it kept every token of the sequence in its sliding layers — more than the model's
+own bf16 cache at long contexts. ``get_mask_sizes`` reports the held range (length, offset) so
+the model's sliding mask lines up with the keys returned; ``get_seq_length`` counts every token
+seen. The sink copy is dropped with the first group (those positions left the window).
+
 Beam search works (``reorder_cache`` permutes the state); ``crop`` (assisted decoding) does not:
 packed groups cannot be un-quantized.
 """
@@ -58,9 +70,37 @@ from longfx.kernels.kv_quant import reference as kv_ref
 from longfx.kernels.kv_quant.reference import KVQuantConfig, QuantizedKV, n_packed
 
 __all__ = ["QuantizedKVLayer", "QuantizedCache", "GearKVLayer", "GearCache", "DEFAULT_BLOCK",
-           "init_layers"]
+           "init_layers", "layer_windows"]
 
 DEFAULT_BLOCK = 256
+# transformers layer types whose cache keeps only the last ``sliding_window`` − 1 tokens
+# (``DYNAMIC_LAYER_TYPE_MAPPING``: both map to ``DynamicSlidingWindowLayer``)
+WINDOWED_TYPES = ("sliding_attention", "chunked_attention")
+
+
+def layer_windows(config) -> list[int | None]:
+    """Per decoder layer of an HF ``config``: the window its own dynamic cache keeps
+    (``sliding_window`` for sliding layers, ``attention_chunk_size`` for chunked ones), or None
+    (a full layer). Read as transformers' ``DynamicCache(config=...)`` reads it; [] without a
+    config."""
+    if config is None:
+        return []
+    text = config.get_text_config(decoder=True)
+    try:                                         # transformers >= 5.2x: the library's own reading
+        from transformers.cache_utils import get_layer_types_and_kwargs
+
+        types, kwargs = get_layer_types_and_kwargs(text)
+        return [kw.get("sliding_window") if t in WINDOWED_TYPES else None
+                for t, kw in zip(types, kwargs)]
+    except ImportError:
+        pass
+    n = getattr(text, "num_hidden_layers", None) or 0
+    types = getattr(text, "layer_types", None)
+    window = getattr(text, "sliding_window", None)
+    if types is None:
+        types = ["sliding_attention" if window is not None else "full_attention"] * n
+    return [(window if t == "sliding_attention" else getattr(text, "attention_chunk_size", None))
+            if t in WINDOWED_TYPES else None for t in types]
 
 
 class QuantizedKVLayer(CacheLayerMixin):
@@ -71,12 +111,19 @@ class QuantizedKVLayer(CacheLayerMixin):
     is_sliding = False
 
     def __init__(self, config: KVQuantConfig = KVQuantConfig(), block: int = DEFAULT_BLOCK,
-                 sink: int = 0):
+                 sink: int = 0, window: int | None = None):
         super().__init__()
         if block < 1:
             raise ValueError(f"block must be >= 1, got {block}")
         if not isinstance(sink, int) or sink < 0:
             raise ValueError(f"sink must be an integer >= 0, got {sink!r}")
+        if window is not None and (not isinstance(window, int) or isinstance(window, bool)
+                                   or window < 1):
+            raise ValueError(f"window must be an integer >= 1 or None, got {window!r}")
+        self.window = window                                       # sliding layer: keys kept
+        self.is_sliding = window is not None                       # (HF reads both names)
+        self.sliding_window = window
+        self.offset = 0                                            # tokens dropped (windowed)
         self.config = config
         self.block = -(-block // config.group) * config.group     # whole groups
         self.sink = sink
@@ -88,6 +135,7 @@ class QuantizedKVLayer(CacheLayerMixin):
 
     def __repr__(self):
         extra = f", sink={self.sink}" if self.sink else ""
+        extra += f", window={self.window}, offset={self.offset}" if self.window else ""
         return f"{type(self).__name__}({self.config}{extra}, length={self.length})"
 
     def _tensors(self) -> dict[str, torch.Tensor]:
@@ -139,8 +187,46 @@ class QuantizedKVLayer(CacheLayerMixin):
         st.v_codes = more(st.v_codes, grow)
         st.v_params = more(st.v_params, grow)                            # [B, Hkv, Sp, 2, Jv]
 
+    def _per_group(self) -> set[str]:
+        """Names of the held tensors with one entry per packed group on dim 2 (the others with
+        packed storage have one per packed token; the ring is per slot)."""
+        return {"k_params"}
+
+    def _trim(self) -> None:
+        """Windowed layers: drop the whole packed groups that no later query sees (all their
+        positions < seen − window + 1). Codes and params move to the front of fresh storage
+        (rounded up to whole blocks, so the bytes held follow the window, not the sequence),
+        the ring is re-indexed (slot = state index % ring), nothing is re-quantized."""
+        if self.window is None or self.state is None:
+            return
+        st, c = self.state, self.config
+        packed = n_packed(self.length, c)
+        dead = self.length - (self.window - 1)                         # held, never seen again
+        n = min(max(dead, 0), packed) // c.group                       # whole packed groups
+        if n <= 0:
+            return
+        drop, keep = n * c.group, packed - n * c.group                  # tokens
+        cap = -(-keep // self.block) * self.block                       # new packed capacity
+        per_group = self._per_group()
+        for name, t in self._tensors().items():
+            if name in ("length", "sink_k", "sink_v"):
+                continue
+            if name in ("k_ring", "v_ring"):                            # slot i ← slot i + drop
+                self._set(name, torch.roll(t, -(drop % t.shape[2]), 2))
+                continue
+            unit = c.group if name in per_group else 1                  # tokens per dim-2 entry
+            fresh = t.new_zeros(*t.shape[:2], cap // unit, *t.shape[3:])
+            fresh[:, :, :keep // unit] = t[:, :, drop // unit:(drop + keep) // unit]
+            self._set(name, fresh)
+        st.length.sub_(drop)
+        self.length -= drop
+        self.offset += drop
+        self.sink_k = self.sink_v = None                                # positions 0.. are gone
+
     def _keep_sinks(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         """Copy the part of the chunk at positions < sink (the chunk starts at self.length)."""
+        if self.sink_k is None:
+            return
         n = min(self.sink - self.length, key_states.shape[2])
         if n > 0:
             self.sink_k[:, :, self.length:self.length + n] = key_states[:, :, :n]
@@ -149,7 +235,7 @@ class QuantizedKVLayer(CacheLayerMixin):
     def _with_sinks(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """k, v [B, Hkv, L, D] with the first min(sink, L) positions replaced by the exact copy."""
         n = min(self.sink, k.shape[2])
-        if n <= 0:
+        if n <= 0 or self.sink_k is None:
             return k, v
         return (torch.cat((self.sink_k[:, :, :n].to(k.dtype), k[:, :, n:]), 2),
                 torch.cat((self.sink_v[:, :, :n].to(v.dtype), v[:, :, n:]), 2))
@@ -214,26 +300,32 @@ class QuantizedKVLayer(CacheLayerMixin):
         if s == 1:                                   # decode: read the state after the append
             self._append(key_states, value_states)
             self.length = past + s
-            return self._read(past + s)
-        k_past, v_past = self._read(past)            # prefill: stored past + the chunk in fp
-        self._append(key_states, value_states)
-        self.length = past + s
-        return torch.cat((k_past, key_states), 2), torch.cat((v_past, value_states), 2)
+            out = self._read(past + s)
+        else:
+            k_past, v_past = self._read(past)        # prefill: stored past + the chunk in fp
+            self._append(key_states, value_states)
+            self.length = past + s
+            out = torch.cat((k_past, key_states), 2), torch.cat((v_past, value_states), 2)
+        if self.window is not None and not torch.compiler.is_compiling():
+            self._trim()                             # compiled: QuantizedCache.reserve trims
+        return out
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.length + query_length, 0
+        """(keys the next call's attention gets, position of the first): the held tokens."""
+        return self.length + query_length, self.offset
 
     def get_seq_length(self) -> int:
-        return self.length
+        return self.offset + self.length
 
     def get_max_length(self) -> int:
-        return -1
+        return -1 if self.window is None else self.window
 
     def reset(self) -> None:
         self.state = None
         self.sink_k = self.sink_v = None
         self.rot = None
         self.length = 0
+        self.offset = 0
         self.is_initialized = False
 
     def offload(self):          # the state stays where it is (no CPU offloading)
@@ -288,7 +380,8 @@ class QuantizedCache(Cache):
     decoder layer; without ``config`` layers are added as ``update`` meets them. ``layer_kv``
     ({layer index: config}) gives some layers their own config — layer-wise mixed precision
     (KVTuner, Li et al. 2025), e.g. wider keys (``key_bits``) in the most sensitive layers, as
-    ``kv_quant(..., key_bits=4, key_layers=(...))`` builds it."""
+    ``kv_quant(..., key_bits=4, key_layers=(...))`` builds it. The model's sliding-window layers
+    (``layer_windows(config)``) keep only their window (module docstring)."""
 
     def __init__(self, kv: KVQuantConfig = KVQuantConfig(), config=None,
                  block: int = DEFAULT_BLOCK, sink: int = 0,
@@ -297,6 +390,7 @@ class QuantizedCache(Cache):
         self.block = block
         self.sink = sink
         self.layer_kv = dict(layer_kv or {})
+        self.windows = layer_windows(config)    # per layer: its window, or None (full)
         self._made = 0                          # layers made so far: the next one's index
         n = getattr(config.get_text_config(decoder=True), "num_hidden_layers", None) \
             if config is not None else None
@@ -312,7 +406,11 @@ class QuantizedCache(Cache):
         """The next decoder layer's store: ``layer_kv[i]`` for layer ``i`` when given (layers
         are made in order, by ``init_layers`` or as ``update`` meets them), else ``kv``."""
         i, self._made = self._made, self._made + 1
-        return QuantizedKVLayer(self.layer_kv.get(i, self.kv), self.block, self.sink)
+        return QuantizedKVLayer(self.layer_kv.get(i, self.kv), self.block, self.sink,
+                                self._window(i))
+
+    def _window(self, i: int) -> int | None:
+        return self.windows[i] if i < len(self.windows) else None
 
     def __repr__(self):
         extra = f", sink={self.sink}" if self.sink else ""
@@ -325,6 +423,7 @@ class QuantizedCache(Cache):
         never happens inside a Dynamo graph and the traced ``update`` has one path."""
         for layer in self.layers:
             if layer.is_initialized:
+                layer._trim()                   # windowed layers: what the last call left
                 layer._reserve(layer.length + int(tokens))
 
     def nbytes(self) -> int:
@@ -347,8 +446,9 @@ class GearKVLayer(QuantizedKVLayer):
     beside the KIVI codes (same layout), grown with them and counted in ``nbytes``. Appends run
     the reference (``gear.append``: plain torch, any device); reads add the correction."""
 
-    def __init__(self, gear: GearConfig, block: int = DEFAULT_BLOCK, sink: int = 0):
-        super().__init__(gear.kv, block, sink)
+    def __init__(self, gear: GearConfig, block: int = DEFAULT_BLOCK, sink: int = 0,
+                 window: int | None = None):
+        super().__init__(gear.kv, block, sink, window)
         self.gear = gear
         self.extras: dict[str, torch.Tensor] = {}
 
@@ -367,6 +467,9 @@ class GearKVLayer(QuantizedKVLayer):
         if self.state is not None:
             out.update(self.extras)
         return out
+
+    def _per_group(self) -> set[str]:
+        return super()._per_group() | set(self.extras)                  # [B, Hkv, Gp, ...]
 
     def _set(self, name: str, t: torch.Tensor) -> None:
         if name in self.extras:
@@ -409,4 +512,5 @@ class GearCache(QuantizedCache):
         super().__init__(self.gear.kv, config, block, sink)
 
     def _new_layer(self) -> GearKVLayer:
-        return GearKVLayer(self.gear, self.block, self.sink)
+        i, self._made = self._made, self._made + 1
+        return GearKVLayer(self.gear, self.block, self.sink, self._window(i))

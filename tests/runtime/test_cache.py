@@ -252,3 +252,64 @@ def test_rotated_cache_runs_a_model_and_composes_with_beam_reorder():
     before = cache.layers[0].read()[0]
     cache.reorder_cache(torch.tensor([1, 0]))
     assert torch.equal(cache.layers[0].read()[0], before[[1, 0]])
+
+
+@pytest.mark.parametrize("kind", ["kivi", "gear", "sink"])
+def test_sliding_layer_keeps_its_window_in_whole_groups_read_back_unchanged(kind):
+    """A windowed layer (Gemma's sliding layers) drops the packed groups no later query sees:
+    what it returns is exactly the tail of what an unwindowed layer returns for the same
+    appends (groups are moved, not re-quantized), and its bytes stop growing."""
+    from longfx.kernels.kv_quant import gear as G
+    from longfx.runtime.cache import GearKVLayer
+
+    config = R.KVQuantConfig(bits=2, group=8, residual=12)                  # ring 16
+    window, sink = 20, (4 if kind == "sink" else 0)
+
+    def make(w):
+        if kind == "gear":
+            return GearKVLayer(G.GearConfig(config, rank=2, outliers=0.05), block=8, window=w)
+        return QuantizedKVLayer(config, block=8, sink=sink, window=w)
+
+    full, win = make(None), make(window)
+    assert win.is_sliding and not full.is_sliding and win.get_max_length() == window
+    k, v = _kv(2, 3, 270, 16, seed=9)
+    pos, sizes = 0, []
+    for s in (3, 1, 37, 1, 1, 1, 60, 1, 9, 1, 1, 80, 1, 1, 1, 1, 61):       # chunks and decode
+        length, offset = win.get_mask_sizes(s)
+        a = full.update(k[:, :, pos:pos + s], v[:, :, pos:pos + s], 0)
+        b = win.update(k[:, :, pos:pos + s], v[:, :, pos:pos + s], 0)
+        pos += s
+        assert b[0].shape[2] == length and offset + length == pos      # the mask's key range
+        assert torch.equal(b[0], a[0][:, :, offset:]) and torch.equal(b[1], a[1][:, :, offset:])
+        assert win.get_seq_length() == full.get_seq_length() == pos
+        # held after the call: the window, plus at most one partial group and the ring
+        assert win.length <= window - 1 + config.group - 1 + config.ring
+        assert win.offset % config.group == 0 and win.state.length.item() == win.length
+        sizes.append(win.nbytes())
+    assert win.offset > 200 and win.nbytes() < full.nbytes() / 2
+    assert max(sizes[8:]) <= max(sizes[:8])             # bounded: no growth with the sequence
+    if kind == "sink":
+        assert win.sink_k is None                       # those positions left the window
+
+
+def test_model_on_a_windowed_cache_equals_the_unwindowed_one():
+    """zoo Gemma3 (layer 0 slides over 4 tokens): the cache made from the config windows layer 0
+    and the logits and greedy tokens equal those of a cache keeping every token."""
+    model, _ = zoo.build("gemma3")
+    config = R.KVQuantConfig(bits=2, group=8, residual=8)
+    ids = torch.randint(3, 120, (1, 72), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        windowed = QuantizedCache(config, model.config)
+        assert [getattr(layer, "window", None) for layer in windowed.layers] == \
+            [model.config.sliding_window, None]
+        whole = QuantizedCache(config)                  # no config: no windows
+        a = torch.cat([model(input_ids=ids[:, s:s + 24], past_key_values=whole,
+                             use_cache=True).logits for s in range(0, 72, 24)], 1)
+        b = torch.cat([model(input_ids=ids[:, s:s + 24], past_key_values=windowed,
+                             use_cache=True).logits for s in range(0, 72, 24)], 1)
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+        assert windowed.layers[0].nbytes() < whole.layers[0].nbytes()
+        kw = dict(input_ids=ids[:, :40], max_new_tokens=30, do_sample=False)
+        want = model.generate(**kw, past_key_values=QuantizedCache(config))
+        got = model.generate(**kw, past_key_values=QuantizedCache(config, model.config))
+    assert torch.equal(got, want)
