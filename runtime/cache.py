@@ -81,26 +81,23 @@ WINDOWED_TYPES = ("sliding_attention", "chunked_attention")
 def layer_windows(config) -> list[int | None]:
     """Per decoder layer of an HF ``config``: the window its own dynamic cache keeps
     (``sliding_window`` for sliding layers, ``attention_chunk_size`` for chunked ones), or None
-    (a full layer). Read as transformers' ``DynamicCache(config=...)`` reads it; [] without a
-    config."""
+    (a full layer); [] without a config. Read from the config fields transformers' own
+    ``DynamicCache(config=...)`` reads (``layer_types``, else every layer sliding when
+    ``sliding_window`` is set, chunked when ``attention_chunk_size`` is); written out here
+    because the helper transformers uses for it changed its return between 5.17 and 5.23."""
     if config is None:
         return []
     text = config.get_text_config(decoder=True)
-    try:                                         # transformers >= 5.2x: the library's own reading
-        from transformers.cache_utils import get_layer_types_and_kwargs
-
-        types, kwargs = get_layer_types_and_kwargs(text)
-        return [kw.get("sliding_window") if t in WINDOWED_TYPES else None
-                for t, kw in zip(types, kwargs)]
-    except ImportError:
-        pass
     n = getattr(text, "num_hidden_layers", None) or 0
-    types = getattr(text, "layer_types", None)
     window = getattr(text, "sliding_window", None)
+    chunk = getattr(text, "attention_chunk_size", None)
+    types = getattr(text, "layer_types", None)
     if types is None:
-        types = ["sliding_attention" if window is not None else "full_attention"] * n
-    return [(window if t == "sliding_attention" else getattr(text, "attention_chunk_size", None))
-            if t in WINDOWED_TYPES else None for t in types]
+        kind = ("sliding_attention" if window is not None else
+                "chunked_attention" if chunk is not None else "full_attention")
+        types = [kind] * n
+    return [window if t == "sliding_attention" else chunk if t == "chunked_attention" else None
+            for t in types]
 
 
 class QuantizedKVLayer(CacheLayerMixin):

@@ -313,3 +313,14 @@ def test_model_on_a_windowed_cache_equals_the_unwindowed_one():
         want = model.generate(**kw, past_key_values=QuantizedCache(config))
         got = model.generate(**kw, past_key_values=QuantizedCache(config, model.config))
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma3"])
+def test_layer_windows_are_those_of_the_models_own_cache(name):
+    from longfx.runtime.cache import layer_windows
+
+    model, _ = zoo.build(name)
+    own = DynamicCache(config=model.config).layers
+    assert layer_windows(model.config) == [layer.sliding_window if layer.is_sliding else None
+                                           for layer in own]
+    assert layer_windows(None) == []
