@@ -73,9 +73,6 @@ __all__ = ["QuantizedKVLayer", "QuantizedCache", "GearKVLayer", "GearCache", "DE
            "init_layers", "layer_windows"]
 
 DEFAULT_BLOCK = 256
-# transformers layer types whose cache keeps only the last ``sliding_window`` − 1 tokens
-# (``DYNAMIC_LAYER_TYPE_MAPPING``: both map to ``DynamicSlidingWindowLayer``)
-WINDOWED_TYPES = ("sliding_attention", "chunked_attention")
 
 
 def layer_windows(config) -> list[int | None]:
