@@ -102,7 +102,6 @@ class QuantizedKVLayer(CacheLayerMixin):
 
     is_compileable = False      # capacity grows; HF's static-cache compile path is not for it
     is_croppable = False
-    is_sliding = False
 
     def __init__(self, config: KVQuantConfig = KVQuantConfig(), block: int = DEFAULT_BLOCK,
                  sink: int = 0, window: int | None = None):
@@ -115,8 +114,6 @@ class QuantizedKVLayer(CacheLayerMixin):
                                    or window < 1):
             raise ValueError(f"window must be an integer >= 1 or None, got {window!r}")
         self.window = window                                       # sliding layer: keys kept
-        self.is_sliding = window is not None                       # (HF reads both names)
-        self.sliding_window = window
         self.offset = 0                                            # tokens dropped (windowed)
         self.config = config
         self.block = -(-block // config.group) * config.group     # whole groups
@@ -126,6 +123,15 @@ class QuantizedKVLayer(CacheLayerMixin):
         self.sink_v: torch.Tensor | None = None
         self.rot: torch.Tensor | None = None                       # [D, D] fp32 (rotate=True)
         self.length = 0                                            # tokens held (all rows)
+
+    # the names transformers reads off a cache layer (masking_utils, Cache.is_sliding)
+    @property
+    def is_sliding(self) -> bool:
+        return self.window is not None
+
+    @property
+    def sliding_window(self) -> int | None:
+        return self.window
 
     def __repr__(self):
         extra = f", sink={self.sink}" if self.sink else ""
