@@ -28,7 +28,7 @@ B=8 over 32k 0.520 vs 0.424 ms — *slower* than SDPA, far from the issue's 3x t
 work (uint8 -> float conversion, staging the dequantized tiles for the tensor-core dots,
 softmax), not by the bytes it reads (~0.56 TB/s of packed state at 4 bits). Getting to 3x
 needs the dequantization done in the dot operand registers (e.g. inline-PTX prmt/lop3 on
-4 packed bytes at a time, as int4 GEMM kernels do), which this file does not do yet.
+4 packed bytes at a time, as int4 GEMM kernels do): "asm" below does that.
 
 Two packed-token kernels, ``attention_decode(variant=...)``: "joined" (``_decode_packed_kernel``,
 codes unpacked to [N, D] with join/reshape) and "planes" (``_decode_planes_kernel``: the
@@ -44,7 +44,42 @@ planes / joined / bf16 SDPA in ms: 4-bit 128k B=1 0.188 / 0.183 / 0.220; 2-bit 1
 shared-memory stalls (ncu at 4 warps, 4-bit 128k: short-scoreboard + MIO-throttle stalls
 3.9 -> 0.5 cycles an issued instruction) but holds 214 registers a thread there, and at its
 best it is no faster: both read the state at ~0.4-0.8 TB/s, 1.1-1.3x SDPA, far from 3x.
-"joined" stays the default.
+
+Three more operand modes of the planes kernel (``_plane_operand``'s OPERAND, 2026-11-24):
+"magic" builds each code straight into a 16-bit float (c OR-ed into the mantissa of bf16
+128.0 / fp16 1024.0, minus 128 + 2^(bits-1) in that dtype: exact, no I2F/F2F at all);
+"asm" does the same with inline PTX on 4 packed bytes at a time (``_asm_planes``: 2 prmt, then
+per plane one shift, one lop3 and one packed bf16x2 sub give two operands an instruction or
+so) and is the default; "tf32" keeps fp32 magic operands and tf32 dots (no F2F either).
+"magic" and "asm" centre the codes (c - 2^(bits-1), the zero term gets + 2^(bits-1)·a):
+without it the fold's bf16-rounded (q∘a) and (p∘a) lost accuracy on the long sums (max rel.
+error vs the reference 9.9e-3 -> 3.3e-3 at 4-bit 128k, same speed). The split that holds
+the full-precision ring is folded into the planes kernel (program NSPLIT; ``fuse_ring``),
+which saves a launch: 0.152 -> 0.142 ms at 4-bit 128k (benchmarks/results/debug/
+kv_quant_decode_breakdown3_h100.json). Measured on an H100 (2026-11-24, torch 2.11, Triton
+3.6, bf16, u8 scales, group 64, CUDA graphs, each the best point of one sweep, all in one
+run: benchmarks/results/kv_quant_decode_h100.json), joined / planes / magic / asm / bf16
+SDPA in ms: 4-bit 128k B=1 0.186 / 0.190 / 0.167 / 0.141 / 0.218 (asm 1.55x SDPA, 1.02 TB/s
+of state); 2-bit 128k 0.174 / 0.202 / 0.161 / 0.122 / 0.220 (1.81x); 4-bit 32k B=8 0.352 /
+0.377 / 0.295 / 0.291 / 0.424 (1.46x); 2-bit 32k B=8 0.333 / 0.390 / 0.314 / 0.243 / 0.422
+(1.74x); max rel. error vs the reference 3.2e-3 - 3.8e-3 for asm (joined 2.9e-3 - 3.9e-3).
+Best knobs for asm: 1 warp, block_n 64, 3 stages, 128 splits (128k) / 64 (32k B=8) — the
+defaults. "tf32" was slower (0.187 ms at 4-bit 128k) and less exact (tf32 truncates its
+operands: 4.9e-2). SDPA itself ran at 0.184 ms (2.9 TB/s) for the same shape in
+benchmarks/experiment_kv_decode_breakdown.py, against 0.218 ms in the benchmark; against the
+faster figure asm is 1.29x (128k) / 1.20x (32k B=8).
+
+What bounds "asm" (4-bit 128k B=1): the packed kernel is 130 µs of the 142 µs step (combine
+3.8 µs, the rest launch gaps); it reads 143 MB, 1.1 TB/s of the H100's ~3. It uses all 255
+registers a thread (ptxas, 1 warp, plus 100-400 bytes of spills), so an SM holds 8 one-warp
+programs: 2 warps a scheduler, too few to hide the latency of the per-tile chain (cp.async
+tile -> shared -> dot-operand registers -> PTX unpack -> HMMA -> softmax shuffles/exp2 ->
+HMMA). ~2400 SASS instructions a 64-token tile (Triton 3.9 build for sm_90: unpack ~1/3,
+q∘a, Σq·z and softmax on 16-row tiles of which 4 rows are distinct — G=4 rows, repeated for
+the JV=2 value groups, padded to 16 — most of the rest) would take ~37 µs at full issue
+rate: the kernel issues at ~30%. Capping registers (maxnreg 168/192) spills and is 1.6x
+slower; 2 or 4 warps a program split the tile's softmax across warps (shared-memory round
+trips) and are slower; more splits than 128 add partial-result traffic and waves.
 """
 from __future__ import annotations
 
@@ -65,6 +100,27 @@ AVAILABLE = triton is not None and (torch.cuda.is_available() or INTERPRET)
 LOG2E = 1.4426950408889634
 MAX_ROWS = 128        # G·S query rows one program holds
 MAX_HEAD_DIM = 256
+
+
+def _asm_planes_source(bits: int, fp16: bool) -> str:
+    """PTX for ``_asm_planes``: 4 packed bytes ($in, pack=4) -> per bit plane i, 4 codes as
+    two 16-bit-float pairs, centred: (c - 2^(bits-1)). prmt spreads bytes (0, 1) and (2, 3)
+    into the low bytes of the two halves of a word; per plane one shift, one lop3
+    ((t >> bits·i) & mask | magic: the code in the mantissa of bf16 128 / fp16 1024, whose ulp
+    is 1) and one packed sub of (magic + centre) give two exact operands at once."""
+    pb, qmax = 8 // bits, (1 << bits) - 1
+    magic, off = (0x6400, 0x6400 + (1 << (bits - 1))) if fp16 else (0x4300, 0x4300 + (1 << (bits - 1)))
+    sub = "sub.rn.f16x2" if fp16 else "sub.rn.bf16x2"
+    src = ["{", ".reg .b32 t<2>, s<2>, u<2>, k;", f"prmt.b32 t0, ${2 * pb}, 0, 0x4140;",
+           f"prmt.b32 t1, ${2 * pb}, 0, 0x4342;", f"mov.b32 k, {off * 0x10001:#010x};"]
+    for i in range(pb):
+        a, b = ("t0", "t1") if i == 0 else ("s0", "s1")
+        if i:
+            src += [f"shr.b32 s0, t0, {bits * i};", f"shr.b32 s1, t1, {bits * i};"]
+        src += [f"lop3.b32 u0, {a}, {qmax * 0x10001:#010x}, {magic * 0x10001:#010x}, 0xEA;",
+                f"lop3.b32 u1, {b}, {qmax * 0x10001:#010x}, {magic * 0x10001:#010x}, 0xEA;",
+                f"{sub} ${2 * i}, u0, k;", f"{sub} ${2 * i + 1}, u1, k;"]
+    return "\n".join(src + ["}"])
 
 
 def _pow2(n: int) -> int:
@@ -99,6 +155,38 @@ def supports_attention(q: torch.Tensor, state: reference.QuantizedKV) -> bool:
 
 
 if triton is not None:
+
+    _ASM = {(bits, fp16): tl.constexpr(_asm_planes_source(bits, fp16))
+            for bits in (2, 4) for fp16 in (False, True)}
+    _ASM_4_BF16 = _ASM[4, False]
+    _ASM_4_FP16 = _ASM[4, True]
+    _ASM_2_BF16 = _ASM[2, False]
+    _ASM_2_FP16 = _ASM[2, True]
+
+    @triton.jit
+    def _asm_planes(x, BITS: tl.constexpr, MAGIC_FP16: tl.constexpr):
+        """Packed bytes x (uint8, any shape) -> the PB bit planes, centred codes c - 2^(BITS-1)
+        as bf16 (fp16 when MAGIC_FP16), 4 bytes an inline-PTX call (``_asm_planes_source``).
+        CUDA only; the interpreter runs OPERAND 1, the same values in pure Triton."""
+        if BITS == 4:
+            if MAGIC_FP16:
+                out = tl.inline_asm_elementwise(_ASM_4_FP16, "=r,=r,=r,=r,r", [x],
+                                                dtype=(tl.float16, tl.float16), is_pure=True,
+                                                pack=4)
+            else:
+                out = tl.inline_asm_elementwise(_ASM_4_BF16, "=r,=r,=r,=r,r", [x],
+                                                dtype=(tl.bfloat16, tl.bfloat16), is_pure=True,
+                                                pack=4)
+        else:
+            if MAGIC_FP16:
+                out = tl.inline_asm_elementwise(_ASM_2_FP16, "=r,=r,=r,=r,=r,=r,=r,=r,r", [x],
+                                                dtype=(tl.float16, tl.float16, tl.float16,
+                                                       tl.float16), is_pure=True, pack=4)
+            else:
+                out = tl.inline_asm_elementwise(_ASM_2_BF16, "=r,=r,=r,=r,=r,=r,=r,=r,r", [x],
+                                                dtype=(tl.bfloat16, tl.bfloat16, tl.bfloat16,
+                                                       tl.bfloat16), is_pure=True, pack=4)
+        return out
 
     @triton.jit
     def _n_packed(length, GROUP: tl.constexpr, RING: tl.constexpr):
@@ -365,38 +453,87 @@ if triton is not None:
 
     @triton.jit
     def _plane_operand(x, i: tl.constexpr, BITS: tl.constexpr, QMAX: tl.constexpr,
-                       dt: tl.constexpr):
+                       dt: tl.constexpr, OPERAND: tl.constexpr, MAGIC_FP16: tl.constexpr,
+                       CENTER: tl.constexpr):
         """Plane i of packed bytes x as a dot operand of dtype dt, without an int -> float
-        conversion instruction (I2F, quarter rate on Hopper): the code is OR-ed into the
-        mantissa of 2^23 and 2^23 subtracted in fp32 (exact; the "magic number" trick of
-        int4 GEMM kernels, e.g. FasterTransformer's fast int -> half). Leaving the offset in
-        the operand (bf16 128 + c, fp16 1024 + c) and subtracting it after the dot saved 4%
-        on an H100 but cost accuracy (the offset cancels in fp32 over long sums), so it is
-        not done."""
-        c = _plane(x, i, BITS, QMAX)
-        return ((c.to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0).to(dt)
+        conversion instruction (I2F, quarter rate on Hopper).
+
+        OPERAND 0 ("planes") and 2 ("tf32"): the code is OR-ed into the mantissa of 2^23 and
+        2^23 subtracted in fp32 (exact; the "magic number" trick of int4 GEMM kernels, e.g.
+        FasterTransformer's fast int -> half), then converted to dt (an F2F when dt is 16-bit;
+        none for "tf32", whose dots take fp32 operands). OPERAND 1 ("magic", codes of < 8
+        bits): the code is OR-ed into the mantissa of a 16-bit float directly — bf16 128.0
+        (0x4300) or fp16 1024.0 (0x6400), whose ulp is 1 — and the offset subtracted in that
+        dtype (exact: 128 + c - 128 = c), so no conversion instruction at all (ptxas packs the
+        subtractions two to a HADD2). Leaving the offset in the operand and subtracting it
+        after the dot saved 4% on an H100 but cost accuracy (the offset cancels in fp32 over
+        long sums), so it is not done. Mode 1 subtracts CENTER more (2^(bits-1), exact too):
+        the operand is c - CENTER, centred on 0, and the caller adds CENTER·a to the zero
+        term; the dot's sums are then smaller, and so is the error of its bf16-rounded
+        (q∘a) and (p∘a). Under the interpreter (dt = fp32) mode 1 builds the same 16-bit bits
+        and subtracts in fp32: the same exact codes."""
+        if OPERAND == 3 and BITS < 8:     # x: the planes from _asm_planes
+            out = x[i].to(dt)
+        elif OPERAND == 1 and BITS < 8:
+            c = _plane(x, i, BITS, QMAX)
+            if MAGIC_FP16:
+                m = (c.to(tl.int16) | 0x6400).to(tl.float16, bitcast=True)      # 1024 + c
+                off: tl.constexpr = 1024.0 + CENTER
+            else:
+                m = (c.to(tl.int16) | 0x4300).to(tl.bfloat16, bitcast=True)     # 128 + c
+                off: tl.constexpr = 128.0 + CENTER
+            if dt == tl.float32:
+                out = m.to(tl.float32) - off
+            else:
+                out = (m - off).to(dt)
+        else:
+            c = _plane(x, i, BITS, QMAX)
+            out = ((c.to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True)
+                   - 8388608.0).to(dt)
+        return out
 
     @triton.jit
-    def _key_plane_scores(qf, xt, kp, i: tl.constexpr, dt: tl.constexpr, BITS: tl.constexpr,
+    def _key_plane_scores(acc, qf, xt, kp, i: tl.constexpr, dt: tl.constexpr, BITS: tl.constexpr,
                           QMAX: tl.constexpr, D: tl.constexpr, PB: tl.constexpr,
-                          DP: tl.constexpr, FP16: tl.constexpr, PREC: tl.constexpr):
-        """(q∘a)·c over plane i's channels, and Σ q·z over them: qf fp32 [M, DP], xt the
-        tile's packed key bytes transposed [DP, N], kp the tile's key-group params."""
+                          DP: tl.constexpr, FP16: tl.constexpr, PREC: tl.constexpr,
+                          OPERAND: tl.constexpr, MAGIC_FP16: tl.constexpr, CENTER: tl.constexpr):
+        """acc + (q∘a)·c over plane i's channels, and Σ q·z over them: qf fp32 [M, DP], xt
+        the tile's packed key bytes transposed [DP, N], kp the tile's key-group params."""
         j = tl.arange(0, DP)
         ok = j < D // PB
         ch = PB * j + i
         a, z = _affine(tl.load(kp + ch, mask=ok, other=0), tl.load(kp + D + ch, mask=ok, other=0),
                        QMAX, FP16)                                           # [DP]
         qa = (qf * a[None, :]).to(dt)
-        s = tl.dot(qa, _plane_operand(xt, i, BITS, QMAX, dt), input_precision=PREC)  # [M, N]
-        return s, tl.sum(qf * z[None, :], 1)
+        s = tl.dot(qa, _plane_operand(xt, i, BITS, QMAX, dt, OPERAND, MAGIC_FP16, CENTER),
+                   acc, input_precision=PREC)                                # [M, N]
+        return s, tl.sum(qf * (z + CENTER * a)[None, :], 1)
 
     @triton.jit
     def _value_plane(acc, alpha, pa, xv, i: tl.constexpr, BITS: tl.constexpr, QMAX: tl.constexpr,
-                     dt: tl.constexpr, PREC: tl.constexpr):
-        # acc [M, DP] of plane i: rescale, add (p∘a) · codes [N, DP]
-        return acc * alpha[:, None] + tl.dot(pa, _plane_operand(xv, i, BITS, QMAX, dt),
-                                             input_precision=PREC)
+                     dt: tl.constexpr, PREC: tl.constexpr, OPERAND: tl.constexpr,
+                     MAGIC_FP16: tl.constexpr, CENTER: tl.constexpr):
+        # acc [M, DP] of plane i: rescale, add (p∘a) · (codes - CENTER) [N, DP]
+        return tl.dot(pa, _plane_operand(xv, i, BITS, QMAX, dt, OPERAND, MAGIC_FP16, CENTER),
+                      acc * alpha[:, None], input_precision=PREC)
+
+    @triton.jit
+    def _ring_plane_scores(qf, kr, slot, tok, i: tl.constexpr, dt: tl.constexpr, D: tl.constexpr,
+                           PB: tl.constexpr, DP: tl.constexpr, PREC: tl.constexpr):
+        """q_i · k_iᵀ over plane i's channels of full-precision ring keys (slots ``slot``)."""
+        j = tl.arange(0, DP)
+        ok = (j < D // PB)[:, None] & tok[None, :]
+        k = tl.load(kr + slot[None, :] * D + (PB * j + i)[:, None], mask=ok, other=0.0)
+        return tl.dot(qf.to(dt), k.to(dt), input_precision=PREC)                  # [M, N]
+
+    @triton.jit
+    def _ring_value_plane(acc, alpha, p, vr, slot, tok, i: tl.constexpr, dt: tl.constexpr,
+                          D: tl.constexpr, PB: tl.constexpr, DP: tl.constexpr,
+                          PREC: tl.constexpr):
+        j = tl.arange(0, DP)
+        ok = tok[:, None] & (j < D // PB)[None, :]
+        v = tl.load(vr + slot[:, None] * D + (PB * j + i)[None, :], mask=ok, other=0.0)
+        return acc * alpha[:, None] + tl.dot(p, v.to(dt), input_precision=PREC)
 
     @triton.jit
     def _store_plane(ACC, base, acc, i: tl.constexpr, M: tl.constexpr, ROWS: tl.constexpr,
@@ -412,11 +549,13 @@ if triton is not None:
 
     @triton.jit
     def _decode_planes_kernel(
-            Q, KC, KP, VC, VP, LEN, ACC, LSE, qk_scale, sq_b, sq_h, sq_s, SP, NSPLIT,
+            Q, KC, KP, VC, VP, LEN, ACC, LSE, qk_scale, sq_b, sq_h, sq_s, SP, NSPLIT, KR, VR,
             HKV: tl.constexpr, G: tl.constexpr, S: tl.constexpr, D: tl.constexpr,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
             BITS: tl.constexpr, GROUP: tl.constexpr, RING: tl.constexpr, JV: tl.constexpr,
-            FP16: tl.constexpr, PREC: tl.constexpr, DOT_F32: tl.constexpr):
+            FP16: tl.constexpr, PREC: tl.constexpr, DOT_F32: tl.constexpr,
+            OPERAND: tl.constexpr = 0, CENTER: tl.constexpr = 0, FUSE_RING: tl.constexpr = False,
+            RING_N: tl.constexpr = 16):
         """``_decode_packed_kernel`` without unpacking to [N, D]: the PB = 8 / BITS bit planes
         of the packed bytes stay apart (plane i of byte column j is channel PB·j + i, so a
         plane is a plain [N, D / PB] operand: shift and mask, no join/reshape, no layout
@@ -438,8 +577,9 @@ if triton is not None:
         b = bh // HKV
         h = bh % HKV
         q0 = _load_q_plane(Q, b, h, sq_b, sq_h, sq_s, 0, G, S, D, PB, ROWS, BLOCK_M, DP)
+        MAGIC_FP16: tl.constexpr = q0.dtype == tl.float16
         dt = q0.dtype
-        if DOT_F32:
+        if DOT_F32 or OPERAND == 2:
             dt = tl.float32
         q0 = q0.to(tl.float32)
         q1 = q0
@@ -484,16 +624,21 @@ if triton is not None:
                 xk = tl.load(kptr)
             else:
                 xk = tl.load(kptr, mask=jok[:, None], other=0)
+            if OPERAND == 3 and BITS < 8:
+                xk = _asm_planes(xk, BITS, MAGIC_FP16)
             kp = kpar + (n0 // GROUP) * 2 * D
-            scores, qz = _key_plane_scores(q0, xk, kp, 0, dt, BITS, QMAX, D, PB, DP, FP16, PREC)
+            scores = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            scores, qz = _key_plane_scores(scores, q0, xk, kp, 0, dt, BITS, QMAX, D, PB, DP, FP16, PREC,
+                                         OPERAND, MAGIC_FP16, CENTER)
             if PB >= 2:
-                s1, z1 = _key_plane_scores(q1, xk, kp, 1, dt, BITS, QMAX, D, PB, DP, FP16, PREC)
-                scores += s1
+                scores, z1 = _key_plane_scores(scores, q1, xk, kp, 1, dt, BITS, QMAX, D, PB, DP, FP16, PREC,
+                                         OPERAND, MAGIC_FP16, CENTER)
                 qz += z1
             if PB == 4:
-                s2, z2 = _key_plane_scores(q2, xk, kp, 2, dt, BITS, QMAX, D, PB, DP, FP16, PREC)
-                s3, z3 = _key_plane_scores(q3, xk, kp, 3, dt, BITS, QMAX, D, PB, DP, FP16, PREC)
-                scores += s2 + s3
+                scores, z2 = _key_plane_scores(scores, q2, xk, kp, 2, dt, BITS, QMAX, D, PB, DP, FP16, PREC,
+                                         OPERAND, MAGIC_FP16, CENTER)
+                scores, z3 = _key_plane_scores(scores, q3, xk, kp, 3, dt, BITS, QMAX, D, PB, DP, FP16, PREC,
+                                         OPERAND, MAGIC_FP16, CENTER)
                 qz += z2 + z3
             scores = (scores + qz[:, None]) * qk_scale
             if S > 1:
@@ -504,14 +649,14 @@ if triton is not None:
             if JV == 1:
                 a, z = _affine(tl.load(vp), tl.load(vp + 1), QMAX, FP16)         # [N]
                 pa = p * a[None, :]
-                pz = p * z[None, :]
+                pz = p * (z + CENTER * a)[None, :]
             else:
                 a = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
                 z = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
                 for jv in tl.static_range(JV):
                     aj, zj = _affine(tl.load(vp + jv), tl.load(vp + JV + jv), QMAX, FP16)
                     a = tl.where(rg == jv, aj[None, :], a)
-                    z = tl.where(rg == jv, zj[None, :], z)
+                    z = tl.where(rg == jv, (zj + CENTER * aj)[None, :], z)
                 pa = p * a
                 pz = p * z
             pa = pa.to(dt)
@@ -521,12 +666,46 @@ if triton is not None:
                 xv = tl.load(vptr)
             else:
                 xv = tl.load(vptr, mask=jok[None, :], other=0)
-            acc0 = _value_plane(acc0, alpha, pa, xv, 0, BITS, QMAX, dt, PREC)
+            if OPERAND == 3 and BITS < 8:
+                xv = _asm_planes(xv, BITS, MAGIC_FP16)
+            acc0 = _value_plane(acc0, alpha, pa, xv, 0, BITS, QMAX, dt, PREC, OPERAND,
+                                    MAGIC_FP16, CENTER)
             if PB >= 2:
-                acc1 = _value_plane(acc1, alpha, pa, xv, 1, BITS, QMAX, dt, PREC)
+                acc1 = _value_plane(acc1, alpha, pa, xv, 1, BITS, QMAX, dt, PREC, OPERAND,
+                                    MAGIC_FP16, CENTER)
             if PB == 4:
-                acc2 = _value_plane(acc2, alpha, pa, xv, 2, BITS, QMAX, dt, PREC)
-                acc3 = _value_plane(acc3, alpha, pa, xv, 3, BITS, QMAX, dt, PREC)
+                acc2 = _value_plane(acc2, alpha, pa, xv, 2, BITS, QMAX, dt, PREC, OPERAND,
+                                    MAGIC_FP16, CENTER)
+                acc3 = _value_plane(acc3, alpha, pa, xv, 3, BITS, QMAX, dt, PREC, OPERAND,
+                                    MAGIC_FP16, CENTER)
+        if FUSE_RING:   # program NSPLIT: the full-precision ring, tokens [n, L), same planes
+            kr = KR + bh64 * RING * D
+            vr = VR + bh64 * RING * D
+            nr = tl.arange(0, RING_N)
+            for n0 in range(tl.where(split == NSPLIT, n, L), L, RING_N):
+                t = n0 + nr
+                tok = t < L
+                slot = t % RING
+                scores = _ring_plane_scores(q0, kr, slot, tok, 0, dt, D, PB, DP, PREC)
+                if PB >= 2:
+                    scores += _ring_plane_scores(q1, kr, slot, tok, 1, dt, D, PB, DP, PREC)
+                if PB == 4:
+                    scores += _ring_plane_scores(q2, kr, slot, tok, 2, dt, D, PB, DP, PREC)
+                    scores += _ring_plane_scores(q3, kr, slot, tok, 3, dt, D, PB, DP, PREC)
+                scores = tl.where(tok[None, :] & (t[None, :] <= qpos[:, None]),
+                                  scores * qk_scale, float("-inf"))
+                m_i, l_i, alpha, p = _online_softmax(scores, m_i, l_i)
+                acc_z = acc_z * alpha
+                p = p.to(dt)
+                acc0 = _ring_value_plane(acc0, alpha, p, vr, slot, tok, 0, dt, D, PB, DP, PREC)
+                if PB >= 2:
+                    acc1 = _ring_value_plane(acc1, alpha, p, vr, slot, tok, 1, dt, D, PB, DP,
+                                             PREC)
+                if PB == 4:
+                    acc2 = _ring_value_plane(acc2, alpha, p, vr, slot, tok, 2, dt, D, PB, DP,
+                                             PREC)
+                    acc3 = _ring_value_plane(acc3, alpha, p, vr, slot, tok, 3, dt, D, PB, DP,
+                                             PREC)
         base = (bh * (NSPLIT + 1) + split) * M
         full = l_i > 0
         inv = 1.0 / tl.where(full, l_i, 1.0)
@@ -641,8 +820,10 @@ def _num_splits(rows: int, packed: int, block_n: int, device: torch.device) -> i
     return max(1, min(-(-4 * sms // rows), packed // block_n))
 
 
-VARIANTS = ("planes", "joined")
-DEFAULT_VARIANT = "joined"    # measured: see the module docstring
+VARIANTS = ("planes", "joined", "magic", "tf32", "asm")
+_OPERAND = {"planes": 0, "magic": 1, "tf32": 2, "asm": 3}       # _plane_operand's modes
+_CENTER = True        # experiments: False turns the centring of "magic" off
+DEFAULT_VARIANT = "asm"       # measured fastest at both shapes: see the module docstring
 
 
 def planes_ok(q: torch.Tensor, state: reference.QuantizedKV) -> bool:
@@ -664,7 +845,8 @@ def _small_tile_splits(packed: int) -> int:
 def attention_decode(q: torch.Tensor, state: reference.QuantizedKV, scale: float | None = None,
                      num_splits: int | None = None, num_warps: int | None = None,
                      num_stages: int | None = None, variant: str | None = None,
-                     block_n: int | None = None, maxnreg: int | None = None) -> torch.Tensor:
+                     block_n: int | None = None, maxnreg: int | None = None,
+                     fuse_ring: bool = True) -> torch.Tensor:
     """``reference.attention_decode`` reading the packed state: q [B, H, S, D] (S ≤ 16 or so:
     G·S ≤ 128 rows per kv head) -> [B, H, S, D] in q's dtype.
 
@@ -691,7 +873,10 @@ def attention_decode(q: torch.Tensor, state: reference.QuantizedKV, scale: float
     if scale is None:
         scale = q.shape[-1] ** -0.5
     small = q.shape[1] // state.k_ring.shape[1] * q.shape[2] <= 16      # G·S rows a tile
-    block_n = min(32 if small else 64, c.group) if block_n is None else block_n
+    if variant in _OPERAND and not planes_ok(q, state):
+        variant = "joined"
+    if block_n is None:
+        block_n = min(64 if variant in _OPERAND or not small else 32, c.group)
     num_warps = (1 if small else 8) if num_warps is None else num_warps
     num_stages = (3 if small else 4) if num_stages is None else num_stages
     if block_n < 16 or block_n & (block_n - 1) or c.group % block_n:
@@ -700,8 +885,6 @@ def attention_decode(q: torch.Tensor, state: reference.QuantizedKV, scale: float
     if block_n < 32 and c.bits < 8 and not INTERPRET:   # see _group_ok: wrong on an H100
         raise ValueError(f"block_n {block_n}: 16-token tiles of {c.bits}-bit codes decoded "
                          f"wrongly on CUDA (H100, Triton 3.6); use 32 or more")
-    if variant == "planes" and not planes_ok(q, state):
-        variant = "joined"
     B, H, S, D = q.shape
     hkv = state.k_ring.shape[1]
     G = H // hkv
@@ -709,7 +892,7 @@ def attention_decode(q: torch.Tensor, state: reference.QuantizedKV, scale: float
     jv = c.value_groups(D)
     sp = state.k_codes.shape[2]
     block_d = max(16, _pow2(D))
-    block_m = max(16, _pow2(M * jv if variant == "planes" else M))
+    block_m = max(16, _pow2(M * jv if variant in _OPERAND else M))
     splits = num_splits or (_small_tile_splits(sp) if small else
                             _num_splits(B * hkv, sp, block_n, q.device))
     acc = torch.empty(B * hkv, splits + 1, M, D, device=q.device, dtype=torch.float32)
@@ -723,15 +906,28 @@ def attention_decode(q: torch.Tensor, state: reference.QuantizedKV, scale: float
     qs = (q.stride(0), q.stride(1), q.stride(2))
     common = dict(HKV=hkv, G=G, S=S, D=D, BLOCK_D=block_d, GROUP=c.group, RING=c.ring,
                   PREC=prec, DOT_F32=dot_f32)
-    kernel = _decode_planes_kernel if variant == "planes" else _decode_packed_kernel
-    kernel[(B * hkv, splits)](
+    kernel = _decode_planes_kernel if variant in _OPERAND else _decode_packed_kernel
+    fuse = variant in _OPERAND and fuse_ring
+    if variant in _OPERAND:
+        operand = _OPERAND[variant]
+        if operand == 3 and INTERPRET:      # no inline PTX there: the same codes in Triton
+            operand = 1
+        center = 1 << (c.bits - 1) if operand in (1, 3) and c.bits < 8 else 0
+        if operand == 1 and not _CENTER:
+            center = 0
+        common_main = dict(common, OPERAND=operand, CENTER=center, FUSE_RING=fuse)
+        ring_args = (state.k_ring, state.v_ring)
+    else:
+        common_main, ring_args = common, ()
+    kernel[(B * hkv, splits + fuse)](
         q, state.k_codes, state.k_params, state.v_codes, state.v_params, state.length, acc, lse,
-        scale * LOG2E, *qs, sp, splits, BLOCK_M=block_m, BLOCK_N=block_n, BITS=c.bits, JV=jv,
-        FP16=c.scales == "fp16", num_warps=num_warps, num_stages=num_stages, **common,
+        scale * LOG2E, *qs, sp, splits, *ring_args, BLOCK_M=block_m, BLOCK_N=block_n,
+        BITS=c.bits, JV=jv, FP16=c.scales == "fp16", num_warps=num_warps, num_stages=num_stages, **common_main,
         **({} if maxnreg is None else dict(maxnreg=maxnreg)))
-    _decode_ring_kernel[(B * hkv,)](
-        q, state.k_ring, state.v_ring, state.length, acc, lse, scale * LOG2E, *qs, splits,
-        BLOCK_M=max(16, _pow2(M)), BLOCK_N=min(64, c.group), **common)
+    if not fuse:
+        _decode_ring_kernel[(B * hkv,)](
+            q, state.k_ring, state.v_ring, state.length, acc, lse, scale * LOG2E, *qs, splits,
+            BLOCK_M=max(16, _pow2(M)), BLOCK_N=min(64, c.group), **common)
     _combine_kernel[(B * hkv, M)](
         acc, lse, out, out.stride(0), out.stride(1), out.stride(2), splits + 1, HKV=hkv, G=G,
         S=S, D=D, BLOCK_S=_pow2(splits + 1), BLOCK_D=block_d)

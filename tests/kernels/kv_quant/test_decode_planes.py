@@ -1,6 +1,10 @@
 """The "planes" decode kernel (bit planes kept apart, value groups carried by repeated query
 rows, codes turned into dot operands without I2F) against the reference, under
-the Triton interpreter (CPU).
+the Triton interpreter (CPU), in each of its operand modes: "planes" (fp32 magic number,
+converted), "magic" (codes built straight into bf16/fp16 bits, centred), "tf32" (fp32
+operands) and "asm" — whose inline PTX does not run in the interpreter, so there it runs its
+pure-Triton twin "magic" (the same centred codes); test_triton_asm_cuda.py tests the PTX on
+a GPU.
 
 Odd shapes: 2/4/8 bits, D 64/96/128 (96: planes narrower than their power-of-two block),
 group 32/64 (1 to 4 value groups a token), G 1/4/7 query heads per kv head, S 1/3 queries,
@@ -57,15 +61,16 @@ def _rel(a, b):
     return float((a.float() - b.float()).abs().max() / b.float().abs().max())
 
 
+@pytest.mark.parametrize("variant", ["planes", "magic", "tf32", "asm"])
 @pytest.mark.parametrize("bits,group,residual,scales,D,dtype,G,S,length,splits,block_n", CASES)
 def test_planes_decode_matches_reference(bits, group, residual, scales, D, dtype, G, S, length,
-                                         splits, block_n):
+                                         splits, block_n, variant):
     st = _state(bits, group, residual, scales, D, dtype, length, seed=bits * D + G + S)
     assert R.n_packed(length, st.config) > 0
     q = torch.randn(1, 2 * G, S, D, generator=torch.Generator().manual_seed(S)).to(dtype)
     assert T.planes_ok(q, st)
     out = T.attention_decode(q, st, 0.125, num_splits=splits, num_warps=4, num_stages=2,
-                             variant="planes", block_n=block_n)
+                             variant=variant, block_n=block_n)
     assert out.shape == q.shape and out.dtype == dtype
     assert _rel(out, _want(q, st, 0.125)) < (1e-3 if dtype == F32 else 2e-2)
 
