@@ -15,8 +15,8 @@ zeros and the full-precision ring), the largest relative difference from the ref
 (dequantize + attention, in fp32), and the time of a one-token append (quantize-on-append).
 
 The decode variants are timed (``--variants``: "joined", the unpack-to-[N, D] kernel, and the
-bit-plane kernel with its operand modes "planes", "magic", "asm" — the default — and "tf32";
-see longfx.kernels.kv_quant.triton) over the sweep ``--block-n`` x ``--num-splits`` x ``--num-warps`` x
+bit-plane kernel with its operand modes "planes", "magic", "asm" and "tf32", and its
+transposed form "asmt", the default; see longfx.kernels.kv_quant.triton) over the sweep ``--block-n`` x ``--num-splits`` x ``--num-warps`` x
 ``--num-stages`` x ``--maxnreg``; each row's ``quant_ms`` and knobs are the fastest point
 over all variants (``variant`` names it) and ``variants`` keeps the best point of each, with
 its GB/s, speedup and error. ``--quick``: the 4- and 2-bit rows of 128k:1 and 32k:8 with a smaller sweep
@@ -189,7 +189,7 @@ def main(argv=None):
     ap.add_argument("--residual", type=int, default=128)
     ap.add_argument("--scales", default="u8", choices=("u8", "fp16"))
     ap.add_argument("--queries", type=int, default=1, help="query tokens per step (S)")
-    ap.add_argument("--variants", default="joined,planes,magic,asm",
+    ap.add_argument("--variants", default="joined,planes,magic,asm,asmt",
                     help="decode kernels to time (longfx.kernels.kv_quant.triton.VARIANTS)")
     ap.add_argument("--block-n", default="32,64", help="decode tile sizes to try (those that "
                     "do not divide --group are skipped)")

@@ -75,7 +75,12 @@ def main():
                 return T.attention_decode(q, st, None, int(splits) or None, int(warps),
                                           int(stages), variant=variant, block_n=int(bn),
                                           maxnreg=maxnreg or None, fuse_ring=fuse)
-            t = graph_ms(run, 5, 30)
+            try:
+                t = graph_ms(run, 5, 30)
+            except Exception as e:  # noqa: BLE001 - record a config that does not compile
+                print(json.dumps(dict(length=length, batch=batch, config=cfg,
+                                      error=repr(e)[:400])), flush=True)
+                continue
             o = run()
             err = rel(o, want)
             outs.setdefault(variant, o)
@@ -86,6 +91,11 @@ def main():
                        max_rel_err_vs_reference=err)
             print(json.dumps(row), flush=True)
             rows.append(row)
+        t_sdpa_after = graph_ms(sdpa, 5, 30)       # again, after the decode configs
+        print(json.dumps(dict(length=length, batch=batch, sdpa_ms_before=t_sdpa,
+                              sdpa_ms_after=t_sdpa_after)), flush=True)
+        rows.append(dict(length=length, batch=batch, sdpa_ms_before=t_sdpa,
+                         sdpa_ms_after=t_sdpa_after))
         if "asm" in outs and "magic" in outs:    # the inline PTX against its Triton twin
             d = float((outs["asm"].float() - outs["magic"].float()).abs().max())
             print(json.dumps(dict(length=length, batch=batch, asm_vs_magic_max_abs=d)))

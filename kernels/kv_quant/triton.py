@@ -49,37 +49,46 @@ Three more operand modes of the planes kernel (``_plane_operand``'s OPERAND, 202
 "magic" builds each code straight into a 16-bit float (c OR-ed into the mantissa of bf16
 128.0 / fp16 1024.0, minus 128 + 2^(bits-1) in that dtype: exact, no I2F/F2F at all);
 "asm" does the same with inline PTX on 4 packed bytes at a time (``_asm_planes``: 2 prmt, then
-per plane one shift, one lop3 and one packed bf16x2 sub give two operands an instruction or
-so) and is the default; "tf32" keeps fp32 magic operands and tf32 dots (no F2F either).
-"magic" and "asm" centre the codes (c - 2^(bits-1), the zero term gets + 2^(bits-1)·a):
-without it the fold's bf16-rounded (q∘a) and (p∘a) lost accuracy on the long sums (max rel.
-error vs the reference 9.9e-3 -> 3.3e-3 at 4-bit 128k, same speed). The split that holds
-the full-precision ring is folded into the planes kernel (program NSPLIT; ``fuse_ring``),
-which saves a launch: 0.152 -> 0.142 ms at 4-bit 128k (benchmarks/results/debug/
-kv_quant_decode_breakdown3_h100.json). Measured on an H100 (2026-11-24, torch 2.11, Triton
-3.6, bf16, u8 scales, group 64, CUDA graphs, each the best point of one sweep, all in one
-run: benchmarks/results/kv_quant_decode_h100.json), joined / planes / magic / asm / bf16
-SDPA in ms: 4-bit 128k B=1 0.186 / 0.190 / 0.167 / 0.141 / 0.218 (asm 1.55x SDPA, 1.02 TB/s
-of state); 2-bit 128k 0.174 / 0.202 / 0.161 / 0.122 / 0.220 (1.81x); 4-bit 32k B=8 0.352 /
-0.377 / 0.295 / 0.291 / 0.424 (1.46x); 2-bit 32k B=8 0.333 / 0.390 / 0.314 / 0.243 / 0.422
-(1.74x); max rel. error vs the reference 3.2e-3 - 3.8e-3 for asm (joined 2.9e-3 - 3.9e-3).
-Best knobs for asm: 1 warp, block_n 64, 3 stages, 128 splits (128k) / 64 (32k B=8) — the
-defaults. "tf32" was slower (0.187 ms at 4-bit 128k) and less exact (tf32 truncates its
-operands: 4.9e-2). SDPA itself ran at 0.184 ms (2.9 TB/s) for the same shape in
-benchmarks/experiment_kv_decode_breakdown.py, against 0.218 ms in the benchmark; against the
-faster figure asm is 1.29x (128k) / 1.20x (32k B=8).
+per plane one shift, one lop3 and one packed bf16x2 sub give two operands); "tf32" keeps fp32
+magic operands and tf32 dots (no F2F either; slower, 0.187 ms at 4-bit 128k, and less exact:
+tf32 truncates its operands, 4.9e-2). "magic" and "asm" centre the codes (c - 2^(bits-1);
+the zero term gets + 2^(bits-1)·a): without it the fold's bf16-rounded (q∘a) and (p∘a) lost
+accuracy on the long sums (max rel. error vs the reference 9.9e-3 -> 3.3e-3 at 4-bit 128k,
+same speed). The split that holds the full-precision ring is folded into the planes kernel
+(program NSPLIT, ``fuse_ring``): one launch less, 0.152 -> 0.142 ms at 4-bit 128k.
 
-What bounds "asm" (4-bit 128k B=1): the packed kernel is 130 µs of the 142 µs step (combine
-3.8 µs, the rest launch gaps); it reads 143 MB, 1.1 TB/s of the H100's ~3. It uses all 255
-registers a thread (ptxas, 1 warp, plus 100-400 bytes of spills), so an SM holds 8 one-warp
-programs: 2 warps a scheduler, too few to hide the latency of the per-tile chain (cp.async
-tile -> shared -> dot-operand registers -> PTX unpack -> HMMA -> softmax shuffles/exp2 ->
-HMMA). ~2400 SASS instructions a 64-token tile (Triton 3.9 build for sm_90: unpack ~1/3,
-q∘a, Σq·z and softmax on 16-row tiles of which 4 rows are distinct — G=4 rows, repeated for
-the JV=2 value groups, padded to 16 — most of the rest) would take ~37 µs at full issue
-rate: the kernel issues at ~30%. Capping registers (maxnreg 168/192) spills and is 1.6x
-slower; 2 or 4 warps a program split the tile's softmax across warps (shared-memory round
-trips) and are slower; more splits than 128 add partial-result traffic and waves.
+"asmt" (``_decode_tposed_kernel``, the default) is "asm" transposed: tokens are the dots' M
+side and the query rows (G·S, repeated once per value group) their N side, which Triton lets
+be 8 wide, so the 8 rows of Llama-8B (G=4, two value groups of 64 channels) no longer pad a
+16-row MMA tile: query planes, accumulators, scores and softmax are half the size. On the
+H100 it holds 255 registers with no spills (asm: 255 plus 100-400 bytes of spills).
+
+Measured on an H100 (2026-11-24, torch 2.11, Triton 3.6, bf16, u8 scales, group 64, 32q/8kv
+heads, D=128, S=1, CUDA graphs; benchmarks/results/kv_quant_decode_h100.json, all in one
+run, each the best point of its sweep over block_n 32/64 x stages 2/3 x splits
+heuristic/64/128 at 1 warp), joined / planes / magic / asm / asmt / bf16 SDPA in ms:
+4-bit 128k B=1 0.187 / 0.203 / 0.170 / 0.141 / 0.105 / 0.219 (asmt 2.09x SDPA, 1.37 TB/s of
+state); 2-bit 128k 0.172 / 0.226 / 0.162 / 0.119 / 0.086 / 0.218 (2.54x); 4-bit 32k B=8
+0.353 / 0.391 / 0.298 / 0.287 / 0.205 / 0.427 (2.08x, 1.41 TB/s); 2-bit 32k B=8 0.333 /
+0.406 / 0.315 / 0.246 / 0.176 / 0.421 (2.39x). Max rel. error vs the reference (dequantize
++ fp32 attention): asmt 3.2e-3 - 3.8e-3, joined 2.9e-3 - 3.9e-3. Best knobs for asmt: 1 warp,
+block_n 64, 3 stages, 128 splits (128k) / 64 (32k B=8): the defaults. The issue's 3x is not
+reached. Caveat on the SDPA side: benchmarks/experiment_kv_decode_breakdown.py times the same
+SDPA call at 0.189 ms (128k B=1) / 0.370 ms (32k B=8), 2.8-2.9 TB/s, against 0.219 / 0.427 in
+the benchmark (cause not found); there asmt is 1.71x / 1.64x
+(benchmarks/results/debug/kv_quant_decode_breakdown5_h100.json).
+
+What bounds asmt (4-bit 128k B=1, breakdown5): the packed kernel is 93 µs of the 110 µs
+step (combine 3.9 µs, launch gaps ~13 µs); in the kernel the state streams at 1.5 TB/s, half
+the H100's ~3. All 255 registers a thread (1 warp) leave an SM 8 one-warp programs, 2 warps a
+scheduler, to hide the latency of the per-tile chain (cp.async tile -> shared -> dot-operand
+registers -> PTX unpack -> HMMA -> softmax -> HMMA). A 64-token tile is ~2400 SASS
+instructions (Triton 3.9 build for sm_90, about the same for asm; unpacking a third, the
+q∘a, Σq·z', value-scale and softmax work most of the rest), ~38 µs at full issue rate.
+Capping registers (maxnreg 168) spills and is slower; 2 warps a program split the softmax
+over warps and are slower; 256 splits make the combine kernel slow (51 µs). To reach 3x: the
+combine folded into the kernel (last program of a head) and no launch gaps (~17 µs), and
+more warps an SM (registers under ~128 without spills) or fewer instructions a token.
 """
 from __future__ import annotations
 
@@ -723,6 +732,254 @@ if triton is not None:
                                           float("-inf")), mask=r < M)
 
     @triton.jit
+    def _load_qt_plane(Q, b, h, sq_b, sq_h, sq_s, i: tl.constexpr, G: tl.constexpr,
+                       S: tl.constexpr, D: tl.constexpr, PB: tl.constexpr, COLS: tl.constexpr,
+                       BLOCK_C: tl.constexpr, DP: tl.constexpr):
+        # [DP, BLOCK_C]: column c holds query row c % (G·S) for c < COLS; row j is channel PB·j + i
+        c = tl.arange(0, BLOCK_C)
+        m = c % (G * S)
+        j = tl.arange(0, DP)
+        ptr = Q + b * sq_b + (h * G + m // S)[None, :] * sq_h + (m % S)[None, :] * sq_s
+        return tl.load(ptr + (PB * j + i)[:, None],
+                       mask=(c < COLS)[None, :] & (j < D // PB)[:, None], other=0.0)
+
+    @triton.jit
+    def _key_plane_scores_t(acc, qt, xk, kp, i: tl.constexpr, dt: tl.constexpr,
+                            BITS: tl.constexpr, QMAX: tl.constexpr, D: tl.constexpr,
+                            PB: tl.constexpr, DP: tl.constexpr, FP16: tl.constexpr,
+                            PREC: tl.constexpr, OPERAND: tl.constexpr, MAGIC_FP16: tl.constexpr,
+                            CENTER: tl.constexpr):
+        """acc + c·(q∘a)ᵀ [N, C] over plane i's channels and Σ q·z' [C]: qt fp32 [DP, C], xk
+        the tile's packed key bytes [N, DP] (or their planes), kp the key-group params."""
+        j = tl.arange(0, DP)
+        ok = j < D // PB
+        ch = PB * j + i
+        a, z = _affine(tl.load(kp + ch, mask=ok, other=0), tl.load(kp + D + ch, mask=ok, other=0),
+                       QMAX, FP16)                                           # [DP]
+        qa = (qt * a[:, None]).to(dt)
+        s = tl.dot(_plane_operand(xk, i, BITS, QMAX, dt, OPERAND, MAGIC_FP16, CENTER), qa,
+                   acc, input_precision=PREC)                                # [N, C]
+        return s, tl.sum(qt * (z + CENTER * a)[:, None], 0)
+
+    @triton.jit
+    def _ring_plane_scores_t(acc, qt, kr, slot, tok, i: tl.constexpr, dt: tl.constexpr,
+                             D: tl.constexpr, PB: tl.constexpr, DP: tl.constexpr,
+                             PREC: tl.constexpr):
+        j = tl.arange(0, DP)
+        k = tl.load(kr + slot[:, None] * D + (PB * j + i)[None, :],
+                    mask=tok[:, None] & (j < D // PB)[None, :], other=0.0)   # [N, DP]
+        return tl.dot(k.to(dt), qt.to(dt), acc, input_precision=PREC)        # [N, C]
+
+    @triton.jit
+    def _ring_value_plane_t(acc, p, vr, slot, tok, i: tl.constexpr, dt: tl.constexpr,
+                            D: tl.constexpr, PB: tl.constexpr, DP: tl.constexpr,
+                            PREC: tl.constexpr):
+        j = tl.arange(0, DP)
+        v = tl.load(vr + slot[None, :] * D + (PB * j + i)[:, None],
+                    mask=tok[None, :] & (j < D // PB)[:, None], other=0.0)   # [DP, N]
+        return tl.dot(v.to(dt), p, acc, input_precision=PREC)                # [DP, C]
+
+    @triton.jit
+    def _store_plane_t(ACC, base, acc, i: tl.constexpr, M: tl.constexpr, COLS: tl.constexpr,
+                       D: tl.constexpr, PB: tl.constexpr, GROUP: tl.constexpr,
+                       BLOCK_C: tl.constexpr, DP: tl.constexpr):
+        # acc [DP, C]: column c carries value group c // M and owns that group's channels
+        c = tl.arange(0, BLOCK_C)
+        j = tl.arange(0, DP)
+        own = (j // (GROUP // PB))[:, None] == (c // M)[None, :]
+        ok = own & (c < COLS)[None, :] & (j < D // PB)[:, None]
+        tl.store(ACC + (base + c % M)[None, :] * D + (PB * j + i)[:, None], acc, mask=ok)
+
+    @triton.jit
+    def _decode_tposed_kernel(
+            Q, KC, KP, VC, VP, LEN, ACC, LSE, qk_scale, sq_b, sq_h, sq_s, SP, NSPLIT, KR, VR,
+            HKV: tl.constexpr, G: tl.constexpr, S: tl.constexpr, D: tl.constexpr,
+            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+            BITS: tl.constexpr, GROUP: tl.constexpr, RING: tl.constexpr, JV: tl.constexpr,
+            FP16: tl.constexpr, PREC: tl.constexpr, DOT_F32: tl.constexpr,
+            OPERAND: tl.constexpr = 3, CENTER: tl.constexpr = 0, FUSE_RING: tl.constexpr = True,
+            RING_N: tl.constexpr = 16):
+        """``_decode_planes_kernel`` transposed ("asmt"): the tokens are the dots' M side and
+        the query rows (repeated once per value group, as there) their N side, which may be 8
+        wide: scoresᵀ [N, C] = Σ_i c_i [N, DP] · (q_i∘a_i)ᵀ [DP, C], accᵀ_i [DP, C] +=
+        c_iᵀ [DP, N] · (p∘a)ᵀ [N, C]. With G·S·JV = 8 rows (Llama-8B: G=4, two value groups)
+        the 16-row MMA tile of the planes kernel carried 8 rows of padding; here C = 8, so the
+        query planes, accumulators, scores and softmax hold half as many registers and do half
+        the work. BLOCK_M is the column count C (>= 8)."""
+        PB: tl.constexpr = 8 // BITS
+        QMAX: tl.constexpr = (1 << BITS) - 1
+        M: tl.constexpr = G * S
+        COLS: tl.constexpr = JV * M
+        BLOCK_C: tl.constexpr = BLOCK_M
+        DP: tl.constexpr = BLOCK_D // PB
+        EVEN: tl.constexpr = D // PB == DP
+        bh = tl.program_id(0)
+        split = tl.program_id(1)
+        b = bh // HKV
+        h = bh % HKV
+        q0 = _load_qt_plane(Q, b, h, sq_b, sq_h, sq_s, 0, G, S, D, PB, COLS, BLOCK_C, DP)
+        MAGIC_FP16: tl.constexpr = q0.dtype == tl.float16
+        dt = q0.dtype
+        if DOT_F32:
+            dt = tl.float32
+        q0 = q0.to(tl.float32)
+        q1 = q0
+        q2 = q0
+        q3 = q0
+        if PB >= 2:
+            q1 = _load_qt_plane(Q, b, h, sq_b, sq_h, sq_s, 1, G, S, D, PB, COLS, BLOCK_C,
+                                DP).to(tl.float32)
+        if PB == 4:
+            q2 = _load_qt_plane(Q, b, h, sq_b, sq_h, sq_s, 2, G, S, D, PB, COLS, BLOCK_C,
+                                DP).to(tl.float32)
+            q3 = _load_qt_plane(Q, b, h, sq_b, sq_h, sq_s, 3, G, S, D, PB, COLS, BLOCK_C,
+                                DP).to(tl.float32)
+        L = tl.load(LEN).to(tl.int32)
+        n = _n_packed(L, GROUP, RING)
+        chunk = tl.cdiv(tl.cdiv(n, NSPLIT), BLOCK_N) * BLOCK_N                # BLOCK_N | GROUP
+        start = split * chunk
+        end = tl.minimum(start + chunk, n)
+        c = tl.arange(0, BLOCK_C)
+        qpos = L - S + (c % M) % S                                           # [C] positions
+        cg = (c // M)[None, :]                                               # column's v group
+        j = tl.arange(0, DP)
+        jok = j < D // PB
+        nn = tl.arange(0, BLOCK_N)
+        bh64 = bh.to(tl.int64)
+        kc = KC + bh64 * SP * (D // PB)
+        vc = VC + bh64 * SP * (D // PB)
+        kpar = KP + bh64 * (SP // GROUP) * 2 * D
+        vpar = VP + bh64 * SP * 2 * JV
+        m_i = tl.full([BLOCK_C], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_C], tl.float32)
+        acc_z = tl.zeros([BLOCK_C], tl.float32)
+        acc0 = tl.zeros([DP, BLOCK_C], tl.float32)
+        acc1 = acc0
+        acc2 = acc0
+        acc3 = acc0
+        for n0 in range(start, end, BLOCK_N):
+            t = n0 + nn
+            kptr = kc + t[:, None] * (D // PB) + j[None, :]                  # [N, DP]
+            if EVEN:
+                xk = tl.load(kptr)
+            else:
+                xk = tl.load(kptr, mask=jok[None, :], other=0)
+            if OPERAND == 3:
+                xk = _asm_planes(xk, BITS, MAGIC_FP16)
+            kp = kpar + (n0 // GROUP) * 2 * D
+            scores = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
+            scores, qz = _key_plane_scores_t(scores, q0, xk, kp, 0, dt, BITS, QMAX, D, PB, DP,
+                                             FP16, PREC, OPERAND, MAGIC_FP16, CENTER)
+            if PB >= 2:
+                scores, z1 = _key_plane_scores_t(scores, q1, xk, kp, 1, dt, BITS, QMAX, D, PB,
+                                                 DP, FP16, PREC, OPERAND, MAGIC_FP16, CENTER)
+                qz += z1
+            if PB == 4:
+                scores, z2 = _key_plane_scores_t(scores, q2, xk, kp, 2, dt, BITS, QMAX, D, PB,
+                                                 DP, FP16, PREC, OPERAND, MAGIC_FP16, CENTER)
+                scores, z3 = _key_plane_scores_t(scores, q3, xk, kp, 3, dt, BITS, QMAX, D, PB,
+                                                 DP, FP16, PREC, OPERAND, MAGIC_FP16, CENTER)
+                qz += z2 + z3
+            scores = (scores + qz[None, :]) * qk_scale
+            if S > 1:
+                scores = tl.where(t[:, None] <= qpos[None, :], scores, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(scores, 0))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(scores - m_safe[None, :])                            # [N, C]
+            l_i = l_i * alpha + tl.sum(p, 0)
+            m_i = m_new
+            vp = vpar + t * (2 * JV)
+            if JV == 1:
+                a, z = _affine(tl.load(vp), tl.load(vp + 1), QMAX, FP16)         # [N]
+                pa = p * a[:, None]
+                pz = p * (z + CENTER * a)[:, None]
+            else:
+                a = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
+                z = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
+                for jv in tl.static_range(JV):
+                    aj, zj = _affine(tl.load(vp + jv), tl.load(vp + JV + jv), QMAX, FP16)
+                    a = tl.where(cg == jv, aj[:, None], a)
+                    z = tl.where(cg == jv, (zj + CENTER * aj)[:, None], z)
+                pa = p * a
+                pz = p * z
+            pa = pa.to(dt)
+            acc_z = acc_z * alpha + tl.sum(pz, 0)
+            vptr = vc + t[None, :] * (D // PB) + j[:, None]                  # [DP, N]
+            if EVEN:
+                xv = tl.load(vptr)
+            else:
+                xv = tl.load(vptr, mask=jok[:, None], other=0)
+            if OPERAND == 3:
+                xv = _asm_planes(xv, BITS, MAGIC_FP16)
+            acc0 = tl.dot(_plane_operand(xv, 0, BITS, QMAX, dt, OPERAND, MAGIC_FP16, CENTER),
+                          pa, acc0 * alpha[None, :], input_precision=PREC)
+            if PB >= 2:
+                acc1 = tl.dot(_plane_operand(xv, 1, BITS, QMAX, dt, OPERAND, MAGIC_FP16,
+                                             CENTER), pa, acc1 * alpha[None, :],
+                              input_precision=PREC)
+            if PB == 4:
+                acc2 = tl.dot(_plane_operand(xv, 2, BITS, QMAX, dt, OPERAND, MAGIC_FP16,
+                                             CENTER), pa, acc2 * alpha[None, :],
+                              input_precision=PREC)
+                acc3 = tl.dot(_plane_operand(xv, 3, BITS, QMAX, dt, OPERAND, MAGIC_FP16,
+                                             CENTER), pa, acc3 * alpha[None, :],
+                              input_precision=PREC)
+        if FUSE_RING:   # program NSPLIT: the full-precision ring, tokens [n, L)
+            kr = KR + bh64 * RING * D
+            vr = VR + bh64 * RING * D
+            nr = tl.arange(0, RING_N)
+            for n0 in range(tl.where(split == NSPLIT, n, L), L, RING_N):
+                t = n0 + nr
+                tok = t < L
+                slot = t % RING
+                scores = tl.zeros([RING_N, BLOCK_C], tl.float32)
+                scores = _ring_plane_scores_t(scores, q0, kr, slot, tok, 0, dt, D, PB, DP, PREC)
+                if PB >= 2:
+                    scores = _ring_plane_scores_t(scores, q1, kr, slot, tok, 1, dt, D, PB, DP,
+                                                  PREC)
+                if PB == 4:
+                    scores = _ring_plane_scores_t(scores, q2, kr, slot, tok, 2, dt, D, PB, DP,
+                                                  PREC)
+                    scores = _ring_plane_scores_t(scores, q3, kr, slot, tok, 3, dt, D, PB, DP,
+                                                  PREC)
+                scores = tl.where(tok[:, None] & (t[:, None] <= qpos[None, :]),
+                                  scores * qk_scale, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(scores, 0))
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                alpha = tl.exp2(m_i - m_safe)
+                p = tl.exp2(scores - m_safe[None, :])
+                l_i = l_i * alpha + tl.sum(p, 0)
+                m_i = m_new
+                acc_z = acc_z * alpha
+                p = p.to(dt)
+                acc0 = _ring_value_plane_t(acc0 * alpha[None, :], p, vr, slot, tok, 0, dt, D,
+                                           PB, DP, PREC)
+                if PB >= 2:
+                    acc1 = _ring_value_plane_t(acc1 * alpha[None, :], p, vr, slot, tok, 1, dt,
+                                               D, PB, DP, PREC)
+                if PB == 4:
+                    acc2 = _ring_value_plane_t(acc2 * alpha[None, :], p, vr, slot, tok, 2, dt,
+                                               D, PB, DP, PREC)
+                    acc3 = _ring_value_plane_t(acc3 * alpha[None, :], p, vr, slot, tok, 3, dt,
+                                               D, PB, DP, PREC)
+        base = (bh * (NSPLIT + 1) + split) * M
+        full = l_i > 0
+        inv = 1.0 / tl.where(full, l_i, 1.0)
+        _store_plane_t(ACC, base, (acc0 + acc_z[None, :]) * inv[None, :], 0, M, COLS, D, PB,
+                       GROUP, BLOCK_C, DP)
+        if PB >= 2:
+            _store_plane_t(ACC, base, (acc1 + acc_z[None, :]) * inv[None, :], 1, M, COLS, D,
+                           PB, GROUP, BLOCK_C, DP)
+        if PB == 4:
+            _store_plane_t(ACC, base, (acc2 + acc_z[None, :]) * inv[None, :], 2, M, COLS, D,
+                           PB, GROUP, BLOCK_C, DP)
+            _store_plane_t(ACC, base, (acc3 + acc_z[None, :]) * inv[None, :], 3, M, COLS, D,
+                           PB, GROUP, BLOCK_C, DP)
+        tl.store(LSE + base + c, tl.where(full, m_i + tl.log2(tl.where(full, l_i, 1.0)),
+                                          float("-inf")), mask=c < M)
+
+    @triton.jit
     def _decode_ring_kernel(
             Q, KR, VR, LEN, ACC, LSE, qk_scale, sq_b, sq_h, sq_s, NSPLIT,
             HKV: tl.constexpr, G: tl.constexpr, S: tl.constexpr, D: tl.constexpr,
@@ -820,10 +1077,11 @@ def _num_splits(rows: int, packed: int, block_n: int, device: torch.device) -> i
     return max(1, min(-(-4 * sms // rows), packed // block_n))
 
 
-VARIANTS = ("planes", "joined", "magic", "tf32", "asm")
-_OPERAND = {"planes": 0, "magic": 1, "tf32": 2, "asm": 3}       # _plane_operand's modes
+VARIANTS = ("planes", "joined", "magic", "tf32", "asm", "asmt")
+_OPERAND = {"planes": 0, "magic": 1, "tf32": 2, "asm": 3, "asmt": 3}   # _plane_operand's modes
+_MIN_COLS = 8         # "asmt": the dots' N side (query rows), at least this (Triton: >= 8)
 _CENTER = True        # experiments: False turns the centring of "magic" off
-DEFAULT_VARIANT = "asm"       # measured fastest at both shapes: see the module docstring
+DEFAULT_VARIANT = "asmt"      # measured fastest at both shapes: see the module docstring
 
 
 def planes_ok(q: torch.Tensor, state: reference.QuantizedKV) -> bool:
@@ -850,16 +1108,21 @@ def attention_decode(q: torch.Tensor, state: reference.QuantizedKV, scale: float
     """``reference.attention_decode`` reading the packed state: q [B, H, S, D] (S ≤ 16 or so:
     G·S ≤ 128 rows per kv head) -> [B, H, S, D] in q's dtype.
 
-    ``variant``: "planes" (``_decode_planes_kernel``; shapes it does not take, see
-    ``planes_ok``, run "joined") or "joined" (``_decode_packed_kernel``); None: DEFAULT_VARIANT.
+    ``variant``: "asmt" (``_decode_tposed_kernel``: tokens on the dots' M side, inline-PTX
+    operands; 8-bit codes run "asm"), "asm", "magic", "tf32", "planes" (``_decode_planes_kernel``
+    with the operand modes of ``_plane_operand``; shapes these do not take, see ``planes_ok``,
+    run "joined") or "joined" (``_decode_packed_kernel``); None: DEFAULT_VARIANT. Under the
+    interpreter "asm"/"asmt" build their operands in pure Triton (the "magic" mode, the same
+    values): inline PTX does not run there. ``fuse_ring``: the planes kernels run the
+    full-precision ring as one more split instead of a separate kernel ("asmt" always does).
     Tile knobs: ``block_n`` packed tokens a tile (a power of two in 16..group, default
     min(64, group)), ``num_splits`` programs per kv head over the packed tokens (default: a
     heuristic, about 4 programs per SM), ``num_warps``, ``num_stages``, ``maxnreg`` (a cap on
     the packed-token kernel's registers a thread, for occupancy; None: the compiler's).
     Defaults for tiles of at most 16 rows (G·S ≤ 16: one query token with GQA groups up to 16,
-    the decode case): 1 warp, 3 stages, block_n 32, ``_small_tile_splits`` — the fastest
-    setting of the H100 sweep (2026-11-23: 0.18 ms against 0.25 ms with the general defaults
-    at 4-bit 128k, B=1); larger tiles: 8 warps, 4 stages, block_n 64, the SM heuristic."""
+    the decode case): 1 warp, 3 stages, block_n 64 (32 for "joined"), ``_small_tile_splits``
+    — the fastest setting of the H100 sweeps (2026-11-23/24); larger tiles: 8 warps, 4
+    stages, block_n 64, the SM heuristic."""
     _require()
     variant = DEFAULT_VARIANT if variant is None else variant
     if variant not in VARIANTS:
@@ -875,6 +1138,8 @@ def attention_decode(q: torch.Tensor, state: reference.QuantizedKV, scale: float
     small = q.shape[1] // state.k_ring.shape[1] * q.shape[2] <= 16      # G·S rows a tile
     if variant in _OPERAND and not planes_ok(q, state):
         variant = "joined"
+    if variant == "asmt" and state.config.bits == 8:
+        variant = "asm"
     if block_n is None:
         block_n = min(64 if variant in _OPERAND or not small else 32, c.group)
     num_warps = (1 if small else 8) if num_warps is None else num_warps
@@ -893,6 +1158,8 @@ def attention_decode(q: torch.Tensor, state: reference.QuantizedKV, scale: float
     sp = state.k_codes.shape[2]
     block_d = max(16, _pow2(D))
     block_m = max(16, _pow2(M * jv if variant in _OPERAND else M))
+    if variant == "asmt":
+        block_m = max(_MIN_COLS, _pow2(M * jv))
     splits = num_splits or (_small_tile_splits(sp) if small else
                             _num_splits(B * hkv, sp, block_n, q.device))
     acc = torch.empty(B * hkv, splits + 1, M, D, device=q.device, dtype=torch.float32)
@@ -906,7 +1173,8 @@ def attention_decode(q: torch.Tensor, state: reference.QuantizedKV, scale: float
     qs = (q.stride(0), q.stride(1), q.stride(2))
     common = dict(HKV=hkv, G=G, S=S, D=D, BLOCK_D=block_d, GROUP=c.group, RING=c.ring,
                   PREC=prec, DOT_F32=dot_f32)
-    kernel = _decode_planes_kernel if variant in _OPERAND else _decode_packed_kernel
+    kernel = (_decode_tposed_kernel if variant == "asmt" else
+              _decode_planes_kernel if variant in _OPERAND else _decode_packed_kernel)
     fuse = variant in _OPERAND and fuse_ring
     if variant in _OPERAND:
         operand = _OPERAND[variant]
@@ -916,6 +1184,8 @@ def attention_decode(q: torch.Tensor, state: reference.QuantizedKV, scale: float
         if operand == 1 and not _CENTER:
             center = 0
         common_main = dict(common, OPERAND=operand, CENTER=center, FUSE_RING=fuse)
+        if variant == "asmt" and not fuse:
+            raise ValueError('variant "asmt" always folds the ring in (fuse_ring=True)')
         ring_args = (state.k_ring, state.v_ring)
     else:
         common_main, ring_args = common, ()

@@ -61,7 +61,7 @@ def _rel(a, b):
     return float((a.float() - b.float()).abs().max() / b.float().abs().max())
 
 
-@pytest.mark.parametrize("variant", ["planes", "magic", "tf32", "asm"])
+@pytest.mark.parametrize("variant", ["planes", "magic", "tf32", "asm", "asmt"])
 @pytest.mark.parametrize("bits,group,residual,scales,D,dtype,G,S,length,splits,block_n", CASES)
 def test_planes_decode_matches_reference(bits, group, residual, scales, D, dtype, G, S, length,
                                          splits, block_n, variant):

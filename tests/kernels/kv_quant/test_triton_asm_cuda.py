@@ -1,9 +1,12 @@
-"""The "asm" decode (inline-PTX unpacking, ``_asm_planes``) on a CUDA GPU against the
-reference. Inline PTX does not run under the Triton interpreter, where "asm" runs its
+"""The "asm" and "asmt" decodes (inline-PTX unpacking, ``_asm_planes``) on a CUDA GPU against
+the reference and against their pure-Triton twin "magic". Inline PTX does not run under the Triton interpreter, where "asm" runs its
 pure-Triton twin "magic" (same centred codes; tested in test_decode_planes.py), so this file
 is the only test of the PTX itself: it runs on CUDA only, in a process without
-TRITON_INTERPRET (run it alone: ``pytest tests/kernels/kv_quant/test_triton_asm_cuda.py``; in a
-run with the interpreter tests, which set TRITON_INTERPRET=1, it skips). It skips before
+TRITON_INTERPRET: run it alone, after ``pip install .``, from outside the checkout (whose
+source folder longfx/ would shadow the installed package), e.g. ``cd /tmp && python -m pytest
+-c /dev/null --rootdir=/tmp <repo>/tests/kernels/kv_quant/test_triton_asm_cuda.py`` (6 passed
+on an H100, Triton 3.6, 2026-11-24); in a run with the interpreter tests, which set
+TRITON_INTERPRET=1, it skips. It skips before
 importing the kernels where there is no GPU, so that the interpreter tests collected after it
 still import them under the interpreter.
 
@@ -52,16 +55,16 @@ def test_asm_decode_matches_reference(bits, group, residual, scales, D, dtype, G
     kd, vd = R.dequantize_state(st)
     mask = torch.ones(S, length, dtype=torch.bool, device=dev).tril(length - S)
     want = attention(q.float(), kd.float(), vd.float(), mask, 0.125)
-    for block_n in (32, 64):
+    for block_n, variant in ((32, "asm"), (64, "asm"), (32, "asmt"), (64, "asmt")):
         if group % block_n:
             continue
-        out = T.attention_decode(q, st, 0.125, num_splits=splits, variant="asm",
+        out = T.attention_decode(q, st, 0.125, num_splits=splits, variant=variant,
                                  block_n=block_n)
         twin = T.attention_decode(q, st, 0.125, num_splits=splits, variant="magic",
                                   block_n=block_n)
         assert out.shape == q.shape and out.dtype == dtype
         rel = float((out.float() - want).abs().max() / want.abs().max())
-        assert rel < (2e-3 if dtype == F32 else 2e-2), (block_n, rel)
+        assert rel < (2e-3 if dtype == F32 else 2e-2), (variant, block_n, rel)
         # the PTX builds the same operands as the Triton twin
         assert float((out.float() - twin.float()).abs().max() / want.abs().max()) < (
             1e-5 if dtype == F32 else 1e-2)
