@@ -18,9 +18,13 @@
 ``budget`` is tokens per KV head; ``ratio`` in (0, 1) is the fraction of seen tokens evicted
 (``ratio=0.5`` keeps half). Like ``kv_quant`` the recipes change the model's runtime state, not
 its graph: ``make_cache(model)`` gives a :class:`longfx.runtime.evict_cache.EvictCache`, picked up
-by ``longfx.compile`` through :func:`longfx.passes.kv_quant.cache_recipe`. ``snapkv(...)`` composes
-with ``kv_quant(...)`` or ``gear(...)``: the kept tokens are stored quantized
-(``runtime.evict_cache.QuantizedStore``); any other pair of KV-cache recipes is a RecipeError.
+by ``longfx.compile`` through :func:`longfx.passes.kv_quant.cache_recipe`. ``snapkv(...)`` and
+``streaming_kv(...)`` compose with ``kv_quant(...)`` or ``gear(...)``: the kept tokens are stored
+quantized (``runtime.evict_cache.QuantizedStore``: SnapKV's kept tokens re-stored once when it
+compresses; ``StreamingQuantizedStore``: a windowed state that drops whole groups and never
+re-quantizes); ``h2o(...)`` does not (it evicts arbitrary tokens at every decode step, so a
+quantized store would re-quantize its kept keys each time); any other pair of KV-cache recipes
+is a RecipeError.
 """
 from __future__ import annotations
 
@@ -48,14 +52,21 @@ class _EvictRecipe(Recipe):
         """A fresh, empty evicting cache for ``model`` (query hooks installed on it). ``store``:
         a quantization recipe (``kv_quant``, ``gear``) whose layer holds each layer's kept
         tokens (``QuantizedStore``); None: plain tensors."""
-        from longfx.runtime.evict_cache import EvictCache, QuantizedStore
+        from longfx.runtime.evict_cache import EvictCache
 
         factory = None
         if store is not None:
             layers = store.make_cache(None)        # its _new_layer() makes a fresh quantized layer
-            factory = lambda: QuantizedStore(layers._new_layer())   # noqa: E731
+            factory = lambda: self._store(layers._new_layer())   # noqa: E731
         return EvictCache(self.policy, config=getattr(model, "config", None), model=model,
                           store=factory)
+
+    def _store(self, layer):
+        """The storage of one layer's kept tokens in the quantized ``layer``: gathered and
+        re-stored at each eviction (``QuantizedStore``)."""
+        from longfx.runtime.evict_cache import QuantizedStore
+
+        return QuantizedStore(layer)
 
 
 @register("snapkv")
@@ -133,3 +144,10 @@ class StreamingKV(_EvictRecipe):
     @property
     def policy(self) -> R.StreamingConfig:
         return R.StreamingConfig(self.sink, self.window)
+
+    def _store(self, layer):
+        """Windowed quantized storage: whole groups leave behind the window, the sinks are kept
+        exactly, nothing is quantized twice (``StreamingQuantizedStore``)."""
+        from longfx.runtime.evict_cache import StreamingQuantizedStore
+
+        return StreamingQuantizedStore(layer, self.sink, self.window)

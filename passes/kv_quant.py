@@ -28,8 +28,9 @@ The recipe changes the model's *runtime state*, not its graph: ``longfx.compile(
 :class:`longfx.runtime.cache.QuantizedCache`, which quantizes on append and hands attention the
 dequantized keys/values (a transient copy; see runtime/cache.py for what prefill and decode
 read). The graph's attention sites are left as they are, so the recipe composes with the
-sparse and RoPE recipes (``sink_window(...) + kv_quant(bits=4)``), and with SnapKV eviction:
-``snapkv(ratio=0.5) + kv_quant(bits=4)`` stores the kept tokens quantized (:func:`cache_recipe`,
+sparse and RoPE recipes (``sink_window(...) + kv_quant(bits=4)``), and with SnapKV or
+StreamingLLM eviction: ``snapkv(ratio=0.5) + kv_quant(bits=4)`` and ``streaming_kv(sink=4,
+window=1024) + kv_quant(bits=4)`` store the kept tokens quantized (:func:`cache_recipe`,
 ``docs/kv_eviction.md``). Any other pair of KV-cache recipes is a RecipeError.
 """
 from __future__ import annotations
@@ -124,10 +125,12 @@ class KVQuant(Recipe):
 
 @dataclass(frozen=True)
 class EvictQuantized:
-    """``snapkv(...) + kv_quant(...)`` (or ``+ gear(...)``): the eviction recipe's cache whose
-    layers store the kept tokens in the quantization recipe's KIVI state (Li et al. 2024,
-    arXiv:2404.14469, + Liu et al. 2024, arXiv:2402.02750; ``runtime/evict_cache.py``,
-    ``QuantizedStore``). Made by :func:`cache_recipe`, not registered: write the two recipes."""
+    """``snapkv(...)`` or ``streaming_kv(...)`` ``+ kv_quant(...)`` (or ``+ gear(...)``): the
+    eviction recipe's cache whose layers store the kept tokens in the quantization recipe's KIVI
+    state (Li et al. 2024, arXiv:2404.14469, or Xiao et al. 2023, arXiv:2309.17453, + Liu et al.
+    2024, arXiv:2402.02750; ``runtime/evict_cache.py``: ``QuantizedStore``,
+    ``StreamingQuantizedStore``). Made by :func:`cache_recipe`, not registered: write the two
+    recipes."""
     evict: Recipe
     quant: Recipe
 
@@ -142,9 +145,9 @@ class EvictQuantized:
 def cache_recipe(pipeline) -> Recipe | EvictQuantized | None:
     """The pipeline's runtime KV-cache provider (a recipe with ``make_cache``), or None.
 
-    Two of them share one cache only as SnapKV eviction + quantization (``snapkv(...) +
-    kv_quant(...)`` or ``snapkv(...) + gear(...)``, in either order): an
-    :class:`EvictQuantized`. Any other pair is a RecipeError."""
+    Two of them share one cache only as SnapKV or StreamingLLM eviction + quantization
+    (``snapkv(...)`` / ``streaming_kv(...)`` with ``kv_quant(...)`` / ``gear(...)``, in either
+    order): an :class:`EvictQuantized`. Any other pair is a RecipeError."""
     from longfx.passes.gear import GearRecipe
     from longfx.passes.kv_evict import H2O, SnapKV, StreamingKV
 
@@ -155,18 +158,18 @@ def cache_recipe(pipeline) -> Recipe | EvictQuantized | None:
     evict = [r for r in found if isinstance(r, (SnapKV, H2O, StreamingKV))]
     quant = [r for r in found if isinstance(r, (KVQuant, GearRecipe))]
     if len(found) == 2 and len(quant) == 1 and len(evict) == 1:
-        if isinstance(evict[0], SnapKV):
+        if isinstance(evict[0], (SnapKV, StreamingKV)):
             return EvictQuantized(evict[0], quant[0])
         raise RecipeError(
-            f"{names}: {str(evict[0]).split('(')[0]} evicts at every decode token, and a quantized store re-quantizes the kept keys at "
-            "each eviction (KIVI's key scales are shared by a group of tokens), so their rounding "
-            "error would grow with every generated token; only snapkv(...) composes with "
-            "kv_quant(...) / gear(...)")
+            f"{names}: h2o evicts arbitrary tokens at every decode token, and a quantized store "
+            "re-quantizes the kept keys at each eviction (KIVI's key scales are shared by a group "
+            "of tokens), so their rounding error would grow with every generated token; only "
+            "snapkv(...) and streaming_kv(...) compose with kv_quant(...) / gear(...)")
     raise RecipeError(
         f"{names}: one KV-cache recipe per pipeline (each replaces the model's cache), except "
-        "snapkv(...) + kv_quant(...) or snapkv(...) + gear(...), which store SnapKV's kept tokens "
-        "quantized; think(...) and minicache(...) compose with no other KV-cache recipe, and a "
-        "pipeline holds at most one eviction and one quantization recipe")
+        "snapkv(...) or streaming_kv(...) + kv_quant(...) or gear(...), which store the kept "
+        "tokens quantized; think(...) and minicache(...) compose with no other KV-cache recipe, "
+        "and a pipeline holds at most one eviction and one quantization recipe")
 
 
 # ---------------------------------------------------------------- layer calibration (key_layers)

@@ -49,6 +49,9 @@ a gather breaks the groups and the kept keys (and values) are quantized again: a
 before an eviction is rounded once more for every eviction it survives (SnapKV at the prompt's
 end: twice in all); tokens still in the residual ring, the sinks or the step's chunk are exact
 until then. ``snapkv(...) + kv_quant(...)`` uses it (``passes/kv_quant.py``).
+:class:`StreamingQuantizedStore` is StreamingLLM's quantized store, with no second rounding: a
+windowed quantized layer drops whole groups behind the window and the sinks are kept exactly
+(``streaming_kv(...) + kv_quant(...)``).
 
 Limits: batch rows are compacted independently, but left padding is not tracked (pad with
 equal lengths or use B = 1); ``crop`` (assisted decoding) is not supported; the
@@ -65,7 +68,8 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from longfx.kernels.kv_evict import reference as R
 from longfx.runtime.cache import init_layers
 
-__all__ = ["EvictLayer", "EvictCache", "TensorStore", "QuantizedStore", "install_query_hooks",
+__all__ = ["EvictLayer", "EvictCache", "TensorStore", "QuantizedStore", "StreamingQuantizedStore",
+           "install_query_hooks",
            "remove_query_hooks", "attention_modules"]
 
 Policy = R.SnapKVConfig | R.H2OConfig | R.StreamingConfig
@@ -153,6 +157,121 @@ class QuantizedStore:
 
     def nbytes(self) -> int:
         return self.layer.nbytes() if self.layer.is_initialized else 0
+
+    def reorder_cache(self, beam_idx: torch.Tensor) -> None:
+        self.layer.reorder_cache(beam_idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self.layer.batch_repeat_interleave(repeats)
+
+
+class StreamingQuantizedStore(QuantizedStore):
+    """StreamingLLM's kept set (Xiao et al. 2023, arXiv:2309.17453) stored KIVI-quantized with
+    nothing ever quantized twice (``streaming_kv(...) + kv_quant(...)`` / ``+ gear(...)``).
+
+    A gather-and-re-store (``QuantizedStore.keep``) would re-quantize the whole window at every
+    decode token, since KIVI's key scales are shared by a group of tokens. StreamingLLM's set is
+    the first ``sink`` tokens plus the newest ``window``, so this store needs no gather:
+
+    * the quantized layer is *windowed* (``QuantizedKVLayer._trim``, the sliding-layer path of
+      ``runtime/cache.py``, with window ``window + 1``): after each call it drops the whole
+      packed groups older than the newest ``window`` tokens, moving codes and scales, never
+      re-quantizing. It holds at most ``window + group − 1`` tokens past the ring
+      (``window + group − 1 + residual`` in all);
+    * the first ``sink`` tokens are copied exactly (``sink_k``, ``sink_v``, the model's dtype;
+      they leave the packed groups when the window moves past them). The quantization
+      recipe's own ``sink`` is not used: StreamingLLM's sinks replace it;
+    * what attention reads is exactly the policy's set: the sink copy, then the layer's read
+      from position max(sink, seen − window) on. The layer's extra (up to a group of) older
+      tokens are held but not read, so ``EvictLayer`` sees the same token set — and re-rotates
+      the same keys — as ``streaming_kv`` alone; each key reads back the same dequantized value
+      for as long as it is kept.
+
+    ``keep`` checks that the policy kept that set (the streaming path of ``EvictLayer.update``
+    calls it with ``streaming_keep``'s indices) and trims the layer (outside a traced forward;
+    under ``longfx.compile`` ``reserve`` trims, as ``QuantizedCache.reserve`` does)."""
+
+    def __init__(self, layer, sink: int, window: int):
+        if layer.is_initialized:
+            raise ValueError("StreamingQuantizedStore takes a fresh (empty) quantized layer")
+        super().__init__(layer)
+        layer.sink = 0                  # the store keeps StreamingLLM's sinks exactly itself
+        layer.window = window + 1       # keep >= the newest `window` tokens after each call
+        self.sink, self.window = sink, window
+        self.sink_k: torch.Tensor | None = None                  # [B, Hkv, sink, D] exact
+        self.sink_v: torch.Tensor | None = None
+        self.seen = 0
+
+    def init(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().init(key_states, value_states)
+        B, Hkv = key_states.shape[:2]
+        self.sink_k = key_states.new_zeros(B, Hkv, self.sink, key_states.shape[-1])
+        self.sink_v = value_states.new_zeros(B, Hkv, self.sink, value_states.shape[-1])
+        self.seen = 0
+
+    def _first(self, n: int) -> int:
+        """Position of the first non-sink token attention reads after ``n`` tokens."""
+        return max(min(self.sink, n), n - self.window)
+
+    @property
+    def kept(self) -> int:
+        return min(self.sink, self.seen) + self.seen - self._first(self.seen)
+
+    def _present(self, k: torch.Tensor, v: torch.Tensor, start: int, n: int,
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v: the layer's tokens from position ``start`` on -> the sinks (exact) followed by
+        the tokens from ``_first(n)`` on: [B, Hkv, min(sink, n) + len − (_first(n) − start), D]."""
+        s, i = min(self.sink, n), self._first(n) - start
+        return (torch.cat((self.sink_k[:, :, :s], k[:, :, i:]), 2),
+                torch.cat((self.sink_v[:, :, :s], v[:, :, i:]), 2))
+
+    def read(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._present(*self.layer.read(), self.layer.offset, self.seen)
+
+    def update(self, key_states: torch.Tensor,
+               value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n0, s = self.seen, key_states.shape[2]
+        m = min(self.sink - n0, s)
+        if m > 0:                                                  # the chunk holds sinks
+            self.sink_k[:, :, n0:n0 + m] = key_states[:, :, :m]
+            self.sink_v[:, :, n0:n0 + m] = value_states[:, :, :m]
+        start = self.layer.offset            # the layer's update returns positions start..
+        k, v = self.layer.update(key_states, value_states)         # (and may trim after)
+        self.seen = n0 + s
+        # the past as attention read it before this step (policy set at n0), then the step
+        return self._present(k, v, start, n0)
+
+    def keep(self, idx: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
+        if idx.dim() != 1 or idx.numel() != self.kept:
+            raise RuntimeError(f"StreamingQuantizedStore holds StreamingLLM's set ({self.kept} "
+                               f"tokens); the policy kept {tuple(idx.shape)}")
+        if not torch.compiler.is_compiling():
+            self.layer._trim()
+
+    def reserve(self, tokens: int) -> None:
+        if self.layer.is_initialized:
+            self.layer._trim()
+        super().reserve(tokens)
+
+    def reset(self) -> None:
+        super().reset()
+        self.sink_k = self.sink_v = None
+        self.seen = 0
+
+    def nbytes(self) -> int:
+        extra = sum(t.numel() * t.element_size() for t in (self.sink_k, self.sink_v)
+                    if t is not None)
+        return super().nbytes() + extra
+
+    def reorder_cache(self, beam_idx: torch.Tensor) -> None:
+        super().reorder_cache(beam_idx)
+        self.sink_k = self.sink_k.index_select(0, beam_idx.to(self.sink_k.device))
+        self.sink_v = self.sink_v.index_select(0, beam_idx.to(self.sink_v.device))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        self.sink_k = self.sink_k.repeat_interleave(repeats, 0)
+        self.sink_v = self.sink_v.repeat_interleave(repeats, 0)
 
 
 def _take(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -385,13 +504,13 @@ class EvictLayer(CacheLayerMixin):
             t = getattr(self, n)
             setattr(self, n, t.index_select(0, beam_idx.to(t.device)))
         if not self.store.plain:
-            self.store.layer.reorder_cache(beam_idx)
+            self.store.reorder_cache(beam_idx)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         for n in self._per_row():
             setattr(self, n, getattr(self, n).repeat_interleave(repeats, 0))
         if not self.store.plain:
-            self.store.layer.batch_repeat_interleave(repeats)
+            self.store.batch_repeat_interleave(repeats)
         self._sync_batch_size()
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:

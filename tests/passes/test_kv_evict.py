@@ -57,11 +57,16 @@ def test_snapkv_composes_with_quantization_and_other_pairs_are_refused():
             "residual=128, sink=4)"
     cache = cache_recipe(recipes.parse("snapkv(budget=64) + gear(bits=2)")).make_cache()
     assert isinstance(cache, EvictCache)
+    stream = cache_recipe(recipes.parse("streaming_kv + kv_quant(bits=4)"))
+    assert isinstance(stream, EvictQuantized)
+    assert str(stream) == "streaming_kv(sink=4, window=1024) + kv_quant(bits=4, group=64, " \
+        "residual=128, sink=4)"
     assert cache_recipe(recipes.parse("sink_window(sink=4, window=64) + h2o(ratio=0.5)")) \
         == recipes.parse("h2o(ratio=0.5)").recipes[0]
     for text, match in [
-            ("h2o(ratio=0.5) + kv_quant(bits=4)", "h2o evicts at every decode token.*only snapkv"),
-            ("streaming_kv + kv_quant(bits=4)", "streaming_kv evicts at every decode token"),
+            ("h2o(ratio=0.5) + kv_quant(bits=4)",
+             "h2o evicts arbitrary tokens at every decode token.*only snapkv.*and streaming_kv"),
+            ("gear(bits=2) + h2o(budget=64)", "h2o evicts arbitrary tokens"),
             ("think(ratio=0.5) + kv_quant(bits=4)", "one KV-cache recipe per pipeline.*think"),
             ("minicache + snapkv(ratio=0.5)", "one KV-cache recipe per pipeline.*minicache"),
             ("snapkv(ratio=0.5) + h2o(ratio=0.5)", "at most one eviction and one quantization"),

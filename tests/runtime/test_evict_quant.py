@@ -196,8 +196,9 @@ def test_generate_with_beams_reorders_the_quantized_store(llama):
 
 @pytest.mark.parametrize("policy", [E.H2OConfig(budget=16, recent=4), E.StreamingConfig(2, 14)])
 def test_runtime_h2o_and_streaming_run_on_a_quantized_store(llama, policy):
-    """Not offered as recipes (each decode-token eviction re-quantizes the kept keys), but the
-    store is generic: the cache stays at the budget and reads like plain eviction within the
+    """The generic store under H2O (not offered as a recipe: each decode-token eviction
+    re-quantizes the kept keys) and StreamingLLM (the recipe uses StreamingQuantizedStore
+    instead, which never re-quantizes: test_evict_streaming_quant.py): the cache stays at the budget and reads like plain eviction within the
     quantization error on the first chunk."""
     ids = _ids(40)
     _, store = _quantized()
