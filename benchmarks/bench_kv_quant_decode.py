@@ -8,7 +8,9 @@ too. Shapes are Llama-8B's: 32 query / 8 kv heads, D=128, one query token. The s
 filled with random codes and scales (decode speed does not depend on the values), the bf16
 cache with random values; each side is timed with CUDA events after a warmup, median of
 ``--iters`` calls, replayed as CUDA graphs (GPU time: ``*_ms``) and launched eagerly
-(``*_eager_ms``, which includes Python launch overhead). The decode kernel's warps, stages and
+(``*_eager_ms``, which includes Python launch overhead); the reported ``quant_ms`` and
+``sdpa_bf16_ms`` are medians over ``--rounds`` alternating timings of the fastest point and SDPA
+(``rounds_ms``), with the dequantized reference copy freed first. The decode kernel's warps, stages and
 split count are swept over the ``--num-*`` lists and the fastest is reported (``tuning`` keeps
 every point). Also recorded: GB/s of state bytes the kernel reads (packed codes, scales,
 zeros and the full-precision ring), the largest relative difference from the reference
@@ -28,6 +30,7 @@ import argparse
 import itertools
 import json
 import math
+import statistics
 from datetime import datetime, timezone
 
 import torch
@@ -133,6 +136,9 @@ def bench_case(R, T, length, batch, bits, a) -> dict:
                                           scale=scale, enable_gqa=True)
     errs = {v: _rel_err(x[6](), want) for v, x in best.items()}
     err = errs[variant]
+    # free the dequantized copy before timing SDPA: with another K + V alive SDPA ran 4-11%
+    # slower (benchmarks/experiment_kv_decode_sdpa_ab.py, H100, 2026-11-24)
+    del kd, vd, want
 
     k = torch.randn(batch, a.kv_heads, length, a.dim, generator=g, device=device,
                     dtype=torch.bfloat16)
@@ -144,9 +150,13 @@ def bench_case(R, T, length, batch, bits, a) -> dict:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask if causal else None,
                                               scale=scale, enable_gqa=True)
 
-    t_sdpa = graph_ms(sdpa, a.warmup, a.iters)
+    # the fastest point and SDPA in alternating rounds (these machines drift): medians of each
+    rounds = [(graph_ms(run, a.warmup, a.iters), graph_ms(sdpa, a.warmup, a.iters))
+              for _ in range(a.rounds)]
+    t_quant = statistics.median(r[0] for r in rounds)
+    t_sdpa = statistics.median(r[1] for r in rounds)
     t_sdpa_eager = time_ms(sdpa, a.warmup, a.iters)
-    del k, v, kd, vd, want
+    del k, v
 
     kn = torch.randn(batch, a.kv_heads, 1, a.dim, generator=g, device=device, dtype=torch.bfloat16)
     start_len = length - 1                      # the append flushes a group every group tokens
@@ -165,7 +175,7 @@ def bench_case(R, T, length, batch, bits, a) -> dict:
                 for v, x in best.items()}
     return dict(length=length, batch=batch, bits=bits, group=a.group, residual=a.residual,
                 scales=a.scales, heads=a.heads, kv_heads=a.kv_heads, dim=a.dim,
-                queries=a.queries, quant_ms=t_quant, sdpa_bf16_ms=t_sdpa,
+                queries=a.queries, quant_ms=t_quant, sdpa_bf16_ms=t_sdpa, rounds_ms=rounds,
                 speedup=t_sdpa / t_quant, target_speedup=3.0 if bits == 4 else None,
                 quant_eager_ms=t_quant_eager, sdpa_bf16_eager_ms=t_sdpa_eager,
                 num_warps=warps, num_stages=stages, num_splits=splits,
@@ -199,6 +209,8 @@ def main(argv=None):
                     "head to try (0: the kernel's heuristic)")
     ap.add_argument("--maxnreg", default="0", help="register caps a thread to try (0: none; "
                     "128 helped 4-warp programs on an H100, fewer warps need none)")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds of the fastest "
+                    "point and SDPA whose medians make the reported times")
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--iters", type=int, default=50)
     ap.add_argument("--quick", action="store_true", help="4- and 2-bit rows of 128k:1 and "

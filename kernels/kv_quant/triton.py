@@ -66,17 +66,19 @@ H100 it holds 255 registers with no spills (asm: 255 plus 100-400 bytes of spill
 Measured on an H100 (2026-11-24, torch 2.11, Triton 3.6, bf16, u8 scales, group 64, 32q/8kv
 heads, D=128, S=1, CUDA graphs; benchmarks/results/kv_quant_decode_h100.json, all in one
 run, each the best point of its sweep over block_n 32/64 x stages 2/3 x splits
-heuristic/64/128 at 1 warp), joined / planes / magic / asm / asmt / bf16 SDPA in ms:
-4-bit 128k B=1 0.187 / 0.203 / 0.170 / 0.141 / 0.105 / 0.219 (asmt 2.09x SDPA, 1.37 TB/s of
-state); 2-bit 128k 0.172 / 0.226 / 0.162 / 0.119 / 0.086 / 0.218 (2.54x); 4-bit 32k B=8
-0.353 / 0.391 / 0.298 / 0.287 / 0.205 / 0.427 (2.08x, 1.41 TB/s); 2-bit 32k B=8 0.333 /
-0.406 / 0.315 / 0.246 / 0.176 / 0.421 (2.39x). Max rel. error vs the reference (dequantize
+heuristic/64/128 at 1 warp; the best point and SDPA then re-timed in 3 alternating rounds,
+medians), joined / planes / magic / asm / asmt / bf16 SDPA in ms:
+4-bit 128k B=1 0.184 / 0.199 / 0.168 / 0.140 / 0.102 / 0.184 (asmt 1.81x SDPA, 1.40 TB/s of
+state); 2-bit 128k 0.175 / 0.227 / 0.162 / 0.121 / 0.085 / 0.185 (2.19x); 4-bit 32k B=8
+0.352 / 0.384 / 0.294 / 0.284 / 0.201 / 0.355 (1.77x, 1.44 TB/s); 2-bit 32k B=8 0.330 /
+0.404 / 0.313 / 0.244 / 0.178 / 0.360 (2.02x). Max rel. error vs the reference (dequantize
 + fp32 attention): asmt 3.2e-3 - 3.8e-3, joined 2.9e-3 - 3.9e-3. Best knobs for asmt: 1 warp,
 block_n 64, 3 stages, 128 splits (128k) / 64 (32k B=8): the defaults. The issue's 3x is not
-reached. Caveat on the SDPA side: benchmarks/experiment_kv_decode_breakdown.py times the same
-SDPA call at 0.189 ms (128k B=1) / 0.370 ms (32k B=8), 2.8-2.9 TB/s, against 0.219 / 0.427 in
-the benchmark (cause not found); there asmt is 1.71x / 1.64x
-(benchmarks/results/debug/kv_quant_decode_breakdown5_h100.json).
+reached. An earlier run of the benchmark gave asmt 2.09x / 2.08x: it timed SDPA with the
+dequantized reference copy (another bf16 K + V) still allocated, and SDPA is 4-11% slower
+then (benchmarks/experiment_kv_decode_sdpa_ab.py, alternating rounds:
+benchmarks/results/debug/kv_quant_decode_sdpa_ab_h100.json, asmt 1.81x / 1.68x with the copy
+freed, 1.91x / 1.87x with it alive); the benchmark now frees it and alternates rounds.
 
 What bounds asmt (4-bit 128k B=1, breakdown5): the packed kernel is 93 µs of the 110 µs
 step (combine 3.9 µs, launch gaps ~13 µs); in the kernel the state streams at 1.5 TB/s, half
