@@ -35,7 +35,7 @@ the comparison runs as separate processes that share one JSON file of token ids:
     # 4. main venv: score both sides with the harness's scorer and write the result rows
     python benchmarks/compare_kvpress.py merge --prompts /tmp/kvcmp/prompts.json \\
         --inputs /tmp/kvcmp/longfx.jsonl /tmp/kvcmp/kvpress.jsonl \\
-        --out benchmarks/results/kvpress_compare_cpu.jsonl
+        --out benchmarks/results/kvpress/compare_cpu.jsonl
 
 Steps 2 and 3 may run at the same time (one thread each); each appends one JSON line per
 (prompt, method) as it goes and skips those already in its output, so a stopped run resumes.

@@ -321,6 +321,34 @@ def independent(results: Path, rows: list[dict]) -> str:
     return "\n".join(out) + "\n"
 
 
+def kvpress(results: Path) -> str:
+    """longfx beside NVIDIA kvpress on the same model and token-identical prompts
+    (``benchmarks/compare_kvpress.py``), recorded under results/kvpress/: one row per method and
+    library, and a ``_checks`` row (same weights, identical dense answers)."""
+    rows = [r for r in load_rows(sorted((results / "kvpress").glob("*.jsonl")))
+            if r.get("method") != "_checks"]
+    if not rows:
+        return ""
+    r0 = rows[0]
+    ratio = lambda x: "—" if x is None else f"{x:.2f}×"  # noqa: E731
+    out = ["## Side by side with NVIDIA kvpress", "",
+           f"`benchmarks/compare_kvpress.py`: {r0['model']}, classic passkey at {r0['length']} "
+           f"tokens, seed {r0['seed']}, the same token ids for both libraries; torch "
+           f"{r0.get('torch', '?')} on {r0.get('cpu', '?')}, {r0.get('date', '?')}. KV bytes read "
+           "off the cache tensors after the first decode step; time ratios are against the same "
+           "process's dense run, prompt by prompt (— : the method ran in a later pass).", "",
+           "| method | library | spec | passkey | KV bytes (× dense) | prefill × | decode/token × |",
+           "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        t = r.get("timings") or {}
+        lib = f"{r['library']} {r.get('version', '')}".strip()
+        out.append(f"| {r['method']} | {lib} | `{r.get('spec', '')}` | {r['hits']}/{r['n']} | "
+                   f"{r['kv_bytes'] / 1e6:.1f} MB ({r['kv_vs_dense_same_library']:.2f}) | "
+                   f"{ratio(t.get('prefill_ratio_vs_dense_same_process'))} | "
+                   f"{ratio(t.get('decode_ratio_vs_dense_same_process'))} |")
+    return "\n".join(out) + "\n"
+
+
 def onnx_cpu(rows: list[dict]) -> str:
     """SmolLM2 on CPU: torch eager vs the longfx ONNX exports in onnxruntime vs a plain
     torch.onnx.export (``benchmarks/bench_onnx_cpu.py``); cells are prefill s / decode ms/token."""
@@ -403,6 +431,9 @@ def main(argv=None) -> int:
     ind = independent(Path(a.results), [r for r in rows if "bench" not in r and "device" in r])
     if ind:
         text = text + "\n" + ind.rstrip() + "\n"
+    kvp = kvpress(Path(a.results))
+    if kvp:
+        text = text + "\n" + kvp.rstrip() + "\n"
     extra = kernels(Path(a.results))
     if extra:
         text = text + "\n" + extra.rstrip() + "\n"
