@@ -187,6 +187,17 @@ def bench_case(R, T, length, batch, bits, a) -> dict:
                 default_variant=T.DEFAULT_VARIANT, variants=variants)
 
 
+def save(path: str, rows: list[dict]) -> None:
+    """Write ``rows`` as JSON with the GPU, torch / Triton versions and the date (also used by
+    the experiment_kv_decode_* scripts)."""
+    import triton
+
+    meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
+                triton=triton.__version__, date=datetime.now(timezone.utc).isoformat())
+    with open(path, "w") as f:
+        json.dump(dict(meta=meta, rows=rows), f, indent=1)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
@@ -222,7 +233,6 @@ def main(argv=None):
         a.num_warps, a.num_stages, a.maxnreg, a.warmup, a.iters = "1,2", "3", "0", 5, 20
     if not torch.cuda.is_available():
         raise SystemExit("bench_kv_quant_decode needs a CUDA GPU")
-    import triton
 
     from longfx.kernels.kv_quant import reference as R
     from longfx.kernels.kv_quant import triton as T
@@ -241,11 +251,8 @@ def main(argv=None):
                               for v, x in row["variants"].items()), flush=True)
             rows.append(row)
             torch.cuda.empty_cache()
-    meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
-                triton=triton.__version__, date=datetime.now(timezone.utc).isoformat())
     if a.out:
-        with open(a.out, "w") as f:
-            json.dump(dict(meta=meta, rows=rows), f, indent=1)
+        save(a.out, rows)
     return rows
 
 

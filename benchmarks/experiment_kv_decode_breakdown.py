@@ -12,12 +12,11 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-from datetime import datetime, timezone
 
 import torch
 import torch.nn.functional as F
 
-from bench_kv_quant_decode import graph_ms, parse_cases, random_state
+from bench_kv_quant_decode import graph_ms, parse_cases, random_state, save
 from cuda_timing import rel
 
 
@@ -44,7 +43,6 @@ def main():
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--configs", default="joined:32:1:3:0,magic:64:1:3:0")
     a = ap.parse_args()
-    import triton
 
     from longfx.kernels.kv_quant import reference as R
     from longfx.kernels.kv_quant import triton as T
@@ -102,11 +100,8 @@ def main():
             rows.append(dict(length=length, batch=batch, asm_vs_magic_max_abs=d))
         del k, v, st
         torch.cuda.empty_cache()
-    meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
-                triton=triton.__version__, date=datetime.now(timezone.utc).isoformat())
     if a.out:
-        with open(a.out, "w") as f:
-            json.dump(dict(meta=meta, rows=rows), f, indent=1)
+        save(a.out, rows)
 
 
 if __name__ == "__main__":

@@ -15,12 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-from datetime import datetime, timezone
 
 import torch
 import torch.nn.functional as F
 
-from bench_kv_quant_decode import graph_ms, parse_cases, random_state
+from bench_kv_quant_decode import graph_ms, parse_cases, random_state, save
 
 
 def main():
@@ -30,7 +29,6 @@ def main():
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--iters", type=int, default=30)
     a = ap.parse_args()
-    import triton
 
     from longfx.kernels.kv_quant import reference as R
     from longfx.kernels.kv_quant import triton as T
@@ -69,11 +67,8 @@ def main():
         rows.append(row)
         del st, k, v
         torch.cuda.empty_cache()
-    meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
-                triton=triton.__version__, date=datetime.now(timezone.utc).isoformat())
     if a.out:
-        with open(a.out, "w") as f:
-            json.dump(dict(meta=meta, rows=rows), f, indent=1)
+        save(a.out, rows)
 
 
 if __name__ == "__main__":
