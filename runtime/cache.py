@@ -234,11 +234,7 @@ class QuantizedKVLayer(CacheLayerMixin):
 
     def _with_sinks(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """k, v [B, Hkv, L, D] with the first min(sink, L) positions replaced by the exact copy."""
-        n = min(self.sink, k.shape[2])
-        if n <= 0 or self.sink_k is None:
-            return k, v
-        return (torch.cat((self.sink_k[:, :, :n].to(k.dtype), k[:, :, n:]), 2),
-                torch.cat((self.sink_v[:, :, :n].to(v.dtype), v[:, :, n:]), 2))
+        return kv_ref.with_sinks(k, v, self.sink_k, self.sink_v)
 
     def _append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         st, c = self.state, self.config

@@ -10,8 +10,11 @@ runtime (HF ``Cache``, ONNX runner) can own it:
 * ``kv_quant_append(*state, k, v, bits, group)`` mutates the state in place (quantize-on-append:
   whole groups leaving the full-precision ring are packed; the length advances by k's S).
   Under torch.compile / export it is functionalized like any in-place cache update.
-* ``kv_quant_attention(q, *state, scale, bits, group)`` — the last S positions of the state
-  attend to all of it (bottom-right causal, GQA), reading the packed codes.
+* ``kv_quant_attention(q, *state, scale, bits, group, sink_k=None, sink_v=None)`` — the last S
+  positions of the state attend to all of it (bottom-right causal, GQA), reading the packed
+  codes; with the exact sink copy a ``QuantizedKVLayer`` keeps (``sink_k``, ``sink_v``
+  [B, Hkv, n, D]) positions < n read that copy instead. ``kv_quant(...)``'s lowering rule
+  (passes/kv_quant_decode.py) puts it in a decode step in place of read → attention.
 * ``kv_quant_attention_emulated(q, k, v, scale, bits, group, residual, scales, gear_rank,
   gear_outliers)`` — fp tensors in, the output token-by-token decoding over a quantized state
   would give (quantize -> dequantize, optional GEAR): for perplexity at model level.
@@ -82,18 +85,40 @@ def _(k_codes, k_params, v_codes, v_params, k_ring, v_ring, length, k, v, bits, 
 def kv_quant_attention(q: torch.Tensor, k_codes: torch.Tensor, k_params: torch.Tensor,
                        v_codes: torch.Tensor, v_params: torch.Tensor, k_ring: torch.Tensor,
                        v_ring: torch.Tensor, length: torch.Tensor, scale: float, bits: int,
-                       group: int) -> torch.Tensor:
+                       group: int, sink_k: torch.Tensor | None = None,
+                       sink_v: torch.Tensor | None = None) -> torch.Tensor:
     tensors = (k_codes, k_params, v_codes, v_params, k_ring, v_ring, length)
     state = reference.QuantizedKV.from_tensors(tensors, bits, group)
     impl = _impl_for(q)
-    if impl is not None and impl.supports_attention(q, state):
-        return impl.attention_decode(q, state, scale)
-    return reference.attention_decode(q, state, scale)
+    if impl is not None and impl.supports_attention(q, state, sinks=sink_k is not None):
+        return impl.attention_decode(q, state, scale, sink_k=sink_k, sink_v=sink_v)
+    if q.is_cuda:
+        return dequantized_attention(q, state, scale, sink_k, sink_v)
+    return reference.attention_decode(q, state, scale, sink_k, sink_v)
 
 
 @kv_quant_attention.register_fake
-def _(q, k_codes, k_params, v_codes, v_params, k_ring, v_ring, length, scale, bits, group):
+def _(q, k_codes, k_params, v_codes, v_params, k_ring, v_ring, length, scale, bits, group,
+      sink_k=None, sink_v=None):
     return q.new_empty((*q.shape[:-1], k_ring.shape[-1]))
+
+
+def dequantized_attention(q: torch.Tensor, state: reference.QuantizedKV, scale: float,
+                          sink_k: torch.Tensor | None = None,
+                          sink_v: torch.Tensor | None = None) -> torch.Tensor:
+    """``reference.attention_decode`` through a dequantized copy and SDPA (``dense.sdpa``:
+    memory linear in the length): the GPU's path for what the Triton decode does not take
+    (8-bit codes with sinks, head dims it refuses). It reads the length on the host."""
+    from longfx.kernels.attention import dense
+
+    L = int(state.length)
+    reference.check_query(q, state.k_ring.shape[1], state.head_dim, L)
+    reference.check_sinks(sink_k, sink_v, state)
+    k, v = reference.with_sinks(*reference.dequantize_state(state), sink_k, sink_v)
+    S = q.shape[2]
+    mask = None if S == 1 else \
+        torch.ones(S, L, dtype=torch.bool, device=q.device).tril(L - S)   # bottom-right causal
+    return dense.sdpa(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=scale)
 
 
 @torch.library.custom_op("longfx::kv_quant_attention_emulated", mutates_args=())

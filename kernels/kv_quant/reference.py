@@ -654,12 +654,45 @@ def check_query(q: torch.Tensor, kv_heads: int, head_dim: int, length: int | Non
                          f"are the last positions of the state (append them first)")
 
 
-def attention_decode(q: torch.Tensor, state: QuantizedKV, scale: float | None = None) -> torch.Tensor:
+def check_sinks(sink_k: torch.Tensor | None, sink_v: torch.Tensor | None,
+                state: QuantizedKV) -> None:
+    """The exact sink copy beside a state: both or neither, [B, Hkv, n, D] in the ring's dtype."""
+    if (sink_k is None) != (sink_v is None):
+        raise ValueError("sink_k and sink_v come together (both or neither)")
+    if sink_k is None:
+        return
+    want = (*state.k_ring.shape[:2], state.head_dim)
+    for name, t in (("sink_k", sink_k), ("sink_v", sink_v)):
+        if t.dim() != 4 or (*t.shape[:2], t.shape[3]) != want or t.shape != sink_k.shape:
+            raise ValueError(f"{name} must be [B, Hkv, n, D] with (B, Hkv, D) = {want}, "
+                             f"got {tuple(t.shape)} (sink_k {tuple(sink_k.shape)})")
+        if t.dtype != state.k_ring.dtype:
+            raise ValueError(f"{name} is {t.dtype}, the state holds {state.k_ring.dtype}")
+
+
+def with_sinks(k: torch.Tensor, v: torch.Tensor, sink_k: torch.Tensor | None,
+               sink_v: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """k, v [B, Hkv, L, D] with their first min(n, L) positions replaced by the exact copy
+    ``sink_k``, ``sink_v`` [B, Hkv, n, D] (StreamingLLM's attention sinks, Xiao et al. 2023,
+    kept beside the packed state: ``runtime/cache.py``)."""
+    if sink_k is None:
+        return k, v
+    n = min(sink_k.shape[2], k.shape[2])
+    return (torch.cat((sink_k[:, :, :n].to(k.dtype), k[:, :, n:]), 2),
+            torch.cat((sink_v[:, :, :n].to(v.dtype), v[:, :, n:]), 2))
+
+
+def attention_decode(q: torch.Tensor, state: QuantizedKV, scale: float | None = None,
+                     sink_k: torch.Tensor | None = None,
+                     sink_v: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of q [B, H, S, D] — the last S positions of the state, bottom-right causal —
-    over everything the state holds, dequantized (GQA: head h reads kv head h // (H / Hkv))."""
+    over everything the state holds, dequantized (GQA: head h reads kv head h // (H / Hkv)).
+    With ``sink_k``, ``sink_v`` [B, Hkv, n, D] (an exact copy of the first n tokens, the ring's
+    dtype), positions < min(n, L) read the copy instead of their stored (quantized) form."""
     L = int(state.length)
     check_query(q, state.k_ring.shape[1], state.head_dim, L)
-    k, v = dequantize_state(state)
+    check_sinks(sink_k, sink_v, state)
+    k, v = with_sinks(*dequantize_state(state), sink_k, sink_v)
     S = q.shape[2]
     mask = torch.ones(S, L, dtype=torch.bool, device=q.device).tril(L - S)   # [S, L]
     return attention(q, k.to(q.dtype), v.to(q.dtype), mask, scale)

@@ -156,7 +156,11 @@ def supports_append(state: reference.QuantizedKV, k: torch.Tensor, v: torch.Tens
             and k.dtype == v.dtype == state.k_ring.dtype and k.device == state.k_ring.device)
 
 
-def supports_attention(q: torch.Tensor, state: reference.QuantizedKV) -> bool:
+def supports_attention(q: torch.Tensor, state: reference.QuantizedKV, sinks: bool = False) -> bool:
+    """Whether ``attention_decode`` takes q over this state (``sinks``: with an exact sink
+    copy; no kernel takes one yet)."""
+    if sinks:
+        return False
     if not (AVAILABLE and _state_ok(state) and q.dim() == 4 and q.dtype == state.k_ring.dtype):
         return False
     hkv = state.k_ring.shape[1]
@@ -1106,7 +1110,8 @@ def attention_decode(q: torch.Tensor, state: reference.QuantizedKV, scale: float
                      num_splits: int | None = None, num_warps: int | None = None,
                      num_stages: int | None = None, variant: str | None = None,
                      block_n: int | None = None, maxnreg: int | None = None,
-                     fuse_ring: bool = True) -> torch.Tensor:
+                     fuse_ring: bool = True, sink_k: torch.Tensor | None = None,
+                     sink_v: torch.Tensor | None = None) -> torch.Tensor:
     """``reference.attention_decode`` reading the packed state: q [B, H, S, D] (S ≤ 16 or so:
     G·S ≤ 128 rows per kv head) -> [B, H, S, D] in q's dtype.
 
@@ -1126,6 +1131,9 @@ def attention_decode(q: torch.Tensor, state: reference.QuantizedKV, scale: float
     — the fastest setting of the H100 sweeps (2026-11-23/24); larger tiles: 8 warps, 4
     stages, block_n 64, the SM heuristic."""
     _require()
+    if sink_k is not None or sink_v is not None:
+        raise ValueError("the Triton decode does not take an exact sink copy yet "
+                         "(supports_attention(..., sinks=True) is False)")
     variant = DEFAULT_VARIANT if variant is None else variant
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")

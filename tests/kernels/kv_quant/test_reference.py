@@ -393,3 +393,31 @@ def test_key_bits_bytes_at_32k_add_only_the_wider_key_codes():
     assert R.key_bits_of(torch.zeros(1, 1, 3, 32, dtype=torch.uint8), 64) == 4
     with pytest.raises(ValueError, match="do not fit head_dim"):
         R.key_bits_of(torch.zeros(1, 1, 3, 24, dtype=torch.uint8), 64)
+
+
+def test_attention_with_exact_sinks_reads_the_copy_for_the_first_positions():
+    """``attention_decode(..., sink_k, sink_v)``: positions < min(n, L) read the exact copy, the
+    rest the stored state; the op gives the same on CPU, and bad copies are refused."""
+    D, group = 16, 16
+    k, v = _kv(1, 2, 70, D, seed=11)
+    c = R.KVQuantConfig(bits=2, group=group, residual=16)
+    st = R.QuantizedKV.empty(1, 2, D, 80, c, torch.float32)
+    R.append(st, k, v)
+    q = torch.randn(1, 4, 2, D, generator=torch.Generator().manual_seed(12))
+    kd, vd = R.dequantize_state(st)
+    assert float((kd[:, :, :4] - k[:, :, :4]).abs().max()) > 1e-3        # 2-bit: not exact
+    mask = torch.ones(2, 70, dtype=torch.bool).tril(68)                  # bottom-right causal
+    for n in (4, 1):
+        want = attention(q, torch.cat((k[:, :, :n], kd[:, :, n:]), 2),
+                         torch.cat((v[:, :, :n], vd[:, :, n:]), 2), mask, 0.3)
+        sk, sv = k[:, :, :n].clone(), v[:, :, :n].clone()
+        assert _rel(R.attention_decode(q, st, 0.3, sk, sv), want) < 1e-6
+        got = torch.ops.longfx.kv_quant_attention(q, *st.tensors(), 0.3, 2, group, sk, sv)
+        assert _rel(got, want) < 1e-6
+    assert _rel(R.attention_decode(q, st, 0.3), attention(q, kd, vd, mask, 0.3)) < 1e-6
+    with pytest.raises(ValueError, match="both or neither"):
+        R.attention_decode(q, st, 0.3, k[:, :, :4], None)
+    with pytest.raises(ValueError, match=r"\[B, Hkv, n, D\]"):
+        R.attention_decode(q, st, 0.3, k[:, :1, :4], v[:, :1, :4])
+    with pytest.raises(ValueError, match="the state holds"):
+        R.attention_decode(q, st, 0.3, k[:, :, :4].double(), v[:, :, :4].double())
