@@ -158,15 +158,22 @@ def supports_append(state: reference.QuantizedKV, k: torch.Tensor, v: torch.Tens
 
 def supports_attention(q: torch.Tensor, state: reference.QuantizedKV, sinks: bool = False) -> bool:
     """Whether ``attention_decode`` takes q over this state (``sinks``: with an exact sink
-    copy; no kernel takes one yet)."""
-    if sinks:
-        return False
+    copy, which only the default "asmt" kernel reads: 2- and 4-bit codes, shapes that
+    ``planes_ok``; 8-bit codes and the other variants do not take one)."""
     if not (AVAILABLE and _state_ok(state) and q.dim() == 4 and q.dtype == state.k_ring.dtype):
         return False
     hkv = state.k_ring.shape[1]
-    return (q.dtype in (torch.float16, torch.bfloat16, torch.float32)
-            and q.shape[1] % hkv == 0 and q.shape[1] // hkv * q.shape[2] <= MAX_ROWS
-            and q.device == state.k_ring.device)
+    ok = (q.dtype in (torch.float16, torch.bfloat16, torch.float32)
+          and q.shape[1] % hkv == 0 and q.shape[1] // hkv * q.shape[2] <= MAX_ROWS
+          and q.device == state.k_ring.device)
+    if ok and sinks:
+        return _sinks_ok(q, state, DEFAULT_VARIANT)
+    return ok
+
+
+def _sinks_ok(q: torch.Tensor, state: reference.QuantizedKV, variant: str) -> bool:
+    # the variant attention_decode runs with sinks: "asmt" with codes < 8 bits, planes_ok shapes
+    return variant == "asmt" and state.config.bits < 8 and planes_ok(q, state)
 
 
 if triton is not None:
@@ -797,6 +804,42 @@ if triton is not None:
         tl.store(ACC + (base + c % M)[None, :] * D + (PB * j + i)[:, None], acc, mask=ok)
 
     @triton.jit
+    def _exact_tile_t(m_i, l_i, acc_z, acc0, acc1, acc2, acc3, q0, q1, q2, q3, kr, vr, slot, t,
+                      tok, qpos, qk_scale, dt: tl.constexpr, D: tl.constexpr, PB: tl.constexpr,
+                      DP: tl.constexpr, PREC: tl.constexpr, RING_N: tl.constexpr,
+                      BLOCK_C: tl.constexpr):
+        """One online-softmax step of ``_decode_tposed_kernel`` over RING_N full-precision
+        tokens (positions t, rows ``slot`` of kr / vr, [rows, D]; ``tok`` the live ones): the
+        ring, and the exact sink copy."""
+        scores = tl.zeros([RING_N, BLOCK_C], tl.float32)
+        scores = _ring_plane_scores_t(scores, q0, kr, slot, tok, 0, dt, D, PB, DP, PREC)
+        if PB >= 2:
+            scores = _ring_plane_scores_t(scores, q1, kr, slot, tok, 1, dt, D, PB, DP, PREC)
+        if PB == 4:
+            scores = _ring_plane_scores_t(scores, q2, kr, slot, tok, 2, dt, D, PB, DP, PREC)
+            scores = _ring_plane_scores_t(scores, q3, kr, slot, tok, 3, dt, D, PB, DP, PREC)
+        scores = tl.where(tok[:, None] & (t[:, None] <= qpos[None, :]), scores * qk_scale,
+                          float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, 0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(scores - m_safe[None, :])
+        l_i = l_i * alpha + tl.sum(p, 0)
+        acc_z = acc_z * alpha
+        p = p.to(dt)
+        acc0 = _ring_value_plane_t(acc0 * alpha[None, :], p, vr, slot, tok, 0, dt, D, PB, DP,
+                                   PREC)
+        if PB >= 2:
+            acc1 = _ring_value_plane_t(acc1 * alpha[None, :], p, vr, slot, tok, 1, dt, D, PB,
+                                       DP, PREC)
+        if PB == 4:
+            acc2 = _ring_value_plane_t(acc2 * alpha[None, :], p, vr, slot, tok, 2, dt, D, PB,
+                                       DP, PREC)
+            acc3 = _ring_value_plane_t(acc3 * alpha[None, :], p, vr, slot, tok, 3, dt, D, PB,
+                                       DP, PREC)
+        return m_new, l_i, acc_z, acc0, acc1, acc2, acc3
+
+    @triton.jit
     def _decode_tposed_kernel(
             Q, KC, KP, VC, VP, LEN, ACC, LSE, qk_scale, sq_b, sq_h, sq_s, SP, NSPLIT, KR, VR,
             HKV: tl.constexpr, G: tl.constexpr, S: tl.constexpr, D: tl.constexpr,
@@ -804,14 +847,20 @@ if triton is not None:
             BITS: tl.constexpr, GROUP: tl.constexpr, RING: tl.constexpr, JV: tl.constexpr,
             FP16: tl.constexpr, PREC: tl.constexpr, DOT_F32: tl.constexpr,
             OPERAND: tl.constexpr = 3, CENTER: tl.constexpr = 0, FUSE_RING: tl.constexpr = True,
-            RING_N: tl.constexpr = 16):
+            RING_N: tl.constexpr = 16, SK=None, SV=None, NSINK: tl.constexpr = 0):
         """``_decode_planes_kernel`` transposed ("asmt"): the tokens are the dots' M side and
         the query rows (repeated once per value group, as there) their N side, which may be 8
         wide: scoresᵀ [N, C] = Σ_i c_i [N, DP] · (q_i∘a_i)ᵀ [DP, C], accᵀ_i [DP, C] +=
         c_iᵀ [DP, N] · (p∘a)ᵀ [N, C]. With G·S·JV = 8 rows (Llama-8B: G=4, two value groups)
         the 16-row MMA tile of the planes kernel carried 8 rows of padding; here C = 8, so the
         query planes, accumulators, scores and softmax hold half as many registers and do half
-        the work. BLOCK_M is the column count C (>= 8)."""
+        the work. BLOCK_M is the column count C (>= 8).
+
+        Exact sinks (NSINK > 0: SK, SV [B, Hkv, NSINK, D], contiguous, the ring's dtype):
+        positions t < min(NSINK, L) read the copy instead of their stored form. Packed tiles
+        that start below NSINK mask those tokens out (a scalar branch: other tiles pay
+        nothing), the ring skips them, and program NSPLIT adds them from the copy after the
+        ring (``_exact_tile_t``, the ring's code)."""
         PB: tl.constexpr = 8 // BITS
         QMAX: tl.constexpr = (1 << BITS) - 1
         M: tl.constexpr = G * S
@@ -889,6 +938,9 @@ if triton is not None:
             scores = (scores + qz[None, :]) * qk_scale
             if S > 1:
                 scores = tl.where(t[:, None] <= qpos[None, :], scores, float("-inf"))
+            if NSINK > 0:
+                if n0 < NSINK:      # read from the exact copy instead (program NSPLIT)
+                    scores = tl.where(t[:, None] >= NSINK, scores, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(scores, 0))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             alpha = tl.exp2(m_i - m_safe)
@@ -931,44 +983,25 @@ if triton is not None:
                 acc3 = tl.dot(_plane_operand(xv, 3, BITS, QMAX, dt, OPERAND, MAGIC_FP16,
                                              CENTER), pa, acc3 * alpha[None, :],
                               input_precision=PREC)
-        if FUSE_RING:   # program NSPLIT: the full-precision ring, tokens [n, L)
+        if FUSE_RING:   # program NSPLIT: the full-precision ring, tokens [n, L), and the sinks
             kr = KR + bh64 * RING * D
             vr = VR + bh64 * RING * D
             nr = tl.arange(0, RING_N)
             for n0 in range(tl.where(split == NSPLIT, n, L), L, RING_N):
                 t = n0 + nr
-                tok = t < L
-                slot = t % RING
-                scores = tl.zeros([RING_N, BLOCK_C], tl.float32)
-                scores = _ring_plane_scores_t(scores, q0, kr, slot, tok, 0, dt, D, PB, DP, PREC)
-                if PB >= 2:
-                    scores = _ring_plane_scores_t(scores, q1, kr, slot, tok, 1, dt, D, PB, DP,
-                                                  PREC)
-                if PB == 4:
-                    scores = _ring_plane_scores_t(scores, q2, kr, slot, tok, 2, dt, D, PB, DP,
-                                                  PREC)
-                    scores = _ring_plane_scores_t(scores, q3, kr, slot, tok, 3, dt, D, PB, DP,
-                                                  PREC)
-                scores = tl.where(tok[:, None] & (t[:, None] <= qpos[None, :]),
-                                  scores * qk_scale, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(scores, 0))
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                alpha = tl.exp2(m_i - m_safe)
-                p = tl.exp2(scores - m_safe[None, :])
-                l_i = l_i * alpha + tl.sum(p, 0)
-                m_i = m_new
-                acc_z = acc_z * alpha
-                p = p.to(dt)
-                acc0 = _ring_value_plane_t(acc0 * alpha[None, :], p, vr, slot, tok, 0, dt, D,
-                                           PB, DP, PREC)
-                if PB >= 2:
-                    acc1 = _ring_value_plane_t(acc1 * alpha[None, :], p, vr, slot, tok, 1, dt,
-                                               D, PB, DP, PREC)
-                if PB == 4:
-                    acc2 = _ring_value_plane_t(acc2 * alpha[None, :], p, vr, slot, tok, 2, dt,
-                                               D, PB, DP, PREC)
-                    acc3 = _ring_value_plane_t(acc3 * alpha[None, :], p, vr, slot, tok, 3, dt,
-                                               D, PB, DP, PREC)
+                tok = (t < L) & (t >= NSINK)        # positions < NSINK: the sink copy below
+                m_i, l_i, acc_z, acc0, acc1, acc2, acc3 = _exact_tile_t(
+                    m_i, l_i, acc_z, acc0, acc1, acc2, acc3, q0, q1, q2, q3, kr, vr, t % RING,
+                    t, tok, qpos, qk_scale, dt, D, PB, DP, PREC, RING_N, BLOCK_C)
+            if NSINK > 0:   # the exact sink copy [B, Hkv, NSINK, D]: positions < min(NSINK, L)
+                sk = SK + bh64 * NSINK * D
+                sv = SV + bh64 * NSINK * D
+                ns = tl.minimum(L, NSINK)
+                for n0 in range(0, tl.where(split == NSPLIT, ns, 0), RING_N):
+                    t = n0 + nr
+                    m_i, l_i, acc_z, acc0, acc1, acc2, acc3 = _exact_tile_t(
+                        m_i, l_i, acc_z, acc0, acc1, acc2, acc3, q0, q1, q2, q3, sk, sv, t,
+                        t, t < ns, qpos, qk_scale, dt, D, PB, DP, PREC, RING_N, BLOCK_C)
         base = (bh * (NSPLIT + 1) + split) * M
         full = l_i > 0
         inv = 1.0 / tl.where(full, l_i, 1.0)
@@ -1126,14 +1159,14 @@ def attention_decode(q: torch.Tensor, state: reference.QuantizedKV, scale: float
     min(64, group)), ``num_splits`` programs per kv head over the packed tokens (default: a
     heuristic, about 4 programs per SM), ``num_warps``, ``num_stages``, ``maxnreg`` (a cap on
     the packed-token kernel's registers a thread, for occupancy; None: the compiler's).
+    ``sink_k``, ``sink_v`` [B, Hkv, n, D] (the ring's dtype): the exact copy of the first n
+    tokens (``reference.with_sinks``), read by "asmt" only (``supports_attention(q, state,
+    sinks=True)``; other variants and 8-bit codes raise).
     Defaults for tiles of at most 16 rows (G·S ≤ 16: one query token with GQA groups up to 16,
     the decode case): 1 warp, 3 stages, block_n 64 (32 for "joined"), ``_small_tile_splits``
     — the fastest setting of the H100 sweeps (2026-11-23/24); larger tiles: 8 warps, 4
     stages, block_n 64, the SM heuristic."""
     _require()
-    if sink_k is not None or sink_v is not None:
-        raise ValueError("the Triton decode does not take an exact sink copy yet "
-                         "(supports_attention(..., sinks=True) is False)")
     variant = DEFAULT_VARIANT if variant is None else variant
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
@@ -1143,6 +1176,15 @@ def attention_decode(q: torch.Tensor, state: reference.QuantizedKV, scale: float
                          f"{state.k_ring.dtype} (G·S must be <= {MAX_ROWS})")
     c = state.config
     reference.check_query(q, state.k_ring.shape[1], state.head_dim, None)
+    reference.check_sinks(sink_k, sink_v, state)
+    if sink_k is not None and sink_k.shape[2] == 0:
+        sink_k = sink_v = None
+    if sink_k is not None:
+        if not _sinks_ok(q, state, variant):
+            raise ValueError(f'only variant "asmt" with 2/4-bit codes reads an exact sink copy '
+                             f'(got {variant!r}, {c.bits}-bit; supports_attention(..., '
+                             f'sinks=True) says which)')
+        sink_k, sink_v = sink_k.contiguous(), sink_v.contiguous()
     if scale is None:
         scale = q.shape[-1] ** -0.5
     small = q.shape[1] // state.k_ring.shape[1] * q.shape[2] <= 16      # G·S rows a tile
@@ -1197,6 +1239,8 @@ def attention_decode(q: torch.Tensor, state: reference.QuantizedKV, scale: float
         if variant == "asmt" and not fuse:
             raise ValueError('variant "asmt" always folds the ring in (fuse_ring=True)')
         ring_args = (state.k_ring, state.v_ring)
+        if variant == "asmt" and sink_k is not None:
+            common_main.update(SK=sink_k, SV=sink_v, NSINK=sink_k.shape[2])
     else:
         common_main, ring_args = common, ()
     kernel[(B * hkv, splits + fuse)](
