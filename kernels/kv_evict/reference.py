@@ -15,8 +15,9 @@ Three policies, each a frozen config with the budget rule (:meth:`budget_for`):
   largest accumulated score among the older ones. Applied after every chunk and decode step.
 * :class:`StreamingConfig` — StreamingLLM (Xiao et al. 2023, "Efficient Streaming Language
   Models with Attention Sinks", arXiv:2309.17453): keep the first ``sink`` tokens (attention
-  sinks) and the last ``window``; keys are re-rotated (:func:`rerotate`) so attention sees
-  contiguous positions inside the cache.
+  sinks) and the last ``window``; attention sees contiguous positions inside the cache. Only the
+  sinks' keys need moving for that (:func:`rotate_sinks`; why it is exact is said there), not
+  every kept key (:func:`rerotate_to_cache_positions`, the plain reference).
 
 Budgets: a fixed ``budget`` (tokens per KV head), or ``ratio`` — the fraction evicted — so the
 cache holds ``ceil((1 − ratio) · seen)`` of the ``seen`` tokens (at least the window SnapKV
@@ -33,7 +34,7 @@ import torch.nn.functional as F
 
 __all__ = ["SnapKVConfig", "H2OConfig", "StreamingConfig", "window_probs", "snapkv_scores",
            "snapkv_keep", "h2o_accumulate", "h2o_keep", "streaming_keep", "gather_tokens",
-           "rotate_half", "rerotate", "POOLS"]
+           "rotate_half", "rerotate", "rerotate_to_cache_positions", "rotate_sinks", "POOLS"]
 
 POOLS = ("avg", "max")
 
@@ -217,3 +218,49 @@ def rerotate(keys: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor) ->
     cos, sin = emb.cos(), emb.sin()
     k = keys.float()
     return (k * cos + rotate_half(k) * sin).to(keys.dtype)
+
+
+def rerotate_to_cache_positions(keys: torch.Tensor, pos: torch.Tensor, start: int,
+                                inv_freq: torch.Tensor) -> torch.Tensor:
+    """StreamingLLM's read, written plainly: every kept key, rotated by the model at its true
+    position ``pos[j]``, moved to the cache position ``start + j`` (so the kept keys sit at
+    contiguous positions right before the chunk, which starts at ``start + K``). This is what
+    ``EvictLayer`` did on every read until 2026-11-24; it is kept as the reference that
+    :func:`rotate_sinks` is tested against.
+
+    keys [B, Hkv, K, D] (rotate-half RoPE), pos long [K] -> [B, Hkv, K, D]."""
+    target = torch.arange(start, start + pos.numel(), device=pos.device)        # [K]
+    return rerotate(keys, target - pos, inv_freq)
+
+
+def rotate_sinks(keys: torch.Tensor, n: int, shift: int, inv_freq: torch.Tensor,
+                 inplace: bool = False) -> torch.Tensor:
+    """StreamingLLM's read moving only the sinks: the first ``n`` keys re-rotated by ``shift``
+    positions, the others untouched. Equal to :func:`rerotate_to_cache_positions` on
+    StreamingLLM's kept set (Xiao et al. 2023, arXiv:2309.17453, section 3.2: positions are
+    assigned inside the cache), because:
+
+    * the kept set is the sinks ``0 .. n−1`` followed by a contiguous run of the newest tokens,
+      ``seen − (K − n) .. seen − 1``, where ``seen`` tokens were seen and ``K`` are kept; the
+      reference moves kept key ``j`` to cache position ``seen − K + j``;
+    * for a window key (``j ≥ n``) that cache position *is* its true position
+      (``seen − K + j``), so its move is a rotation by zero: the key the model produced,
+      unchanged. Only the sinks move, all by the same ``shift = seen − K`` (the tokens evicted
+      so far): sink ``j`` from ``j`` to ``seen − K + j``;
+    * the query keeps its true position (HF rotates it at ``get_seq_length()`` = ``seen``), and
+      RoPE scores depend only on the difference of the angles (``R(a)q · R(b)k = q · R(b − a)k``),
+      so query/window distances are the true ones and query/sink distances are the in-cache
+      ones, exactly what StreamingLLM's re-assigned positions give.
+
+    A read thus rotates ``n`` keys (``sink``, e.g. 4) instead of all ``K``.
+
+    keys [B, Hkv, T, D] (T ≥ n), shift ≥ 0 -> keys with ``[:, :, :n]`` replaced: a new tensor, or
+    ``keys`` itself written in place with ``inplace=True``."""
+    if n == 0 or shift == 0:
+        return keys
+    delta = torch.full((n,), shift, dtype=torch.long, device=keys.device)        # [n]
+    moved = rerotate(keys[:, :, :n], delta, inv_freq)                            # [B, Hkv, n, D]
+    if inplace:
+        keys[:, :, :n] = moved
+        return keys
+    return torch.cat((moved, keys[:, :, n:]), 2)

@@ -137,3 +137,32 @@ def test_gather_tokens_is_per_head_and_compact():
             assert torch.equal(out[b, h], x[b, h, idx[b, h]])
     assert out.untyped_storage().nbytes() == out.numel() * 4                # not a view of x
     assert R.gather_tokens(torch.zeros(1, 2, 5), torch.tensor([[[1], [2]]])).shape == (1, 2, 1)
+
+
+def test_rotating_the_sinks_equals_moving_every_kept_key():
+    """StreamingLLM's kept set (sinks 0..n−1, then a contiguous run ending at seen − 1): moving
+    every key to its in-cache position (the reference) leaves the run's keys unchanged bit for
+    bit and moves the sinks by seen − K; rotate_sinks does just that, out of place or in place.
+    A kept set with a gap in the run (not StreamingLLM's) is not covered by the shortcut."""
+    g = torch.Generator().manual_seed(5)
+    D, sink, window, seen = 16, 3, 9, 40
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, D, 2).float() / D))
+    pos = R.streaming_keep(seen, sink, window)                       # [0, 1, 2, 31, .., 39]
+    K = pos.numel()
+    x = torch.randn(2, 2, K, D, generator=g)
+    keys = _rope(x, pos, inv_freq)                                   # true positions
+    want = R.rerotate_to_cache_positions(keys, pos, seen - K, inv_freq)
+    torch.testing.assert_close(want, _rope(x, torch.arange(seen - K, seen), inv_freq),
+                               rtol=1e-4, atol=1e-4)                 # cache positions seen−K..
+    got = R.rotate_sinks(keys, sink, seen - K, inv_freq)
+    assert torch.equal(got[:, :, sink:], want[:, :, sink:]) and torch.equal(got[:, :, sink:],
+                                                                          keys[:, :, sink:])
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    inplace = keys.clone()
+    assert R.rotate_sinks(inplace, sink, seen - K, inv_freq, inplace=True) is inplace
+    assert torch.equal(inplace, got)
+    assert R.rotate_sinks(keys, 0, 5, inv_freq) is keys and R.rotate_sinks(keys, 3, 0, inv_freq) is keys
+    gap = torch.cat((pos[:sink], pos[sink:] - (pos >= 35).long()[sink:] * 2))   # run with a hole
+    want_gap = R.rerotate_to_cache_positions(keys, gap, seen - K, inv_freq)
+    assert not torch.allclose(R.rotate_sinks(keys, sink, seen - K, inv_freq), want_gap,
+                              rtol=1e-4, atol=1e-4)
