@@ -8,7 +8,7 @@ mask over a full cache). Scoring and selection: ``kernels/kv_evict/reference.py`
 When ``update`` runs (one prefill chunk of ``s`` tokens, or one decode token):
 
 1. attention of this step gets the stored past followed by the chunk — a transient
-   ``[B, Hkv, K + s, D]`` (for ``streaming_kv`` the past keys re-rotated, below);
+   ``[B, Hkv, K + s, D]`` (for ``streaming_kv`` a view of one buffer, its sinks moved: below);
 2. the policy scores ``past + chunk`` and the layer *stores* only the kept tokens, so after a
    chunked prefill (``longfx.eval.infer.chunked_logits``) the cache — and the peak memory —
    follows the budget, not the prompt (NVIDIA/kvpress#167, #178 ask for this).
@@ -29,17 +29,25 @@ Positions and masks. ``get_seq_length`` is the number of tokens *seen* (so HF gi
 their true positions for RoPE), ``get_mask_sizes`` the *kept* length plus the chunk, with
 offset ``seen − kept``: stored token ``j`` stands at mask position ``seen − kept + j`` (all
 before the chunk, so all visible) and the chunk's keys at their true positions (causal inside
-the chunk). StreamingLLM: keys are stored as the model rotated them, with their true
-positions, and re-rotated on read to exactly those mask positions, so the sinks sit right
-before the window and attention sees contiguous positions inside the cache — relative
-distances equal StreamingLLM's in-cache positions while queries keep their true ones.
+the chunk). StreamingLLM (Xiao et al. 2023, arXiv:2309.17453): keys are stored as the model
+rotated them, with their true positions, and read at exactly those mask positions, so the sinks
+sit right before the window and attention sees contiguous positions inside the cache — relative
+distances equal StreamingLLM's in-cache positions while queries keep their true ones. The
+window is a contiguous run ending at the newest token, so its mask positions *are* its true
+positions: only the ``sink`` sink keys are rotated on a read (by the number of tokens evicted so
+far; ``R.rotate_sinks`` says why this is exact). Until 2026-11-24 every kept key was re-rotated
+on every read (``R.rerotate_to_cache_positions``, kept as the tested reference), which made a
+decode step cost more than a dense one.
 
 Storage. The layer keeps its kept tokens in a *store* (``EvictLayer.store``): ``update(k, v)``
 appends a step's tokens and returns what attention reads of the past followed by them,
 ``read()`` the stored tokens as attention reads them, ``keep(idx, keys, values)`` stores only the
 tokens ``idx`` ([B, Hkv, K] per KV head, or [K] shared) of the tensors the last ``update`` /
-``read`` returned, ``nbytes()`` what it holds. :class:`TensorStore` (the default) holds plain
-tensors — the behaviour before stores existed, bit for bit. :class:`QuantizedStore` holds them
+``read`` returned, ``nbytes()`` what it holds. :class:`TensorStore` (the default of SnapKV and
+H2O) holds plain tensors — the behaviour before stores existed, bit for bit.
+:class:`StreamingTensorStore` (the default of ``streaming_kv``) holds StreamingLLM's set in one
+buffer that a decode step writes into (its token and the moved sinks) and reads a view of, with
+no copy of the kept tokens; every few steps (``slack``) the kept tokens move to its front. :class:`QuantizedStore` holds them
 in a KIVI state (Liu et al. 2024, arXiv:2402.02750; ``runtime/cache.py``): appends are
 ``QuantizedKVLayer.update`` (quantize on append; attention reads the dequantized state exactly
 as ``kv_quant`` alone), and ``keep`` gathers the kept tokens from the dequantized read and
@@ -55,7 +63,7 @@ windowed quantized layer drops whole groups behind the window and the sinks are 
 
 Limits: batch rows are compacted independently, but left padding is not tracked (pad with
 equal lengths or use B = 1); ``crop`` (assisted decoding) is not supported; the
-streaming re-rotation assumes rotate-half RoPE (Llama, Mistral, Qwen, SmolLM...).
+streaming sinks' rotation assumes rotate-half RoPE (Llama, Mistral, Qwen, SmolLM...).
 """
 from __future__ import annotations
 
@@ -68,7 +76,8 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from longfx.kernels.kv_evict import reference as R
 from longfx.runtime.cache import init_layers
 
-__all__ = ["EvictLayer", "EvictCache", "TensorStore", "QuantizedStore", "StreamingQuantizedStore",
+__all__ = ["EvictLayer", "EvictCache", "TensorStore", "StreamingTensorStore", "QuantizedStore",
+           "StreamingQuantizedStore",
            "install_query_hooks",
            "remove_query_hooks", "attention_modules"]
 
@@ -76,10 +85,11 @@ Policy = R.SnapKVConfig | R.H2OConfig | R.StreamingConfig
 
 
 class TensorStore:
-    """The default storage of an :class:`EvictLayer`: the kept keys/values as plain tensors
-    ``[B, Hkv, K, D]`` (contiguous, compacted by every ``keep``)."""
+    """The default storage of an :class:`EvictLayer` (SnapKV, H2O): the kept keys/values as
+    plain tensors ``[B, Hkv, K, D]`` (contiguous, compacted by every ``keep``)."""
 
     plain = True
+    reads_are_copies = True     # after keep(), nothing here aliases what update() returned
 
     def __init__(self):
         self.keys: torch.Tensor | None = None
@@ -114,6 +124,164 @@ class TensorStore:
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.keys, self.values) if t is not None)
+
+
+class StreamingTensorStore:
+    """StreamingLLM's kept tokens (Xiao et al. 2023, arXiv:2309.17453) in one buffer, the
+    default store of ``streaming_kv``: a decode step writes its token and the ``sink`` moved
+    sink keys and copies nothing else.
+
+    ``buf_k``/``buf_v`` ``[B, Hkv, cap, D]`` hold the kept tokens, in order, at
+    ``[a, b)``: ``ns = min(sink, seen)`` slots for the sinks at ``[a, a + ns)``, then the window,
+    its keys as the model rotated them (true positions). ``sink_k``/``sink_v`` keep the sinks'
+    true-position keys and their values (once tokens are evicted, the sink slots are rewritten
+    from them at every read). A step of ``s`` tokens that fits (``b + s ≤ cap``):
+
+    1. writes the step at ``[b, b + s)`` and, once tokens have been evicted (``shift > 0``),
+       the sinks moved by ``shift`` (``R.rotate_sinks``' rotation of ``sink_k``: the same keys
+       as moving every kept key, ``R.rerotate_to_cache_positions``) and their values at
+       ``[a, a + ns)``;
+    2. returns the views ``[a, b + s)``: the past at contiguous in-cache positions, then the
+       step — the values the re-rotating read built by copying the cache;
+    3. evicts by moving ``a`` past the oldest window tokens (the next read writes the sinks
+       right before the surviving window, over the evicted tokens' slots).
+
+    ``cap`` grows up to ``sink + window + 1 + slack`` (``slack = (sink + window) // 64``: 32
+    tokens at 2048 kept, 1.6% more memory) and once ``b`` reaches it the kept tokens are moved
+    to the front (one copy of the kept tokens every ``slack + 1`` decode steps; outside a
+    traced forward, in ``reserve``, under ``longfx.compile``). A prefill chunk that does not fit
+    is read through a transient ``[B, Hkv, kept + s, D]`` copy, as before, and the kept tokens
+    are then written to the front of the buffer.
+
+    Order and values are those of the re-rotating read, so masks (``get_mask_sizes``) and
+    attention see the same tensors."""
+
+    plain = False
+
+    def __init__(self, sink: int, window: int, slack: int | None = None):
+        self.sink, self.window = int(sink), int(window)
+        self.slack = (self.sink + self.window) // 64 if slack is None else int(slack)
+        self.buf_k: torch.Tensor | None = None              # [B, Hkv, cap, D]
+        self.buf_v: torch.Tensor | None = None
+        self.sink_k: torch.Tensor | None = None             # [B, Hkv, sink, D], true positions
+        self.sink_v: torch.Tensor | None = None
+        self.a = self.b = 0                                 # the kept tokens: buf[:, :, a:b]
+        self.seen = 0
+
+    @property
+    def max_cap(self) -> int:
+        return self.sink + self.window + 1 + self.slack
+
+    @property
+    def cap(self) -> int:
+        return 0 if self.buf_k is None else self.buf_k.shape[2]
+
+    @property
+    def kept(self) -> int:
+        return self.b - self.a
+
+    def init(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        B, Hkv, _, D = key_states.shape
+        self.buf_k = key_states.new_empty(B, Hkv, 0, D)
+        self.buf_v = value_states.new_empty(B, Hkv, 0, value_states.shape[-1])
+        self.sink_k = key_states.new_zeros(B, Hkv, self.sink, D)
+        self.sink_v = value_states.new_zeros(B, Hkv, self.sink, value_states.shape[-1])
+        self.a = self.b = self.seen = 0
+
+    def read(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The kept tokens with true-position keys (a contiguous copy): [B, Hkv, K, D]."""
+        ns = min(self.sink, self.seen)
+        return (torch.cat((self.sink_k[:, :, :ns], self.buf_k[:, :, self.a + ns:self.b]), 2),
+                torch.cat((self.sink_v[:, :, :ns], self.buf_v[:, :, self.a + ns:self.b]), 2))
+
+    def _relayout(self, cap: int) -> None:
+        """The kept tokens to the front of a new buffer of ``cap`` tokens."""
+        n, (B, Hkv, _, D) = self.kept, self.buf_k.shape
+        k = self.buf_k.new_empty(B, Hkv, cap, D)
+        v = self.buf_v.new_empty(B, Hkv, cap, self.buf_v.shape[-1])
+        k[:, :, :n] = self.buf_k[:, :, self.a:self.b]
+        v[:, :, :n] = self.buf_v[:, :, self.a:self.b]
+        self.buf_k, self.buf_v, self.a, self.b = k, v, 0, n
+
+    def reserve(self, tokens: int) -> None:
+        """Room for ``tokens`` more after ``b`` when they fit in ``max_cap`` with the kept ones
+        (grow geometrically, or move the kept tokens to the front); a larger chunk is read
+        through a transient copy. Called before a traced forward (``longfx.compile``) and at
+        the start of every eager update."""
+        if self.buf_k is None or self.b + tokens <= self.cap:
+            return
+        need = self.kept + int(tokens)
+        if need <= self.max_cap:
+            self._relayout(min(self.max_cap, max(need, 2 * self.cap)))
+
+    def stream(self, key_states: torch.Tensor, value_states: torch.Tensor, ns: int, shift: int,
+               inv_freq: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One update: the kept past at contiguous in-cache positions (its first ``ns`` keys
+        moved by ``shift``), then the step's tokens, ``[B, Hkv, kept + s, D]``; afterwards the
+        store holds the first ``sink`` and the last ``window`` of those tokens."""
+        n0, s = self.seen, key_states.shape[2]
+        m = min(self.sink - n0, s)
+        if m > 0:                                                    # the step holds sinks
+            self.sink_k[:, :, n0:n0 + m] = key_states[:, :, :m]
+            self.sink_v[:, :, n0:n0 + m] = value_states[:, :, :m]
+        self.seen = n0 + s
+        T, K = self.kept + s, self.sink + self.window
+        if not torch.compiler.is_compiling():
+            self.reserve(s)
+        a, b = self.a, self.b
+        moved = None
+        if ns:                                       # [B, Hkv, ns, D]: the sinks, moved
+            moved = R.rotate_sinks(self.sink_k[:, :, :ns], ns, shift, inv_freq)
+        if b + s <= self.cap:                        # in place: views of the buffer
+            self.buf_k[:, :, b:b + s] = key_states
+            self.buf_v[:, :, b:b + s] = value_states
+            if moved is not None:
+                self.buf_k[:, :, a:a + ns] = moved
+                self.buf_v[:, :, a:a + ns] = self.sink_v[:, :, :ns]
+            keys, values = self.buf_k[:, :, a:b + s], self.buf_v[:, :, a:b + s]
+            self.b = b + s
+            self.a = a + max(T - K, 0)               # evict the oldest window tokens
+            return keys, values
+        # a chunk larger than the room: a transient copy, then the kept tokens to the front
+        keys = torch.cat(((moved,) if moved is not None else ())
+                         + (self.buf_k[:, :, a + ns:b], key_states), 2)        # [B, Hkv, T, D]
+        values = torch.cat((self.buf_v[:, :, a:a + ns] if moved is None else self.sink_v[:, :, :ns],
+                            self.buf_v[:, :, a + ns:b], value_states), 2)
+        kept = min(T, K)
+        nk = min(self.sink, T)                       # sinks kept, then the newest kept − nk
+        if self.cap < kept:
+            B, Hkv, _, D = self.buf_k.shape
+            cap = self.max_cap if T > K else kept
+            self.buf_k = self.buf_k.new_empty(B, Hkv, cap, D)
+            self.buf_v = self.buf_v.new_empty(B, Hkv, cap, self.buf_v.shape[-1])
+        self.buf_k[:, :, :nk] = keys[:, :, :nk]
+        self.buf_v[:, :, :nk] = values[:, :, :nk]
+        self.buf_k[:, :, nk:kept] = keys[:, :, T - (kept - nk):]
+        self.buf_v[:, :, nk:kept] = values[:, :, T - (kept - nk):]
+        self.a, self.b = 0, kept
+        return keys, values
+
+    def reset(self) -> None:
+        self.buf_k = self.buf_v = self.sink_k = self.sink_v = None
+        self.a = self.b = self.seen = 0
+
+    def nbytes(self) -> int:
+        """Bytes held: the buffers (``cap`` tokens, ≤ ``sink + window + 1 + slack``) and the
+        sinks' true-position copy."""
+        return sum(t.numel() * t.element_size()
+                   for t in (self.buf_k, self.buf_v, self.sink_k, self.sink_v) if t is not None)
+
+    def reorder_cache(self, beam_idx: torch.Tensor) -> None:
+        for n in ("buf_k", "buf_v", "sink_k", "sink_v"):
+            t = getattr(self, n)
+            if t is not None:
+                setattr(self, n, t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        for n in ("buf_k", "buf_v", "sink_k", "sink_v"):
+            t = getattr(self, n)
+            if t is not None:
+                setattr(self, n, t.repeat_interleave(repeats, 0))
 
 
 class QuantizedStore:
@@ -183,13 +351,15 @@ class StreamingQuantizedStore(QuantizedStore):
       recipe's own ``sink`` is not used: StreamingLLM's sinks replace it;
     * what attention reads is exactly the policy's set: the sink copy, then the layer's read
       from position max(sink, seen − window) on. The layer's extra (up to a group of) older
-      tokens are held but not read, so ``EvictLayer`` sees the same token set — and re-rotates
-      the same keys — as ``streaming_kv`` alone; each key reads back the same dequantized value
+      tokens are held but not read, so ``EvictLayer`` sees the same token set — and moves the
+      same sink keys — as ``streaming_kv`` alone; each key reads back the same dequantized value
       for as long as it is kept.
 
     ``keep`` checks that the policy kept that set (the streaming path of ``EvictLayer.update``
     calls it with ``streaming_keep``'s indices) and trims the layer (outside a traced forward;
     under ``longfx.compile`` ``reserve`` trims, as ``QuantizedCache.reserve`` does)."""
+
+    reads_are_copies = True     # update() returns new tensors (the sink copy + the layer's read)
 
     def __init__(self, layer, sink: int, window: int):
         if layer.is_initialized:
@@ -293,11 +463,12 @@ class EvictLayer(CacheLayerMixin):
         super().__init__()
         if store is not None:
             self.store = store
+        elif isinstance(policy, R.StreamingConfig):
+            self.store = StreamingTensorStore(policy.sink, policy.window)
         self.policy = policy
         self.inv_freq = inv_freq
         self.head_dim = 0
         self.acc: torch.Tensor | None = None        # H2O: accumulated attention [B, Hkv, K]
-        self.pos: torch.Tensor | None = None        # streaming: true positions [K]
         self.seen = 0                               # tokens seen (= the next true position)
         self.pending: tuple | None = None           # (module, hidden_states, (cos, sin))
         self.window_q: tuple | None = None          # SnapKV "prompt": (queries, scaling)
@@ -309,6 +480,17 @@ class EvictLayer(CacheLayerMixin):
     @property
     def kept(self) -> int:
         return self.store.kept
+
+    @property
+    def pos(self) -> torch.Tensor | None:
+        """StreamingLLM: the true positions of the kept tokens, long [K] — the first
+        ``min(sink, seen)`` and a contiguous run ending at ``seen − 1`` (None for other
+        policies; computed, not stored)."""
+        if not isinstance(self.policy, R.StreamingConfig) or not self.is_initialized:
+            return None
+        ns = min(self.policy.sink, self.seen)
+        return torch.cat((torch.arange(ns, device=self.device),
+                          torch.arange(self.seen - (self.kept - ns), self.seen, device=self.device)))
 
     # the stored tokens as attention reads them, [B, Hkv, K, D] (None before the first update);
     # a TensorStore's own tensors, a QuantizedStore's dequantized copy (read-only)
@@ -345,8 +527,6 @@ class EvictLayer(CacheLayerMixin):
         self.store.init(key_states, value_states)
         if isinstance(self.policy, R.H2OConfig):
             self.acc = torch.zeros(B, Hkv, 0, dtype=torch.float32, device=self.device)
-        if isinstance(self.policy, R.StreamingConfig):
-            self.pos = torch.zeros(0, dtype=torch.long, device=self.device)
         self.batch_size = B
         self.is_initialized = True
 
@@ -393,28 +573,12 @@ class EvictLayer(CacheLayerMixin):
         self.seen = seen0 + s
         if isinstance(p, R.SnapKVConfig) and p.when == "prompt":
             return self._snapkv_at_prompt_end(key_states, value_states, s)
+        if isinstance(p, R.StreamingConfig):
+            return self._streaming_update(key_states, value_states, seen0, past)
         # the stored past as attention reads it, then the step's tokens: [B, Hkv, past + s, D]
         keys, values = self.store.update(key_states, value_states)
         T = past + s
         budget = p.budget_for(self.seen)
-
-        if isinstance(p, R.StreamingConfig):
-            pos = torch.cat((self.pos, torch.arange(seen0, seen0 + s, device=self.pos.device)))
-            out_k = keys
-            if past and seen0 != past and self.inv_freq is not None:
-                # stored token j at mask position seen0 − past + j (right before the chunk)
-                target = torch.arange(seen0 - past, seen0, device=pos.device)
-                delta = target - self.pos                                # [past]
-                out_k = torch.cat((R.rerotate(keys[:, :, :past], delta, self.inv_freq),
-                                   keys[:, :, past:]), 2)
-            elif past and seen0 != past:
-                raise RuntimeError("streaming_kv needs the model's RoPE inv_freq to re-rotate "
-                                   "keys: build the cache with EvictCache(..., model=model)")
-            idx = R.streaming_keep(T, p.sink, p.window, device=keys.device)  # [K]
-            self.store.keep(idx, keys, values)
-            self.pos = pos[idx]
-            self.pending = None
-            return out_k, values
 
         if isinstance(p, R.H2OConfig):
             q, scaling = self._queries(s)
@@ -437,6 +601,37 @@ class EvictLayer(CacheLayerMixin):
             self.store.keep(idx, keys, values)
         self.pending = None
         return keys, values
+
+    def _streaming_update(self, key_states: torch.Tensor, value_states: torch.Tensor,
+                          seen0: int, past: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """StreamingLLM (Xiao et al. 2023, arXiv:2309.17453): attention reads the kept past at
+        contiguous in-cache positions, then the step's tokens; the layer keeps the first
+        ``sink`` and the last ``window`` tokens.
+
+        Keys are stored as the model rotated them (true positions). The kept past is the sinks
+        followed by a contiguous run of the newest tokens, so placing it right before the chunk
+        (cache positions ``seen0 − past ..``) leaves every window key where it is and moves only
+        the sinks, all by ``shift = seen0 − past`` (the tokens evicted so far):
+        ``R.rotate_sinks`` rotates ``min(sink, past)`` keys per read, not ``past`` — the same
+        scores as re-rotating every kept key (``R.rerotate_to_cache_positions``, the reference;
+        the docstring of ``rotate_sinks`` says why it is exact)."""
+        p = self.policy
+        self.pending = None
+        shift = seen0 - past                                  # tokens evicted so far
+        ns = min(p.sink, past) if shift else 0                # sink keys to move
+        if ns and self.inv_freq is None:
+            raise RuntimeError("streaming_kv needs the model's RoPE inv_freq to re-rotate "
+                               "keys: build the cache with EvictCache(..., model=model)")
+        if isinstance(self.store, StreamingTensorStore):      # the default: one buffer
+            return self.store.stream(key_states, value_states, ns, shift, self.inv_freq)
+        # another store (StreamingQuantizedStore, ...): the past as attention reads it with
+        # true-position keys, then the step's tokens, [B, Hkv, past + s, D]
+        keys, values = self.store.update(key_states, value_states)
+        idx = R.streaming_keep(keys.shape[2], p.sink, p.window, device=keys.device)   # [K]
+        self.store.keep(idx, keys, values)
+        # a store that keeps no reference to what update() returned is written in place
+        return R.rotate_sinks(keys, ns, shift, self.inv_freq,
+                              inplace=getattr(self.store, "reads_are_copies", False)), values
 
     def _snapkv_at_prompt_end(self, key_states: torch.Tensor, value_states: torch.Tensor,
                               s: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -482,7 +677,7 @@ class EvictLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.store.reset()
-        self.acc = self.pos = None
+        self.acc = None
         self.seen = 0
         self.pending = self.window_q = None
         self.is_initialized = False
@@ -521,6 +716,9 @@ class EvictLayer(CacheLayerMixin):
         if self.store.plain:
             if self.keys is not None:
                 self.batch_size = self.keys.shape[0]
+        elif isinstance(self.store, StreamingTensorStore):
+            if self.store.buf_k is not None:
+                self.batch_size = self.store.buf_k.shape[0]
         elif self.store.layer.is_initialized:
             self.batch_size = self.store.layer.batch_size
 
@@ -530,9 +728,9 @@ class EvictLayer(CacheLayerMixin):
 
     def nbytes(self) -> int:
         """Bytes of the layer's tensors (the store's kept keys and values — packed codes, scales,
-        ring and sink copy for a quantized store — H2O scores, positions)."""
-        return self.store.nbytes() + sum(t.numel() * t.element_size()
-                                         for t in (self.acc, self.pos) if t is not None)
+        ring and sink copy for a quantized store — and H2O's scores)."""
+        return self.store.nbytes() + (0 if self.acc is None
+                                      else self.acc.numel() * self.acc.element_size())
 
 
 class EvictCache(Cache):
@@ -541,10 +739,10 @@ class EvictCache(Cache):
 
     ``EvictCache(SnapKVConfig(ratio=0.5), model=model)`` sizes the layer list from
     ``model.config``, installs the query hooks (SnapKV, H2O) and reads RoPE's ``inv_freq``
-    (StreamingLLM's re-rotation).
+    (StreamingLLM's sink rotation).
 
     ``store``: a factory of each layer's storage (called once per layer; None: plain tensors,
-    :class:`TensorStore`). ``store=lambda: QuantizedStore(QuantizedKVLayer(KVQuantConfig(bits=4),
+    :class:`TensorStore`, or :class:`StreamingTensorStore` for StreamingLLM). ``store=lambda: QuantizedStore(QuantizedKVLayer(KVQuantConfig(bits=4),
     sink=4))`` keeps the kept tokens KIVI-quantized (``snapkv(...) + kv_quant(...)``)."""
 
     def __init__(self, policy: Policy, config=None, model: torch.nn.Module | None = None,
@@ -564,7 +762,7 @@ class EvictCache(Cache):
 
     def __repr__(self):
         store = ""
-        if self.layers and not self.layers[0].store.plain:
+        if self.layers and hasattr(self.layers[0].store, "layer"):
             store = f", store={self.layers[0].store.layer.config}"
         return (f"EvictCache({self.policy}{store}, layers={len(self.layers)}, "
                 f"seen={self.get_seq_length()})")
