@@ -21,7 +21,8 @@ bit-plane kernel with its operand modes "planes", "magic", "asm" and "tf32", and
 transposed form "asmt", the default; see longfx.kernels.kv_quant.triton) over the sweep ``--block-n`` x ``--num-splits`` x ``--num-warps`` x
 ``--num-stages`` x ``--maxnreg``; each row's ``quant_ms`` and knobs are the fastest point
 over all variants (``variant`` names it) and ``variants`` keeps the best point of each, with
-its GB/s, speedup and error. ``--quick``: the 4- and 2-bit rows of 128k:1 and 32k:8 with a smaller sweep
+its GB/s, speedup and error; ``asmt_options`` records the "asmt" switches
+(``triton._ASMT``, ``--asmt-raw`` sets its raw operands) and the combine tile. ``--quick``: the 4- and 2-bit rows of 128k:1 and 32k:8 with a smaller sweep
 (under 2 minutes on an H100).
 """
 from __future__ import annotations
@@ -184,7 +185,8 @@ def bench_case(R, T, length, batch, bits, a) -> dict:
                 state_bytes_read=read, quant_gbps=read / t_quant / 1e6,
                 sdpa_gbps=bf16_bytes / t_sdpa / 1e6, max_rel_err_vs_reference=err,
                 append_1tok_ms=t_append, variant=variant, block_n=block_n, maxnreg=maxnreg,
-                default_variant=T.DEFAULT_VARIANT, variants=variants)
+                default_variant=T.DEFAULT_VARIANT, variants=variants,
+                asmt_options=dict(T._ASMT, combine_tile=T._COMBINE_TILE))
 
 
 def save(path: str, rows: list[dict]) -> None:
@@ -227,6 +229,8 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="4- and 2-bit rows of 128k:1 and "
                     "32k:8, sweep block_n 32,64 x splits 0,128 x warps 1,2 x stages 3, "
                     "20 iterations (under 2 minutes on an H100); overrides those options")
+    ap.add_argument("--asmt-raw", type=int, choices=(0, 1), default=None, help="set the "
+                    "asmt kernel's raw-operand option (triton._ASMT['raw']) for this run")
     a = ap.parse_args(argv)
     if a.quick:
         a.cases, a.bits, a.block_n, a.num_splits = "128k:1,32k:8", "4,2", "32,64", "0,128"
@@ -237,6 +241,8 @@ def main(argv=None):
     from longfx.kernels.kv_quant import reference as R
     from longfx.kernels.kv_quant import triton as T
 
+    if a.asmt_raw is not None:
+        T._ASMT["raw"] = bool(a.asmt_raw)
     rows = []
     for length, batch in parse_cases(a.cases):
         for bits in (int(b) for b in a.bits.split(",")):

@@ -64,23 +64,23 @@ be 8 wide, so the 8 rows of Llama-8B (G=4, two value groups of 64 channels) no l
 H100 it holds 255 registers with no spills (asm: 255 plus 100-400 bytes of spills).
 
 Measured on an H100 (2026-11-24, torch 2.11, Triton 3.6, bf16, u8 scales, group 64, 32q/8kv
-heads, D=128, S=1, CUDA graphs; benchmarks/results/kv_quant_decode_h100.json, all in one
-run, each the best point of its sweep over block_n 32/64 x stages 2/3 x splits
-heuristic/64/128 at 1 warp; the best point and SDPA then re-timed in 3 alternating rounds,
-medians), joined / planes / magic / asm / asmt / bf16 SDPA in ms:
+heads, D=128, S=1, CUDA graphs; that run's JSON is benchmarks/results/kv_quant_decode_h100.json
+at commit e7149a7; all in one run, each the best point of its sweep over block_n 32/64 x
+stages 2/3 x splits heuristic/64/128 at 1 warp; the best point and SDPA then re-timed in 3
+alternating rounds, medians), joined / planes / magic / asm / asmt / bf16 SDPA in ms:
 4-bit 128k B=1 0.184 / 0.199 / 0.168 / 0.140 / 0.102 / 0.184 (asmt 1.81x SDPA, 1.40 TB/s of
 state); 2-bit 128k 0.175 / 0.227 / 0.162 / 0.121 / 0.085 / 0.185 (2.19x); 4-bit 32k B=8
 0.352 / 0.384 / 0.294 / 0.284 / 0.201 / 0.355 (1.77x, 1.44 TB/s); 2-bit 32k B=8 0.330 /
 0.404 / 0.313 / 0.244 / 0.178 / 0.360 (2.02x). Max rel. error vs the reference (dequantize
 + fp32 attention): asmt 3.2e-3 - 3.8e-3, joined 2.9e-3 - 3.9e-3. Best knobs for asmt: 1 warp,
-block_n 64, 3 stages, 128 splits (128k) / 64 (32k B=8): the defaults. The issue's 3x is not
-reached. An earlier run of the benchmark gave asmt 2.09x / 2.08x: it timed SDPA with the
-dequantized reference copy (another bf16 K + V) still allocated, and SDPA is 4-11% slower
-then (benchmarks/experiment_kv_decode_sdpa_ab.py, alternating rounds:
+block_n 64, 3 stages, 128 splits (128k) / 64 (32k B=8): the defaults. An earlier run of the
+benchmark gave asmt 2.09x / 2.08x: it timed SDPA with the dequantized reference copy
+(another bf16 K + V) still allocated, and SDPA is 4-11% slower then
+(benchmarks/experiment_kv_decode_sdpa_ab.py, alternating rounds:
 benchmarks/results/debug/kv_quant_decode_sdpa_ab_h100.json, asmt 1.81x / 1.68x with the copy
 freed, 1.91x / 1.87x with it alive); the benchmark now frees it and alternates rounds.
 
-What bounds asmt (4-bit 128k B=1, breakdown5): the packed kernel is 93 µs of the 110 µs
+What bounded asmt then (4-bit 128k B=1, breakdown5): the packed kernel is 93 µs of the 110 µs
 step (combine 3.9 µs, launch gaps ~13 µs); in the kernel the state streams at 1.5 TB/s, half
 the H100's ~3. All 255 registers a thread (1 warp) leave an SM 8 one-warp programs, 2 warps a
 scheduler, to hide the latency of the per-tile chain (cp.async tile -> shared -> dot-operand
@@ -88,9 +88,60 @@ registers -> PTX unpack -> HMMA -> softmax -> HMMA). A 64-token tile is ~2400 SA
 instructions (Triton 3.9 build for sm_90, about the same for asm; unpacking a third, the
 q∘a, Σq·z', value-scale and softmax work most of the rest), ~38 µs at full issue rate.
 Capping registers (maxnreg 168) spills and is slower; 2 warps a program split the softmax
-over warps and are slower; 256 splits make the combine kernel slow (51 µs). To reach 3x: the
-combine folded into the kernel (last program of a head) and no launch gaps (~17 µs), and
-more warps an SM (registers under ~128 without spills) or fewer instructions a token.
+over warps and are slower; 256 splits make the combine kernel slow (51 µs).
+
+Exact sinks and split tile waits (2026-11-24; H100, torch 2.11, Triton 3.6; 4-bit unless
+said, CUDA-graph step / packed-kernel µs from the torch profiler, one run each:
+benchmarks/experiment_kv_decode_options.py, results/debug/kv_quant_decode_options1_h100.json
+and options2[_2bit]). "asmt" reads an exact copy of the first n tokens (``sink_k``,
+``sink_v``): packed tiles that start below n mask those tokens under a scalar branch on the
+tile start, the ring skips them, and program NSPLIT adds the copy with the ring's code. That
+branch made the kernel *faster* (options1: 128k B=1 93.0 -> 81.8 µs, 32k B=8 211.8 -> 185.5;
+the same mask on every tile, no branch: 93.9 / 208.1). Cause, from the TTGIR (Triton 3.9,
+sm_90 build here, benchmarks/experiment_kv_decode_sass.py): without it the software pipeliner
+puts one async wait for the key *and* value tiles of a step at the top of the loop; the
+region op between the key and value parts keeps the two waits apart, so the value tile's
+copy overlaps the key half of the step. The branch is now always there (``nsink`` a run-time
+0 without sinks; ``_ASMT["wait_split"]`` turns it off for experiments). options2, same run,
+old (no branch, combine as before) / new: 4-bit 128k B=1 step 107.8 / 95.4 µs, kernel 92.8 /
+79.7; 4-bit 32k B=8 223.6 / 191.2, kernel 211.2 / 179.2; 2-bit 128k 88.0 / 79.3, kernel 75.5
+/ 66.7; max rel. error vs the reference unchanged (3.82e-3, 3.36e-3, 3.17e-3). With n = 4
+sinks (options2): 97.6 µs at 128k (kernel 81.7, +2.5%) and 198.0 at 32k B=8 (186.4, +4%),
+error vs ``reference.with_sinks`` 4.6e-3 / 3.0e-3.
+
+The combine kernel now splits the channels over programs when [splits, channels] exceeds
+8192 values (``_COMBINE_TILE``): 4.0 -> 2.4 µs at 128k B=1 (129 splits), 5.3 -> 4.9 at 32k
+B=8. Even so, more splits lose (options1, 128k B=1, kernel µs: 128 splits 92.9, 192 117.4,
+256 99.2; with maxnreg 168 for 12 one-warp programs an SM: 126.0 / 117.7; 32k B=8 worse too).
+
+Tried and not adopted (options1/2): (1) "raw" operands, ``_ASMT["raw"]`` (off; the switch
+stays for experiments, tested under the interpreter and on the H100): the
+PTX leaves the magic offset in the codes (magic + c, no packed sub: -256 HADD2 a 64-token
+tile; +56 FMUL, +24 FADD, +24 FFMA for the corrections; 2441 -> 2377 SASS in the loop, sm_90
+build here) and (magic + centre)·Σ of the *rounded* (q∘a) / (p∘a) is taken off after the
+dots. Exact in math, but less exact on the H100 (the dots' fp32 sums of the large offset
+terms, presumably; not isolated): max rel. error 3.82e-3
+-> 5.89e-3 (4-bit 128k), 3.36e-3 -> 4.38e-3 (4-bit 32k B=8), 3.17e-3 -> 1.06e-2 (2-bit
+128k). Faster at 4 bits (kernel 79.7 -> 77.7 µs at 128k, 179.2 -> 174.7 at 32k B=8), slower
+at 2 bits (66.7 -> 75.8). (2) One PTX call a bit plane (so that a plane's dot could run
+before the next is unpacked): ptxas held as many registers (238 vs 240 here), kernel 92.5 vs 93.0
+µs at 128k; removed. (3) The combine launched as a programmatic dependent (griddepcontrol,
+the decode kernel triggering after its stores): step 107.2 vs 106.3 µs at 128k, 216.1 vs
+216.8 at 32k B=8, no gain; removed. Not tried: folding the combine into the decode kernel
+(the last program of a head merging 129 partials x 4 rows x 128 channels, 264 KB, in one
+warp: too slow next to a 2.4 µs combine kernel by estimate, not measured).
+
+Now (benchmarks/results/kv_quant_decode_h100.json, 2026-11-24, asmt swept over block_n 32/64
+x splits heuristic/64/96/128 at 1 warp, 3 stages — the defaults won — then the best point and
+SDPA in 3 alternating rounds, medians): 4-bit 128k B=1 0.0893 ms vs bf16 SDPA 0.1870 (2.09x,
+1.60 TB/s of state); 2-bit 128k 0.0752 vs 0.1878 (2.50x); 4-bit 32k B=8 0.183 vs 0.360
+(1.97x, 1.58 TB/s); 2-bit 32k B=8 0.166 vs 0.368 (2.23x); max rel. error 3.2e-3 - 3.8e-3.
+An earlier run at the defaults only, before the options not kept were taken out of the code
+(the same SASS in an sm_90 build here; debug/kv_quant_decode_defaults_run2_h100.json):
+2.11x / 2.52x / 1.89x / 2.11x. The issue's 3x is not reached. What is left: the per-tile
+instruction count (unpacking ~1/3; the value tile's byte-wise transposed shared loads ~10%,
+128 LDS.U8 + PRMTs a tile, Triton's i8 dot-operand path for an operand whose K (tokens) is
+not its contiguous axis; the key-group (a, z) computed in two layouts), and 8 warps an SM.
 """
 from __future__ import annotations
 
@@ -113,12 +164,13 @@ MAX_ROWS = 128        # G·S query rows one program holds
 MAX_HEAD_DIM = 256
 
 
-def _asm_planes_source(bits: int, fp16: bool) -> str:
+def _asm_planes_source(bits: int, fp16: bool, raw: bool = False) -> str:
     """PTX for ``_asm_planes``: 4 packed bytes ($in, pack=4) -> per bit plane i, 4 codes as
     two 16-bit-float pairs, centred: (c - 2^(bits-1)). prmt spreads bytes (0, 1) and (2, 3)
     into the low bytes of the two halves of a word; per plane one shift, one lop3
     ((t >> bits·i) & mask | magic: the code in the mantissa of bf16 128 / fp16 1024, whose ulp
-    is 1) and one packed sub of (magic + centre) give two exact operands at once."""
+    is 1) and one packed sub of (magic + centre) give two exact operands at once. ``raw``: no
+    sub, the operands are magic + c (exact; "asmt"'s RAW removes the offset after the dots)."""
     pb, qmax = 8 // bits, (1 << bits) - 1
     magic, off = (0x6400, 0x6400 + (1 << (bits - 1))) if fp16 else (0x4300, 0x4300 + (1 << (bits - 1)))
     sub = "sub.rn.f16x2" if fp16 else "sub.rn.bf16x2"
@@ -128,9 +180,14 @@ def _asm_planes_source(bits: int, fp16: bool) -> str:
         a, b = ("t0", "t1") if i == 0 else ("s0", "s1")
         if i:
             src += [f"shr.b32 s0, t0, {bits * i};", f"shr.b32 s1, t1, {bits * i};"]
-        src += [f"lop3.b32 u0, {a}, {qmax * 0x10001:#010x}, {magic * 0x10001:#010x}, 0xEA;",
-                f"lop3.b32 u1, {b}, {qmax * 0x10001:#010x}, {magic * 0x10001:#010x}, 0xEA;",
-                f"{sub} ${2 * i}, u0, k;", f"{sub} ${2 * i + 1}, u1, k;"]
+        if raw:
+            m, mg = f"{qmax * 0x10001:#010x}", f"{magic * 0x10001:#010x}"
+            src += [f"lop3.b32 ${2 * i}, {a}, {m}, {mg}, 0xEA;",
+                    f"lop3.b32 ${2 * i + 1}, {b}, {m}, {mg}, 0xEA;"]
+        else:
+            src += [f"lop3.b32 u0, {a}, {qmax * 0x10001:#010x}, {magic * 0x10001:#010x}, 0xEA;",
+                    f"lop3.b32 u1, {b}, {qmax * 0x10001:#010x}, {magic * 0x10001:#010x}, 0xEA;",
+                    f"{sub} ${2 * i}, u0, k;", f"{sub} ${2 * i + 1}, u1, k;"]
     return "\n".join(src + ["}"])
 
 
@@ -761,18 +818,26 @@ if triton is not None:
                             BITS: tl.constexpr, QMAX: tl.constexpr, D: tl.constexpr,
                             PB: tl.constexpr, DP: tl.constexpr, FP16: tl.constexpr,
                             PREC: tl.constexpr, OPERAND: tl.constexpr, MAGIC_FP16: tl.constexpr,
-                            CENTER: tl.constexpr):
+                            CENTER: tl.constexpr, RAW: tl.constexpr = False):
         """acc + c·(q∘a)ᵀ [N, C] over plane i's channels and Σ q·z' [C]: qt fp32 [DP, C], xk
-        the tile's packed key bytes [N, DP] (or their planes), kp the key-group params."""
+        the tile's packed key bytes [N, DP] (or their planes), kp the key-group params. RAW:
+        the operand is magic + c, and Σ q·z' less (magic + CENTER)·Σ (q∘a) — the rounded
+        (q∘a) the dot took, so that the offset cancels to the fp32 sums' rounding."""
         j = tl.arange(0, DP)
         ok = j < D // PB
         ch = PB * j + i
         a, z = _affine(tl.load(kp + ch, mask=ok, other=0), tl.load(kp + D + ch, mask=ok, other=0),
                        QMAX, FP16)                                           # [DP]
         qa = (qt * a[:, None]).to(dt)
-        s = tl.dot(_plane_operand(xk, i, BITS, QMAX, dt, OPERAND, MAGIC_FP16, CENTER), qa,
+        s = tl.dot(_t_operand(xk, i, BITS, QMAX, dt, OPERAND, MAGIC_FP16, CENTER, RAW), qa,
                    acc, input_precision=PREC)                                # [N, C]
-        return s, tl.sum(qt * (z + CENTER * a)[:, None], 0)
+        zt = qt * (z + CENTER * a)[:, None]
+        if RAW:
+            if MAGIC_FP16:
+                zt -= (1024.0 + CENTER) * qa.to(tl.float32)
+            else:
+                zt -= (128.0 + CENTER) * qa.to(tl.float32)
+        return s, tl.sum(zt, 0)
 
     @triton.jit
     def _ring_plane_scores_t(acc, qt, kr, slot, tok, i: tl.constexpr, dt: tl.constexpr,
@@ -802,6 +867,60 @@ if triton is not None:
         own = (j // (GROUP // PB))[:, None] == (c // M)[None, :]
         ok = own & (c < COLS)[None, :] & (j < D // PB)[:, None]
         tl.store(ACC + (base + c % M)[None, :] * D + (PB * j + i)[:, None], acc, mask=ok)
+
+    @triton.jit
+    def _asm_run(x, SRC: tl.constexpr, NOUT: tl.constexpr, MAGIC_FP16: tl.constexpr):
+        """``_asm_planes`` with the PTX ``SRC`` given (``_asm_planes_source``): NOUT planes."""
+        if MAGIC_FP16:
+            if NOUT == 2:
+                out = tl.inline_asm_elementwise(SRC, "=r,=r,=r,=r,r", [x],
+                                                dtype=(tl.float16, tl.float16), is_pure=True,
+                                                pack=4)
+            else:
+                out = tl.inline_asm_elementwise(SRC, "=r,=r,=r,=r,=r,=r,=r,=r,r", [x],
+                                                dtype=(tl.float16, tl.float16, tl.float16,
+                                                       tl.float16), is_pure=True, pack=4)
+        else:
+            if NOUT == 2:
+                out = tl.inline_asm_elementwise(SRC, "=r,=r,=r,=r,r", [x],
+                                                dtype=(tl.bfloat16, tl.bfloat16), is_pure=True,
+                                                pack=4)
+            else:
+                out = tl.inline_asm_elementwise(SRC, "=r,=r,=r,=r,=r,=r,=r,=r,r", [x],
+                                                dtype=(tl.bfloat16, tl.bfloat16, tl.bfloat16,
+                                                       tl.bfloat16), is_pure=True, pack=4)
+        return out
+
+    @triton.jit
+    def _t_unpack(x, PB: tl.constexpr, OPERAND: tl.constexpr, MAGIC_FP16: tl.constexpr,
+                  ASM: tl.constexpr):
+        # "asmt": the bit planes of packed bytes x by the inline PTX ASM (OPERAND 3)
+        if OPERAND == 3:
+            out = _asm_run(x, ASM, PB, MAGIC_FP16)
+        else:
+            out = x
+        return out
+
+    @triton.jit
+    def _t_operand(x, i: tl.constexpr, BITS: tl.constexpr, QMAX: tl.constexpr,
+                   dt: tl.constexpr, OPERAND: tl.constexpr, MAGIC_FP16: tl.constexpr,
+                   CENTER: tl.constexpr, RAW: tl.constexpr):
+        """Plane i as a dot operand for ``_decode_tposed_kernel``: ``_plane_operand``'s modes 3
+        (x: the planes of ``_t_unpack``) and 1; with RAW (mode 1: here; mode 3: the PTX) the
+        operand keeps the magic offset (magic + c, exact: bf16 128 + c / fp16 1024 + c) and
+        the caller removes (magic + CENTER)·Σ of the other operand after the dot."""
+        if OPERAND == 3:
+            out = x[i].to(dt)
+        elif RAW:
+            c = _plane(x, i, BITS, QMAX)
+            if MAGIC_FP16:
+                m = (c.to(tl.int16) | 0x6400).to(tl.float16, bitcast=True)      # 1024 + c
+            else:
+                m = (c.to(tl.int16) | 0x4300).to(tl.bfloat16, bitcast=True)     # 128 + c
+            out = m.to(dt)
+        else:
+            out = _plane_operand(x, i, BITS, QMAX, dt, OPERAND, MAGIC_FP16, CENTER)
+        return out
 
     @triton.jit
     def _exact_tile_t(m_i, l_i, acc_z, acc0, acc1, acc2, acc3, q0, q1, q2, q3, kr, vr, slot, t,
@@ -847,7 +966,9 @@ if triton is not None:
             BITS: tl.constexpr, GROUP: tl.constexpr, RING: tl.constexpr, JV: tl.constexpr,
             FP16: tl.constexpr, PREC: tl.constexpr, DOT_F32: tl.constexpr,
             OPERAND: tl.constexpr = 3, CENTER: tl.constexpr = 0, FUSE_RING: tl.constexpr = True,
-            RING_N: tl.constexpr = 16, SK=None, SV=None, NSINK: tl.constexpr = 0):
+            RING_N: tl.constexpr = 16, SK=None, SV=None, NSINK: tl.constexpr = 0,
+            RAW: tl.constexpr = False, ASM: tl.constexpr = "", nsink=0,
+            WAIT_SPLIT: tl.constexpr = True):
         """``_decode_planes_kernel`` transposed ("asmt"): the tokens are the dots' M side and
         the query rows (repeated once per value group, as there) their N side, which may be 8
         wide: scoresᵀ [N, C] = Σ_i c_i [N, DP] · (q_i∘a_i)ᵀ [DP, C], accᵀ_i [DP, C] +=
@@ -919,28 +1040,34 @@ if triton is not None:
                 xk = tl.load(kptr)
             else:
                 xk = tl.load(kptr, mask=jok[None, :], other=0)
-            if OPERAND == 3:
-                xk = _asm_planes(xk, BITS, MAGIC_FP16)
+            xk = _t_unpack(xk, PB, OPERAND, MAGIC_FP16, ASM)
             kp = kpar + (n0 // GROUP) * 2 * D
             scores = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
             scores, qz = _key_plane_scores_t(scores, q0, xk, kp, 0, dt, BITS, QMAX, D, PB, DP,
-                                             FP16, PREC, OPERAND, MAGIC_FP16, CENTER)
+                                             FP16, PREC, OPERAND, MAGIC_FP16, CENTER, RAW)
             if PB >= 2:
                 scores, z1 = _key_plane_scores_t(scores, q1, xk, kp, 1, dt, BITS, QMAX, D, PB,
-                                                 DP, FP16, PREC, OPERAND, MAGIC_FP16, CENTER)
+                                                 DP, FP16, PREC, OPERAND, MAGIC_FP16, CENTER,
+                                                 RAW)
                 qz += z1
             if PB == 4:
                 scores, z2 = _key_plane_scores_t(scores, q2, xk, kp, 2, dt, BITS, QMAX, D, PB,
-                                                 DP, FP16, PREC, OPERAND, MAGIC_FP16, CENTER)
+                                                 DP, FP16, PREC, OPERAND, MAGIC_FP16, CENTER,
+                                                 RAW)
                 scores, z3 = _key_plane_scores_t(scores, q3, xk, kp, 3, dt, BITS, QMAX, D, PB,
-                                                 DP, FP16, PREC, OPERAND, MAGIC_FP16, CENTER)
+                                                 DP, FP16, PREC, OPERAND, MAGIC_FP16, CENTER,
+                                                 RAW)
                 qz += z2 + z3
             scores = (scores + qz[None, :]) * qk_scale
             if S > 1:
                 scores = tl.where(t[:, None] <= qpos[None, :], scores, float("-inf"))
-            if NSINK > 0:
-                if n0 < NSINK:      # read from the exact copy instead (program NSPLIT)
-                    scores = tl.where(t[:, None] >= NSINK, scores, float("-inf"))
+            if WAIT_SPLIT or NSINK > 0:
+                # sink positions read the exact copy instead (program NSPLIT). A scalar branch
+                # on the tile start: other tiles pay nothing. nsink is a run-time 0 without
+                # sinks, and the branch stays: it keeps Triton from merging the wait for the
+                # value tile into the key tile's at the top of the loop (see the docstring)
+                if n0 < nsink:
+                    scores = tl.where(t[:, None] >= nsink, scores, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(scores, 0))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             alpha = tl.exp2(m_i - m_safe)
@@ -962,27 +1089,28 @@ if triton is not None:
                 pa = p * a
                 pz = p * z
             pa = pa.to(dt)
+            if RAW:     # the operands are magic + c: remove (magic + CENTER)·Σ (p∘a)
+                if MAGIC_FP16:
+                    pz -= (1024.0 + CENTER) * pa.to(tl.float32)
+                else:
+                    pz -= (128.0 + CENTER) * pa.to(tl.float32)
             acc_z = acc_z * alpha + tl.sum(pz, 0)
             vptr = vc + t[None, :] * (D // PB) + j[:, None]                  # [DP, N]
             if EVEN:
                 xv = tl.load(vptr)
             else:
                 xv = tl.load(vptr, mask=jok[:, None], other=0)
-            if OPERAND == 3:
-                xv = _asm_planes(xv, BITS, MAGIC_FP16)
-            acc0 = tl.dot(_plane_operand(xv, 0, BITS, QMAX, dt, OPERAND, MAGIC_FP16, CENTER),
+            xv = _t_unpack(xv, PB, OPERAND, MAGIC_FP16, ASM)
+            acc0 = tl.dot(_t_operand(xv, 0, BITS, QMAX, dt, OPERAND, MAGIC_FP16, CENTER, RAW),
                           pa, acc0 * alpha[None, :], input_precision=PREC)
             if PB >= 2:
-                acc1 = tl.dot(_plane_operand(xv, 1, BITS, QMAX, dt, OPERAND, MAGIC_FP16,
-                                             CENTER), pa, acc1 * alpha[None, :],
-                              input_precision=PREC)
+                acc1 = tl.dot(_t_operand(xv, 1, BITS, QMAX, dt, OPERAND, MAGIC_FP16, CENTER,
+                                         RAW), pa, acc1 * alpha[None, :], input_precision=PREC)
             if PB == 4:
-                acc2 = tl.dot(_plane_operand(xv, 2, BITS, QMAX, dt, OPERAND, MAGIC_FP16,
-                                             CENTER), pa, acc2 * alpha[None, :],
-                              input_precision=PREC)
-                acc3 = tl.dot(_plane_operand(xv, 3, BITS, QMAX, dt, OPERAND, MAGIC_FP16,
-                                             CENTER), pa, acc3 * alpha[None, :],
-                              input_precision=PREC)
+                acc2 = tl.dot(_t_operand(xv, 2, BITS, QMAX, dt, OPERAND, MAGIC_FP16, CENTER,
+                                         RAW), pa, acc2 * alpha[None, :], input_precision=PREC)
+                acc3 = tl.dot(_t_operand(xv, 3, BITS, QMAX, dt, OPERAND, MAGIC_FP16, CENTER,
+                                         RAW), pa, acc3 * alpha[None, :], input_precision=PREC)
         if FUSE_RING:   # program NSPLIT: the full-precision ring, tokens [n, L), and the sinks
             kr = KR + bh64 * RING * D
             vr = VR + bh64 * RING * D
@@ -1053,12 +1181,14 @@ if triton is not None:
     def _combine_kernel(ACC, LSE, OUT, so_b, so_h, so_s, NS,
                         HKV: tl.constexpr, G: tl.constexpr, S: tl.constexpr, D: tl.constexpr,
                         BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+        """Merge the NS partial results of one (batch·kv head, query row) by their
+        log-sum-exp; program axis 2 takes BLOCK_D channels (``_combine_block_d``)."""
         bh = tl.program_id(0)
         m = tl.program_id(1)
         M: tl.constexpr = G * S
         sp = tl.arange(0, BLOCK_S)
         sok = sp < NS
-        dd = tl.arange(0, BLOCK_D)
+        dd = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
         dok = dd < D
         lse = tl.load(LSE + (bh * NS + sp) * M + m, mask=sok, other=float("-inf"))
         top = tl.max(lse, 0)
@@ -1070,6 +1200,13 @@ if triton is not None:
         h = (bh % HKV) * G + m // S
         ptr = OUT + (bh // HKV) * so_b + h * so_h + (m % S) * so_s + dd
         tl.store(ptr, out.to(OUT.dtype.element_ty), mask=dok)
+
+
+def _combine_block_d(block_s: int, block_d: int) -> int:
+    """Channels a combine program takes: the whole head when the [splits, channels] tile is
+    small, else fewer (at most _COMBINE_TILE partial values a program: 256 splits of 128
+    channels in one program took 51 µs on an H100, debug/kv_quant_decode_breakdown5)."""
+    return max(16, min(block_d, _COMBINE_TILE // block_s))
 
 
 def _require():
@@ -1121,6 +1258,11 @@ _OPERAND = {"planes": 0, "magic": 1, "tf32": 2, "asm": 3, "asmt": 3}   # _plane_
 _MIN_COLS = 8         # "asmt": the dots' N side (query rows), at least this (Triton: >= 8)
 _CENTER = True        # experiments: False turns the centring of "magic" off
 DEFAULT_VARIANT = "asmt"      # measured fastest at both shapes: see the module docstring
+# "asmt" options (the module docstring has what each measured): raw — the operands keep the
+# magic offset (no subtraction; removed after the dots): faster at 4 bits, less exact, off;
+# wait_split — the run-time sink branch that splits the key / value tile waits: on
+_ASMT = dict(raw=False, wait_split=True)
+_COMBINE_TILE = 8192          # [splits, channels] values a combine program takes at most
 
 
 def planes_ok(q: torch.Tensor, state: reference.QuantizedKV) -> bool:
@@ -1241,6 +1383,12 @@ def attention_decode(q: torch.Tensor, state: reference.QuantizedKV, scale: float
         ring_args = (state.k_ring, state.v_ring)
         if variant == "asmt" and sink_k is not None:
             common_main.update(SK=sink_k, SV=sink_v, NSINK=sink_k.shape[2])
+        if variant == "asmt":
+            raw = bool(_ASMT["raw"])
+            common_main.update(RAW=raw, WAIT_SPLIT=bool(_ASMT["wait_split"]),
+                               nsink=0 if sink_k is None else sink_k.shape[2])
+            if operand == 3:
+                common_main["ASM"] = _asm_planes_source(c.bits, q.dtype == torch.float16, raw)
     else:
         common_main, ring_args = common, ()
     kernel[(B * hkv, splits + fuse)](
@@ -1252,9 +1400,11 @@ def attention_decode(q: torch.Tensor, state: reference.QuantizedKV, scale: float
         _decode_ring_kernel[(B * hkv,)](
             q, state.k_ring, state.v_ring, state.length, acc, lse, scale * LOG2E, *qs, splits,
             BLOCK_M=max(16, _pow2(M)), BLOCK_N=min(64, c.group), **common)
-    _combine_kernel[(B * hkv, M)](
+    block_s = _pow2(splits + 1)
+    block_dc = _combine_block_d(block_s, block_d)
+    _combine_kernel[(B * hkv, M, block_d // block_dc)](
         acc, lse, out, out.stride(0), out.stride(1), out.stride(2), splits + 1, HKV=hkv, G=G,
-        S=S, D=D, BLOCK_S=_pow2(splits + 1), BLOCK_D=block_d)
+        S=S, D=D, BLOCK_S=block_s, BLOCK_D=block_dc)
     return out
 
 

@@ -148,3 +148,37 @@ def test_a_key_bits_state_is_left_to_the_reference():
                                torch.float32)
     assert T.supports_append(same, k, v) and T.supports_attention(q, same)
     assert not T.supports_append(wide, k, v) and not T.supports_attention(q, wide)
+
+
+ASMT_OPTION_CASES = [  # bits, group, residual, scales, D, dtype, G, S, length, splits
+    (4, 64, 128, "u8", 128, torch.bfloat16, 4, 1, 128 + 5 * 64 + 9, 7),
+    (2, 32, 32, "fp16", 96, torch.float16, 7, 3, 32 + 6 * 32 + 5, 5),
+    (4, 32, 32, "u8", 64, torch.float32, 4, 2, 300, 9),
+]
+
+
+@pytest.mark.parametrize("raw,wait_split,combine_tile", [(True, True, 8192), (False, False, 64),
+                                                         (True, False, 32)])
+@pytest.mark.parametrize("bits,group,residual,scales,D,dtype,G,S,length,splits",
+                         ASMT_OPTION_CASES)
+def test_asmt_options_match_reference(monkeypatch, raw, wait_split, combine_tile, bits, group,
+                                      residual, scales, D, dtype, G, S, length, splits):
+    """"asmt"'s switches (triton._ASMT: operands that keep the magic offset, the run-time sink
+    branch off) and combine programs that take a few channels each (_COMBINE_TILE), with and
+    without exact sinks, against the reference."""
+    monkeypatch.setitem(T._ASMT, "raw", raw)
+    monkeypatch.setitem(T._ASMT, "wait_split", wait_split)
+    monkeypatch.setattr(T, "_COMBINE_TILE", combine_tile)
+    c = R.KVQuantConfig(bits, group, residual, scales)
+    k, v = _kv(1, 2, length, D, dtype, seed=bits + D + S)
+    st = R.append(R.QuantizedKV.empty(1, 2, D, length + 8, c, dtype), k, v)
+    q = torch.randn(1, 2 * G, S, D, generator=torch.Generator().manual_seed(G)).to(dtype)
+    sk, sv = ((3 * x[:, :, :4].float() + 1).to(dtype) for x in (k, v))
+    kd, vd = R.dequantize_state(st)
+    mask = torch.ones(S, length, dtype=torch.bool).tril(length - S)
+    tol = 1e-3 if dtype == torch.float32 else 2e-2
+    out = T.attention_decode(q, st, 0.125, num_splits=splits)
+    assert _rel(out, attention(q.float(), kd.float(), vd.float(), mask, 0.125)) < tol
+    out = T.attention_decode(q, st, 0.125, num_splits=splits, sink_k=sk, sink_v=sv)
+    ks, vs = R.with_sinks(kd.float(), vd.float(), sk.float(), sv.float())
+    assert _rel(out, attention(q.float(), ks, vs, mask, 0.125)) < tol

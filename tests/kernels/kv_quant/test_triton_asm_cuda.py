@@ -4,8 +4,9 @@ pure-Triton twin "magic" (same centred codes; tested in test_decode_planes.py), 
 is the only test of the PTX itself: it runs on CUDA only, in a process without
 TRITON_INTERPRET: run it alone, after ``pip install .``, from outside the checkout (whose
 source folder longfx/ would shadow the installed package), e.g. ``cd /tmp && python -m pytest
--c /dev/null --rootdir=/tmp <repo>/tests/kernels/kv_quant/test_triton_asm_cuda.py`` (6 passed
-on an H100, Triton 3.6, 2026-11-24); in a run with the interpreter tests, which set
+-c /dev/null --rootdir=/tmp <repo>/tests/kernels/kv_quant/test_triton_asm_cuda.py`` (12 passed
+on an H100, Triton 3.6, 2026-11-24; the 6 sink cases also with ``triton._ASMT["raw"]``); in
+a run with the interpreter tests, which set
 TRITON_INTERPRET=1, it skips. It skips before
 importing the kernels where there is no GPU, so that the interpreter tests collected after it
 still import them under the interpreter.
