@@ -23,11 +23,14 @@ Quantization"; keys are the sensitive half at 2 bits, as KIVI's K4V2 setting ref
 text other than the evaluation's, :func:`calibrate_key_layers` (each layer's keys alone at
 ``bits``, KL divergence of the logits from the unquantized model), or any list one writes.
 
-The recipe changes the model's *runtime state*, not its graph: ``longfx.compile(model,
-"kv_quant(bits=4)")`` gives a model whose forward swaps an empty (or absent) HF cache for a
+The recipe changes the model's *runtime state*: ``longfx.compile(model, "kv_quant(bits=4)")``
+gives a model whose forward swaps an empty (or absent) HF cache for a
 :class:`longfx.runtime.cache.QuantizedCache`, which quantizes on append and hands attention the
 dequantized keys/values (a transient copy; see runtime/cache.py for what prefill and decode
-read). The graph's attention sites are left as they are, so the recipe composes with the
+read). Its one graph rule is a lowering (passes/kv_quant_decode.py): a one-token decode step's
+read and attention become ``longfx::kv_quant_attention`` over the packed state (on CUDA the
+Triton split-KV decode: no dequantized copy); ``fuse=false`` keeps the dequantized read. Every
+other attention site is left as it is, so the recipe composes with the
 sparse and RoPE recipes (``sink_window(...) + kv_quant(bits=4)``), and with SnapKV or
 StreamingLLM eviction: ``snapkv(ratio=0.5) + kv_quant(bits=4)`` and ``streaming_kv(sink=4,
 window=1024) + kv_quant(bits=4)`` store the kept tokens quantized (:func:`cache_recipe`,
@@ -75,10 +78,11 @@ class KVQuant(Recipe):
     clip: bool = field(default=False, metadata={"omit_default": True})
     key_bits: int | None = field(default=None, metadata={"omit_default": True})
     key_layers: tuple[int, ...] = field(default=(), metadata={"omit_default": True})
+    fuse: bool = field(default=True, metadata={"omit_default": True})
 
     def __post_init__(self):
         check_state_args("kv_quant", self)
-        for name in ("rotate", "clip"):
+        for name in ("rotate", "clip", "fuse"):
             if not isinstance(getattr(self, name), bool):
                 raise RecipeError(f"kv_quant: {name} must be true or false, "
                                   f"got {getattr(self, name)!r}")
@@ -110,6 +114,13 @@ class KVQuant(Recipe):
             return {}
         wide = dataclasses.replace(self.kv_config, key_bits=self.key_bits)
         return {i: wide for i in self.key_layers}
+
+    def rules(self) -> list:
+        """The lowering of a decode step onto the packed state (passes/kv_quant_decode.py);
+        none with ``fuse=false``."""
+        from longfx.passes.kv_quant_decode import FusedQuantDecode
+
+        return [FusedQuantDecode()] if self.fuse else []
 
     def make_cache(self, model=None):
         """A fresh, empty quantized cache for ``model`` (its config sizes the layer list; a

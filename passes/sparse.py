@@ -112,7 +112,9 @@ def one_query_decode(site: Site, sites: list[Site]) -> bool:
     the cache length (SmolLM2). One query at the last position over all cached keys is exactly
     causal, with no padding to carry — though the mask analysis names it "full". The KV link
     keeps cross-attention (one decoder query over encoder keys, where "the last position"
-    means nothing) out."""
+    means nothing) out; a ``kv_quant`` cache has no such KV site (its append and read are
+    custom ops), and there the keys being the state's decode read is the link
+    (``passes/kv_quant_decode.py:decode_read``)."""
     if site.facts.get("mask_spec") or site.facts.get("mask_kind") != "full":
         return False
     mask = site.nodes.get("mask")
@@ -123,8 +125,15 @@ def one_query_decode(site: Site, sites: list[Site]) -> bool:
     if not (isinstance(val, torch.Tensor) and isinstance(val.shape[-2], int)
             and val.shape[-2] == 1):
         return False
-    return any(s.kind == "kv" and s.facts.get("attention") == site.key
-               and s.facts.get("role") == "key" and _appends_one(s) for s in sites)
+    if any(s.kind == "kv" and s.facts.get("attention") == site.key
+           and s.facts.get("role") == "key" and _appends_one(s) for s in sites):
+        return True
+    from longfx.passes.kv_quant_decode import decode_read      # a kv_quant cache's decode read
+
+    node = site.nodes.get("canonical")
+    k = node.args[1] if isinstance(node, fx.Node) and node.target in (DENSE, SPARSE) \
+        else site.nodes.get("k")
+    return not isinstance(decode_read(k), str)
 
 
 def mask_from_sizes(mask: fx.Node) -> bool:

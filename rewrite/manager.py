@@ -1,6 +1,8 @@
 """The pass manager: run rules stage by stage over a graph's sites and keep the books.
 
-Stages run in order (``canonicalize`` then ``transform``). Within a stage every rule sees the
+Stages run in order: ``canonicalize``, ``transform``, then ``lower`` (rules that swap what a
+recipe left for a faster equivalent, e.g. a kv_quant decode step's read and attention for one
+fused op; they see the graph after every recipe's transforms). Within a stage every rule sees the
 sites of its kind; ``check`` decides, ``replace`` edits, and the manager stamps provenance
 (``node.meta["longfx"] = {"rule", "site", "stage"}``) on the nodes a replacement made,
 records one :class:`SiteResult` per (site, rule), removes dead nodes and recompiles. A rule
@@ -19,7 +21,7 @@ import torch.fx as fx
 from longfx.rewrite.rule import Rule
 from longfx.rewrite.sites import Site
 
-STAGES = ("canonicalize", "transform")
+STAGES = ("canonicalize", "transform", "lower")
 
 
 @dataclass

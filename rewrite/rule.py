@@ -21,7 +21,7 @@ class Rule:
 
     name: str = "rule"
     kind: str = "attention"          # which sites it matches: "attention" | "rope" | "kv"
-    stage: str = "canonicalize"      # "canonicalize" | "transform"
+    stage: str = "canonicalize"      # "canonicalize" | "transform" | "lower"
 
     def prepare(self, gm: fx.GraphModule, sites: list[Site]) -> None:
         """Called once per graph before any check, with all its sites (for rules that relate

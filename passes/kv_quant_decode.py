@@ -1,0 +1,201 @@
+"""Lowering of a ``kv_quant(...)`` decode step: the cache read and the attention become one op.
+
+A ``kv_quant`` cache (runtime/cache.py) hands a one-token decode step's attention the whole
+state after the append, dequantized, with the first ``sink`` positions read from the exact
+copy the layer keeps. Captured, a decode step's attention is this chain (HF models, any
+spelling of the attention that canonicalization turned into ``longfx::attention``)::
+
+    kv_quant_append(k_codes, ..., length_t, k_new, v_new, bits, group)    # mutates the state
+    kd, vd = kv_quant_read(k_codes, ..., length, bits, group, residual, scales)
+    keys   = cat(sink_k[:, :, :m].to(dtype), kd[:, :, m:], dim=2)        # m = min(sink, length)
+    values = cat(sink_v[:, :, :m].to(dtype), vd[:, :, m:], dim=2)        # (absent when sink=0)
+    out    = longfx::attention(q, keys, values, mask, scale, False, 0.0)
+
+:class:`FusedQuantDecode` replaces ``read → cat → attention`` by
+``longfx::kv_quant_attention(q, k_codes, ..., length_t, scale, bits, group, sink_k, sink_v)``:
+on CUDA the split-KV Triton decode over the packed codes, dequantized in registers (KIVI's
+fused kernel, Liu et al. 2024, arXiv:2402.02750; Flash-Decoding's split-KV, Dao et al. 2023),
+so a decode step no longer writes and reads a dequantized copy of every layer's cache; the
+reference (dequantize, then attend) elsewhere. The op computes exactly what the chain computes
+(``reference.attention_decode`` with sinks = ``with_sinks(dequantize_state)`` + attention).
+
+It is a ``lower``-stage rule: it runs after every recipe's transforms, so it takes only an
+attention no other recipe changed (a ``sink_window`` or ``self_extend`` site, or keys a RoPE
+recipe re-rotates, break the chain and stay as they are). It also leaves alone, with the
+reason in the report:
+
+* prefill chunks (more than one query, or keys that are the read *and* the chunk);
+* a mask that is not provably "every key visible": a mask with tensor inputs (padding), a
+  window the analysis found or the config declares (Gemma's local layers: their cache keeps
+  more than the window and the mask hides the rest), ``is_causal`` (top-left for one query);
+* ``rotate=true`` (keys are un-rotated after the read), GEAR states (``gear_read``), softcap.
+"""
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from longfx.kernels.attention.op import OP as DENSE
+from longfx.kernels.kv_quant import op as kv_op
+from longfx.passes.sparse import mask_from_sizes, native_window
+from longfx.rewrite import graph as G
+from longfx.rewrite.rule import Rule, replace_uses
+from longfx.rewrite.sites import Site
+
+__all__ = ["FusedQuantDecode"]
+
+SEQ_DIM = 2          # [B, Hkv, L, D]
+
+
+def _seq_slice(node: Any) -> tuple[fx.Node, Any, Any] | None:
+    """``x[:, :, a:b]`` (a Dynamo ``getitem`` with a tuple of slices or ``aten.slice`` on dim 2)
+    as ``(x, a, b)``; None for anything else."""
+    if not isinstance(node, fx.Node):
+        return None
+    if G.op(node) == "getitem" and len(node.args) == 2 and isinstance(node.args[1], tuple):
+        src, idx = node.args
+        if len(idx) == 3 and all(isinstance(s, slice) for s in idx) \
+                and idx[0] == slice(None) and idx[1] == slice(None) and idx[2].step in (None, 1):
+            return src, idx[2].start, idx[2].stop
+        return None
+    if G.op(node) == "slice":
+        src, dim = node.args[0], node.args[1] if len(node.args) > 1 else 0
+        rank = G.rank(src)
+        if G.norm_dim(dim, rank) == SEQ_DIM and (len(node.args) < 5 or node.args[4] == 1):
+            start = node.args[2] if len(node.args) > 2 else None
+            stop = node.args[3] if len(node.args) > 3 else None
+            return src, start, stop
+    return None
+
+
+def _strip_cast(node: Any) -> Any:
+    """The input of a dtype cast (``x.to(dtype)``), else ``node``."""
+    return node.args[0] if G.op(node) == "cast" else node
+
+
+def _read_output(node: Any) -> tuple[fx.Node, int] | None:
+    """``(read, i)`` when ``node`` is output ``i`` of a ``longfx::kv_quant_read``."""
+    if isinstance(node, fx.Node) and node.op == "call_function" \
+            and node.target is operator.getitem and len(node.args) == 2 \
+            and isinstance(node.args[1], int):
+        src = node.args[0]
+        if isinstance(src, fx.Node) and src.target is kv_op.READ:
+            return src, node.args[1]
+    return None
+
+
+def _kv_input(node: Any) -> tuple[fx.Node, int, fx.Node | None, Any] | str:
+    """What feeds an attention's key or value input: ``(read, output index, sink copy or None,
+    m)`` or why it is not the cache's decode read."""
+    direct = _read_output(node)
+    if direct is not None:
+        return (*direct, None, None)
+    if G.op(node) != "cat":
+        return "its keys/values are not the kv_quant state's read"
+    parts, dim = G.arg(node, "tensors"), G.arg(node, "dim", 0)
+    if not isinstance(parts, (list, tuple)) or len(parts) != 2 \
+            or G.norm_dim(dim, G.rank(node)) != SEQ_DIM:
+        return "its keys/values join more than the state's read and its sink copy"
+    head, tail = _seq_slice(_strip_cast(parts[0])), _seq_slice(parts[1])
+    if head is None or tail is None:
+        return "its keys/values join more than the state's read and its sink copy"
+    sink, start, m = head
+    src, m_tail, stop = tail
+    read = _read_output(src)
+    if read is None:
+        return "its keys/values are not the kv_quant state's read (a prefill chunk, or " \
+               "keys changed after the read)"
+    if start not in (None, 0) or stop is not None or m is not m_tail and m != m_tail:
+        return "the sink copy and the state's read do not meet at one position"
+    if not isinstance(sink, fx.Node) or sink.op != "placeholder":
+        return "the sink copy is not a state input"
+    return (*read, sink, m)
+
+
+def decode_read(k: Any) -> tuple[fx.Node, fx.Node, fx.Node | None, Any] | str:
+    """``(read, append, sink copy or None, m)`` when the attention keys ``k`` are a kv_quant
+    cache's decode read — the whole state after this step's append, its sinks exact — or why
+    not. Other rules use it to recognise a decode step over a quantized cache as self-attention
+    over a KV cache (``passes/sparse.py:one_query_decode``)."""
+    got = _kv_input(k)
+    if isinstance(got, str):
+        return got
+    read, i, sink, m = got
+    if i != 0:
+        return "the keys are the read's values"
+    append = _append_of(read)
+    if append is None:
+        return "no kv_quant_append of the same state before the read"
+    if any(a is not b for a, b in zip(read.args[:6], append.args[:6])):
+        return "the read and the append do not share the state tensors"
+    return read, append, sink, m
+
+
+def _append_of(read: fx.Node) -> fx.Node | None:
+    """The ``kv_quant_append`` that wrote the state ``read`` reads, before it in the graph."""
+    codes = read.args[0]
+    order = {n: i for i, n in enumerate(read.graph.nodes)}
+    found = [u for u in codes.users if u.target is kv_op.APPEND and u.args[0] is codes
+             and order[u] < order[read]]
+    return found[-1] if found else None
+
+
+class FusedQuantDecode(Rule):
+    """``kv_quant_read → (sink cat) → longfx::attention`` of a one-token decode step becomes
+    ``longfx::kv_quant_attention`` over the packed state (module docstring)."""
+
+    name = "kv_quant.fused_decode"
+    kind = "attention"
+    stage = "lower"
+
+    def check(self, site: Site, gm: fx.GraphModule) -> dict[str, Any] | str:
+        node = site.nodes.get("canonical")
+        if not isinstance(node, fx.Node) or node.graph is not gm.graph:
+            return site.reason or "the site is not canonical (no longfx::attention)"
+        if node.target is not DENSE or getattr(node, "_erased", False) or not node.users:
+            return "another recipe rewrote this attention; its keys are read dequantized"
+        q, k, v, mask, scale, is_causal, softcap = node.args
+        qv = G.val(q)
+        if not (isinstance(qv, torch.Tensor) and qv.dim() == 4 and isinstance(qv.shape[2], int)
+                and qv.shape[2] == 1):
+            return "not a one-token decode step (prefill attends in full precision)"
+        keys, values = decode_read(k), _kv_input(v)
+        for got in (keys, values):
+            if isinstance(got, str):
+                return got
+        (kread, append, ksink, km), (vread, vi, vsink, vm) = keys, values
+        if kread is not vread or vi != 1:
+            return "keys and values do not come from one state read"
+        if (ksink is None) != (vsink is None) or (km is not vm and km != vm):
+            return "keys and values do not take the same sink copy"
+        if is_causal or softcap:
+            return "is_causal/softcap attention: the fused decode computes plain attention"
+        if isinstance(mask, fx.Node) and not mask_from_sizes(mask):
+            return "the mask has tensor inputs (padding?): not every cached key is visible"
+        if site.facts.get("mask_spec") or site.facts.get("mask_kind") not in (None, "full"):
+            return f"mask {site.facts.get('mask_kind')!r}: not every cached key is visible"
+        if native_window(site):
+            return f"the layer attends a native window of {native_window(site)}: its cache " \
+                   "holds keys the mask hides"
+        state = kread.args[:6]
+        qv_dtype, ring = qv.dtype, G.val(state[4])
+        if isinstance(ring, torch.Tensor) and ring.dtype != qv_dtype:
+            return f"queries are {qv_dtype}, the state holds {ring.dtype}"
+        return {"node": node, "state": state, "length": append.args[6],
+                "bits": kread.args[7], "group": kread.args[8], "scale": scale,
+                "sink_k": ksink, "sink_v": vsink}
+
+    def replace(self, site: Site, gm: fx.GraphModule, facts: dict[str, Any]) -> list[fx.Node]:
+        node: fx.Node = facts["node"]
+        made: list[fx.Node] = []
+        with gm.graph.inserting_before(node):
+            new = G.call(gm.graph, made, kv_op.ATTENTION, node.args[0], *facts["state"],
+                         facts["length"], facts["scale"], facts["bits"], facts["group"],
+                         facts["sink_k"], facts["sink_v"])
+        replace_uses(node, new)
+        site.nodes["canonical"] = new
+        site.facts["kv_decode"] = "fused"
+        return made

@@ -1,0 +1,154 @@
+"""The kv_quant decode lowering (passes/kv_quant_decode.py): a decode step's read → attention
+becomes one ``longfx::kv_quant_attention`` over the packed state, with the same logits as the
+unfused cache path, and every site it must not touch stays as it was, with the reason."""
+import pytest
+import torch
+
+import longfx
+from longfx.rewrite.testing import zoo
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+RULE = "kv_quant.fused_decode"
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    """Each test compiles several models: Dynamo's recompile limit is per code object
+    (``LlamaForCausalLM.forward``) and process-wide, so later test files would otherwise find
+    it spent and run eagerly, unrewritten."""
+    yield
+    torch._dynamo.reset()
+
+
+def _run(model, ids, cache, prefill: int, chunk: int):
+    """Logits of ``ids`` [B, T]: the first ``prefill`` tokens in chunks of ``chunk``, then one
+    decode step per token."""
+    out, a = [], 0
+    sizes = [min(chunk, prefill - s) for s in range(0, prefill, chunk)]
+    sizes += [1] * (ids.shape[1] - prefill)
+    with torch.no_grad():
+        for s in sizes:
+            out.append(model(input_ids=ids[:, a:a + s], past_key_values=cache,
+                             use_cache=True).logits)
+            a += s
+    return torch.cat(out, 1)
+
+
+def _results(fast):
+    return [r for g in fast.longfx_backend.report.graphs for r in g.results if r.rule == RULE]
+
+
+def _compare(name: str, recipe: str, prefill: int = 80, total: int = 88, seed: int = 0):
+    """Compile ``recipe`` twice, with and without the lowering, and check both give the same
+    logits over a chunked prefill and single-token decode steps; the lowered model and the
+    lowering's report rows."""
+    model, _ = zoo.build(name)
+    ids = torch.randint(3, 120, (1, total), generator=torch.Generator().manual_seed(seed))
+    fast = longfx.compile(model, recipe)
+    got = _run(fast, ids, fast.longfx_new_cache(), prefill, 40)
+    plain = longfx.compile(model, recipe.replace("kv_quant(", "kv_quant(fuse=false, "))
+    want = _run(plain, ids, plain.longfx_new_cache(), prefill, 40)
+    assert not _results(plain)                                   # fuse=false: no lowering
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    return fast, _results(fast)
+
+
+@pytest.mark.parametrize("sink", [4, 0])
+def test_decode_steps_read_the_packed_state_in_one_op(sink):
+    fast, rows = _compare("llama", f"kv_quant(bits=4, group=16, residual=16, sink={sink})")
+    fused = [r for r in rows if r.status == "rewritten"]
+    assert len(fused) == 2                                   # both layers of the decode graph
+    assert all("one-token decode" in r.reason for r in rows if r.status == "rejected")
+    codes = [g.code_after for g in fast.longfx_backend.report.graphs]
+    decode = [c for c in codes if "kv_quant_attention" in c]
+    assert len(decode) == 1 and "kv_quant_read" not in decode[0]
+    assert "kv_quant_append" in decode[0]                    # the state is still written
+    report = fast.longfx_backend.report
+    assert not [w for w in report.warnings if "graph break" in w], report.warnings
+
+
+def test_the_fused_op_runs_with_the_sink_copy(monkeypatch):
+    """The decode op gets the layer's exact sink copy (not the quantized first tokens)."""
+    from longfx.kernels.kv_quant import reference
+
+    seen = []
+    real = reference.attention_decode
+
+    def spy(q, state, scale=None, sink_k=None, sink_v=None):
+        seen.append(None if sink_k is None else tuple(sink_k.shape))
+        return real(q, state, scale, sink_k, sink_v)
+
+    monkeypatch.setattr(reference, "attention_decode", spy)
+    _compare("llama", "kv_quant(bits=2, group=16, residual=16, sink=3)", total=84)
+    assert seen and all(s is not None and s[2] == 3 for s in seen)
+
+
+def test_fuse_false_parses_prints_and_turns_the_lowering_off():
+    from longfx import recipes
+
+    r = recipes.parse("kv_quant(bits=4, fuse=false)").recipes[0]
+    assert str(r) == "kv_quant(bits=4, group=64, residual=128, sink=4, fuse=false)"
+    assert r.rules() == [] and len(recipes.parse("kv_quant(bits=4)").recipes[0].rules()) == 1
+    with pytest.raises(recipes.RecipeError, match="fuse"):
+        recipes.parse("kv_quant(fuse=2)")
+
+
+def test_rotated_states_and_gear_stay_unfused_and_say_why():
+    _, rows = _compare("llama", "kv_quant(bits=4, group=16, residual=16, rotate=true)")
+    assert rows and not [r for r in rows if r.status == "rewritten"]
+    assert any("not the kv_quant state's read" in r.reason for r in rows)
+    _, rows = _compare("llama", "gear(bits=4, group=16, residual=16)", total=84)
+    assert not [r for r in rows if r.status == "rewritten"]
+
+
+def test_a_site_another_recipe_rewrote_is_left_alone():
+    fast, rows = _compare("llama", "sink_window(sink=2, window=8) + kv_quant(bits=8, group=16, "
+                                   "residual=16)")
+    assert len(rows) == 6                        # 2 layers x (prefill, cached prefill, decode)
+    assert all(r.status == "rejected" and "another recipe" in r.reason for r in rows)
+    assert all(r.site.facts.get("sparse") for r in rows)        # sink_window took every step
+
+
+def test_sink_window_decode_steps_over_a_quantized_cache_are_sparse():
+    """A decode step over a kv_quant cache is a self-attention decode step for the sparse
+    rules too (no KV site: the cache's read is the link). With a ring that holds every token
+    nothing is quantized, so it must equal sink_window over HF's own cache, step for step."""
+    from transformers import DynamicCache
+
+    model, _ = zoo.build("llama")
+    ids = torch.randint(3, 120, (1, 60), generator=torch.Generator().manual_seed(3))
+    both = longfx.compile(model, "sink_window(sink=2, window=8) + kv_quant(bits=8, group=16, "
+                                 "residual=64)")
+    alone = longfx.compile(model, "sink_window(sink=2, window=8)")
+    got = _run(both, ids, both.longfx_new_cache(), 40, 20)
+    want = _run(alone, ids, DynamicCache(config=model.config), 40, 20)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    dense = _run(model, ids, DynamicCache(config=model.config), 40, 20)
+    assert float((got[:, 40:] - dense[:, 40:]).abs().max()) > 1e-3   # the decode really is sparse
+
+
+def test_sliding_window_layers_keep_their_mask():
+    """Gemma-3's local layers: their cache holds more than the window (whole groups), the mask
+    hides the rest, so only the global layer's decode is fused."""
+    _, rows = _compare("gemma3", "kv_quant(bits=4, group=16, residual=16)")
+    decode = [r for r in rows if "one-token decode" not in (r.reason or "")]
+    assert decode and {r.site.layer for r in decode if r.status == "rewritten"} == {1}
+    local = [r for r in decode if r.site.layer == 0]
+    assert local and all("window" in r.reason for r in local)
+
+
+def test_padded_batches_are_not_fused_and_generate_is_unchanged():
+    model, _ = zoo.build("llama")
+    ids = torch.randint(3, 120, (2, 40), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    fast = longfx.compile(model, "kv_quant(bits=4, group=16, residual=16)")
+    kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
+    with torch.no_grad():
+        got = fast.generate(**kw)
+        want = model.generate(**kw, past_key_values=fast.longfx_new_cache())
+    assert torch.equal(got, want)
+    rows = _results(fast)
+    assert not [r for r in rows if r.status == "rewritten"]
+    assert any("tensor inputs" in (r.reason or "") for r in rows)
