@@ -37,6 +37,11 @@ the comparison runs as separate processes that share one JSON file of token ids:
         --inputs /tmp/kvcmp/longfx.jsonl /tmp/kvcmp/kvpress.jsonl \\
         --out benchmarks/results/kvpress/compare_cpu.jsonl
 
+A later run of some methods (e.g. after a change to one recipe) goes to new files and is merged
+with ``--tag "run 2"``, which appends " · run 2" to its rows' methods so RESULTS.md tells them
+from the first run's (``results/kvpress/compare_cpu_run2.jsonl``: dense and StreamingLLM on both
+sides again, after streaming_kv's read changed on 2026-11-24).
+
 Steps 2 and 3 may run at the same time (one thread each); each appends one JSON line per
 (prompt, method) as it goes and skips those already in its output, so a stopped run resumes.
 Within a process the methods run interleaved prompt by prompt, so the time ratios against that
@@ -126,7 +131,10 @@ SEMANTICS = {
                                    "kernel_size=5; otherwise as snapkv",
     ("longfx", "streaming"): "streaming_kv(sink=4, window=2044): evicts after every 1024-token "
                              "prefill chunk and every decode token (a true stream: later chunks "
-                             "never see evicted tokens), keys re-rotated to in-cache positions; "
+                             "never see evicted tokens), keys at in-cache positions (since "
+                             "2026-11-24 only the 4 sink keys are rotated per read, the window "
+                             "keys' in-cache positions being their true ones, and decode writes "
+                             "into one buffer; before, every kept key was re-rotated per read); "
                              "holds 2048 tokens throughout decode",
     ("longfx", "streaming_1chunk"): "streaming_kv(sink=4, window=2044) with the whole prompt as one "
                                     "chunk: dense prefill, then sinks + window kept (kvpress's "
@@ -479,6 +487,7 @@ def cmd_merge(args) -> None:
     groups: dict[tuple, list] = {}
     for r in raw:
         groups.setdefault((r["library"], r["method"]), []).append(r)
+    tag = f" · {args.tag}" if args.tag else ""
     # prompts both dense runs answered; each method is scored on those it ran (its n says how
     # many: the core methods all ran every prompt, the optional ones may have fewer)
     dense_sets = [{r["prompt"] for r in rs} for k, rs in groups.items() if k[1] == "dense"]
@@ -515,7 +524,7 @@ def cmd_merge(args) -> None:
         kv1 = statistics.median(r["kv_bytes_step1"] for r in rs)
         meta = rs[0]["meta"]
         rows.append({
-            "task": "passkey_classic", "method": method, "library": lib,
+            "task": "passkey_classic", "method": method + tag, "library": lib,
             "version": meta.get("library_version"), "spec": rs[0]["spec"],
             "semantics": SEMANTICS.get((lib, method)), "model": MODEL,
             "length": prompts["length"], "seed": prompts["seed"], "n": len(rs), "hits": hits,
@@ -557,7 +566,7 @@ def cmd_merge(args) -> None:
         b = {r["prompt"]: r["generated"] for r in groups[("kvpress", other)] if r["prompt"] in common}
         both = sorted(set(a) & set(b))
         same_tokens[f"{method} vs {other}"] = f"{sum(a[k] == b[k] for k in both)}/{len(both)}"
-    check = {"task": "passkey_classic", "method": "_checks", "library": "both",
+    check = {"task": "passkey_classic", "method": "_checks", "library": "both", "tag": args.tag,
              "same_weights": len(set(w.values())) == 1, "weights_sha256": w,
              "same_prompts": True, "prompts_used": sorted(common), "n_prompts": len(common),
              "identical_generations_longfx_vs_kvpress": same_tokens,
@@ -602,6 +611,8 @@ def main(argv=None) -> None:
     p.add_argument("--prompts", required=True)
     p.add_argument("--inputs", nargs="+", required=True)
     p.add_argument("--out", required=True)
+    p.add_argument("--tag", default="", help="appended to every row's method (' · TAG'): tells "
+                   "a later run's rows from the first run's in RESULTS.md")
     args = ap.parse_args(argv)
     {"prompts": cmd_prompts, "longfx": cmd_longfx, "kvpress": cmd_kvpress, "merge": cmd_merge}[args.cmd](args)
 
