@@ -279,6 +279,33 @@ def kernels(results: Path) -> str:
                        f"{r['sdpa_bf16_ms']:.3f} | {r['speedup']:.2f}× | "
                        f"{r.get('quant_gbps', 0):.0f} |")
         out += [""]
+    md = results / "kv_quant_model_decode_h100.json"
+    if md.exists():
+        rows = json.loads(md.read_text())["rows"]
+        m = rows[0]["meta"]
+        out += [f"### Whole-model decode steps with `kv_quant(bits=4)` · {m['gpu']}", "",
+                f"torch {m['torch']} · triton {m['triton']} · transformers {m['transformers']} "
+                f"· date {m['date']} · Llama-8B-shaped model, {rows[0]['layers']} layers, random "
+                "weights, bf16; median ms per decode step (eager launches, Python included) over "
+                f"{rows[0]['rounds']} alternating rounds of {rows[0]['steps']} steps "
+                "(`benchmarks/bench_kv_quant_model_decode.py`). *lowered*: `longfx.compile` with "
+                "the decode lowered onto the packed state; *unlowered*: `fuse=false`; *HF eager*: "
+                "the plain model with `DynamicCache`; *compiled dense*: `longfx.compile(model, \"\")` "
+                "with `DynamicCache`. Peak = memory a step allocates beyond what it started with.", "",
+                "| KV length | batch | lowered | unlowered | HF eager | compiled dense | "
+                "lowered vs unlowered | peak lowered / unlowered / compiled dense (MB) | "
+                "KV bytes quant / dense | attention rel. err. |",
+                "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            pk = r["step_peak_extra_mb"]
+            out.append(f"| {r['length']} | {r['batch']} | {r['fused_ms']:.1f} | "
+                       f"{r['unfused_ms']:.1f} | {r['dense_ms']:.1f} | "
+                       f"{r.get('dense_compiled_ms', float('nan')):.1f} | "
+                       f"{r['fused_vs_unfused']:.2f}× | {pk['fused']:.0f} / {pk['unfused']:.0f} / "
+                       f"{pk.get('dense_compiled', float('nan')):.0f} | "
+                       f"{r['kv_bytes_quant'] / r['kv_bytes_dense']:.3f}× | "
+                       f"{r['max_rel_err_fused_vs_unfused_attention']:.1e} |")
+        out += [""]
     return "\n".join(out)
 
 
