@@ -29,16 +29,7 @@ import time
 from datetime import datetime, timezone
 
 import torch
-
-
-def parse_cases(text: str) -> list[tuple[int, int]]:
-    """"32k:1,128k:1" -> [(32768, 1), (131072, 1)] (length:batch)."""
-    out = []
-    for item in text.split(","):
-        length, batch = item.split(":")
-        mult = 1024 if length.lower().endswith("k") else 1
-        out.append((int(length.lower().rstrip("k")) * mult, int(batch)))
-    return out
+from bench_kv_quant_decode import parse_cases
 
 
 def build(args):

@@ -34,6 +34,8 @@ from pathlib import Path
 
 import torch
 
+from longfx.eval.infer import cpu_name
+
 DATE = "2026-11-24"
 
 
@@ -77,17 +79,6 @@ def git_commit() -> str | None:
                               text=True, cwd=Path(__file__).parent, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main(argv=None) -> None:
