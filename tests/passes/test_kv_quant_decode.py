@@ -24,15 +24,9 @@ def _fresh_dynamo():
 def _run(model, ids, cache, prefill: int, chunk: int):
     """Logits of ``ids`` [B, T]: the first ``prefill`` tokens in chunks of ``chunk``, then one
     decode step per token."""
-    out, a = [], 0
     sizes = [min(chunk, prefill - s) for s in range(0, prefill, chunk)]
     sizes += [1] * (ids.shape[1] - prefill)
-    with torch.no_grad():
-        for s in sizes:
-            out.append(model(input_ids=ids[:, a:a + s], past_key_values=cache,
-                             use_cache=True).logits)
-            a += s
-    return torch.cat(out, 1)
+    return zoo.feed(model, ids, cache, sizes)
 
 
 def _results(fast):
