@@ -31,6 +31,8 @@ from datetime import datetime, timezone
 import torch
 from bench_kv_quant_decode import parse_cases
 
+from longfx.eval import infer
+
 
 def build(args):
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -48,8 +50,7 @@ def build(args):
 
 
 def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
+    infer.sync(torch.device(device))
 
 
 def prefill(model, ids: torch.Tensor, cache, chunk: int) -> torch.Tensor:
@@ -73,17 +74,6 @@ def step(model, cache, tok: torch.Tensor, device: str) -> tuple[float, torch.Ten
     ms = (time.perf_counter() - t0) * 1e3
     peak = torch.cuda.max_memory_allocated() - base if device == "cuda" else 0
     return ms, logits, peak
-
-
-def kv_bytes(cache) -> int:
-    if hasattr(cache, "nbytes"):
-        return int(cache.nbytes())
-    total = 0
-    for layer in cache.layers:
-        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-            if isinstance(t, torch.Tensor):
-                total += t.numel() * t.element_size()
-    return total
 
 
 def run_case(args, model, length: int, batch: int) -> dict:
@@ -131,9 +121,9 @@ def run_case(args, model, length: int, batch: int) -> dict:
             "fused_vs_unfused": round(med["unfused"] / med["fused"], 3),
             "fused_vs_dense": round(med["dense"] / med["fused"], 3),
             "fused_vs_dense_compiled": round(med["dense_compiled"] / med["fused"], 3),
-            "kv_bytes_dense_compiled": kv_bytes(ccache),
+            "kv_bytes_dense_compiled": infer.kv_bytes(ccache),
             "step_peak_extra_mb": {k: round(max(v) / 2**20, 1) for k, v in peaks.items()},
-            "kv_bytes_quant": kv_bytes(qcache), "kv_bytes_dense": kv_bytes(dcache),
+            "kv_bytes_quant": infer.kv_bytes(qcache), "kv_bytes_dense": infer.kv_bytes(dcache),
             "max_rel_err_fused_vs_unfused_attention": err, "prefill_s": round(prefill_s, 1),
             "state_tokens": qcache.get_seq_length(), "times_ms": {k: [round(x, 3) for x in v]
                                                         for k, v in times.items()}}

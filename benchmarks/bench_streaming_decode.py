@@ -12,8 +12,9 @@ corpus, the ``cost`` task's tokens) in ``--chunk`` token chunks through the plai
 * ``streaming``: ``streaming_kv(sink, window)`` as it is now (``EvictCache`` with the default
   ``StreamingTensorStore``: a read rotates the sink keys only; decode writes into one buffer);
 * ``streaming_rerotate_all``: the read before 2026-11-24, verbatim (plain tensors, every kept
-  key re-rotated to its in-cache position on every read: ``RerotateAllLayer`` below, the same
-  class as in tests/runtime/test_evict_streaming_read.py).
+  key re-rotated to its in-cache position on every read:
+  ``longfx.rewrite.testing.rerotate_all``, the class tests/runtime/test_evict_streaming_read.py
+  checks against).
 
 Then ``--rounds`` rounds of one greedy decode step on each cache, the order rotating every round
 (so a slow spell of the shared machine falls on each method in turn); every cache is fed the
@@ -42,31 +43,7 @@ DATE = "2026-11-24"
 def rerotate_all_cache(model, sink: int, window: int):
     """An EvictCache whose layers read the way streaming_kv did until 2026-11-24."""
     from longfx.kernels.kv_evict import reference as R
-    from longfx.runtime.evict_cache import EvictCache, EvictLayer, TensorStore
-
-    class RerotateAllLayer(EvictLayer):
-        def update(self, key_states, value_states, *args, **kwargs):
-            if not self.is_initialized:
-                self.lazy_initialization(key_states, value_states)
-                self.true_pos = torch.zeros(0, dtype=torch.long, device=key_states.device)
-            p, s, past = self.policy, key_states.shape[-2], self.kept
-            seen0 = self.seen
-            self.seen = seen0 + s
-            keys, values = self.store.update(key_states, value_states)
-            pos = torch.cat((self.true_pos, torch.arange(seen0, seen0 + s, device=keys.device)))
-            out_k = keys
-            if past and seen0 != past:
-                out_k = torch.cat((R.rerotate_to_cache_positions(
-                    keys[:, :, :past], self.true_pos, seen0 - past, self.inv_freq),
-                    keys[:, :, past:]), 2)
-            idx = R.streaming_keep(past + s, p.sink, p.window, device=keys.device)
-            self.store.keep(idx, keys, values)
-            self.true_pos = pos[idx]
-            return out_k, values
-
-    class RerotateAllCache(EvictCache):
-        def _new_layer(self):
-            return RerotateAllLayer(self.policy, self.inv_freq, TensorStore())
+    from longfx.rewrite.testing.rerotate_all import RerotateAllCache
 
     return RerotateAllCache(R.StreamingConfig(sink, window), model=model)
 

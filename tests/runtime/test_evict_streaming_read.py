@@ -5,7 +5,7 @@ Until 2026-11-24 every read re-rotated every kept key to its in-cache position
 (``R.rerotate_to_cache_positions``). The window keys' in-cache positions are their true
 positions, so only the sinks move; the layer now rotates ``sink`` keys per read and a decode
 step writes into one buffer instead of copying the cache. What must hold: the outputs of the
-re-rotate-everything read (kept here verbatim as ``RerotateAllCache``), on zoo Llama logits over
+re-rotate-everything read (kept verbatim as ``rewrite/testing/rerotate_all.py:RerotateAllCache``), on zoo Llama logits over
 chunked prefill and decode, batch 2, beam search, compiled; the rotation work per step does not
 grow with the window; decode steps read views of the buffer (no copy of the kept tokens)."""
 import pytest
@@ -16,6 +16,7 @@ from longfx.eval import infer
 from longfx.kernels.kv_evict import reference as R
 from longfx.recipes import parse
 from longfx.rewrite.testing import zoo
+from longfx.rewrite.testing.rerotate_all import RerotateAllCache, RerotateAllLayer
 from longfx.runtime.evict_cache import (EvictCache, EvictLayer, StreamingTensorStore,
                                         TensorStore)
 
@@ -24,35 +25,6 @@ _ids, _feed = zoo.token_ids, zoo.feed
 
 # prefill chunks and decode steps; chunks straddle the sinks and the window, some fit the buffer
 STEPS = (3, 1, 9, 1, 1, 20, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 14, 1, 1, 2, 1, 1, 1, 1, 30, 1, 1)
-
-
-class RerotateAllLayer(EvictLayer):
-    """The streaming read before 2026-11-24, verbatim: plain tensors, the true positions of the
-    kept keys stored, every kept key moved to its in-cache position on every read."""
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-            self.true_pos = torch.zeros(0, dtype=torch.long)
-        p, s, past = self.policy, key_states.shape[-2], self.kept
-        seen0 = self.seen
-        self.seen = seen0 + s
-        keys, values = self.store.update(key_states, value_states)
-        pos = torch.cat((self.true_pos, torch.arange(seen0, seen0 + s)))
-        out_k = keys
-        if past and seen0 != past:
-            out_k = torch.cat((R.rerotate_to_cache_positions(keys[:, :, :past], self.true_pos,
-                                                             seen0 - past, self.inv_freq),
-                               keys[:, :, past:]), 2)
-        idx = R.streaming_keep(past + s, p.sink, p.window)
-        self.store.keep(idx, keys, values)
-        self.true_pos = pos[idx]
-        return out_k, values
-
-
-class RerotateAllCache(EvictCache):
-    def _new_layer(self):
-        return RerotateAllLayer(self.policy, self.inv_freq, TensorStore())
 
 
 @pytest.fixture(scope="module")
