@@ -162,6 +162,11 @@ def compile(model: torch.nn.Module, recipe: Any = None, *, inner: str = "eager",
     be = backend(recipe, inner=inner, model=model)
     be.report.model = _model_name(model)
     from longfx.passes.kv_quant import cache_recipe   # a recipe that owns the runtime KV cache
-    kv = cache_recipe(_pipeline(recipe))
-    return compiled_copy(model, be, dynamic=dynamic,
-                         new_cache=(lambda: kv.make_cache(model)) if kv is not None else None)
+    pipeline = _pipeline(recipe)
+    kv = cache_recipe(pipeline)
+    new_cache = (lambda: kv.make_cache(model)) if kv is not None else None
+    if kv is None:           # decode_topk: a cache that keeps Quest's block bounds with the keys
+        bounds = next((r for r in pipeline.recipes if hasattr(r, "make_bounds_cache")), None)
+        if bounds is not None:
+            new_cache = lambda: bounds.make_bounds_cache(model)  # noqa: E731
+    return compiled_copy(model, be, dynamic=dynamic, new_cache=new_cache)

@@ -16,6 +16,16 @@ ids, -1 padded (the table ``kernels/sparse_attention/triton.py:block_sparse_atte
   ``q · k`` in the block; the blocks with the largest bounds are kept. Computed here as
   ``q·(min+max)/2 + |q|·(max−min)/2`` (two matmuls, no [.., blocks, D] product).
 
+Quest's bounds can also come from the KV cache (``runtime/bounds_cache.py``): per key block
+the channel-wise ``kmin``/``kmax`` [B, Hkv, n_blocks, D] kept with the keys, updated on append
+(``update_bounds``: only the last partial block and the new ones are recomputed), so a decode
+step reads 2·D numbers per block instead of the block's keys (``decode_table(..., bounds=)``).
+``select="kv_head"`` makes one selection per KV head — the bounds of the G query heads of a
+group (and of the S queries) are max-reduced — so the table is [B, Hkv, 1, n_keep] and a
+kernel reads each kept block once for the whole group (LServe, Yang et al. 2025,
+arXiv:2502.14866, §4.3 shares page selection across the query heads of a KV head);
+``select="head"`` keeps Quest's per-query-head selection [B, H, 1, n_keep].
+
 Both always keep the *forced* blocks of each query block — the sink blocks (keys ``j <
 sink``), the local window (keys within ``window`` of any row of the block) and the diagonal —
 and then the highest-scoring other causal blocks until the row holds ``budget`` blocks:
@@ -29,6 +39,7 @@ block kb the keys ``[kb·bs, (kb+1)·bs)``. Visible keys (``table_mask``)::
     j <= p_i  and  key_keep[b, j]  and  j // bs in table[b, h, i // bs]
 
 Shapes: q [B, H, S, D]; k [B, Hkv, Skv, D]; H % Hkv == 0 (head h reads kv head h // (H/Hkv)).
+A table's head axis is H (per query head) or Hkv (per KV head: head h reads row h // (H/Hkv)).
 """
 from __future__ import annotations
 
@@ -39,6 +50,7 @@ import torch
 from longfx.kernels.attention.reference import expand_kv
 
 ESTIMATES = ("pooled", "last_q")
+SELECTS = ("kv_head", "head")     # decode: one table per KV head (LServe) or per query head (Quest)
 
 
 def check_block(block: int) -> None:
@@ -82,7 +94,7 @@ def max_budget(s: int, skv: int, bs: int, sink: int, window: int, topk: int, den
     return max(1, min(nkb, max(want, forced)))
 
 
-def select(scores: torch.Tensor, causal: torch.Tensor, forced: torch.Tensor, topk: int,
+def select_table(scores: torch.Tensor, causal: torch.Tensor, forced: torch.Tensor, topk: int,
            density: float, width: int) -> torch.Tensor:
     """Table int32 [B, H, nqb, width] from block scores [B, H, nqb, nkb]: forced blocks, then
     the best-scoring causal ones, ``budget`` per row, -1 padded. Tensor ops only."""
@@ -139,20 +151,65 @@ def last_q_scores(q: torch.Tensor, k: torch.Tensor, bs: int, last_q: int, scale:
     return p.reshape(*p.shape[:2], 1, nkb, bs).sum(-1)                   # [B, H, 1, nkb]
 
 
-def quest_scores(q: torch.Tensor, k: torch.Tensor, bs: int) -> torch.Tensor:
-    """Quest's upper bound per key block, max over the S queries: [B, H, 1, nkb]."""
-    B, H, S, D = q.shape
-    Hkv, Skv = k.shape[1], k.shape[2]
+def block_bounds(k: torch.Tensor, bs: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Channel-wise min and max of each block of ``bs`` keys (the last block: its valid keys):
+    ``(kmin, kmax)`` [B, Hkv, ceil(Skv / bs), D] in k's dtype (exact: min/max pick values)."""
+    B, Hkv, Skv, D = k.shape
     n = -(-Skv // bs)
-    kf = k.float()
     if n * bs > Skv:                                                      # pad with the last key
-        kf = torch.cat((kf, kf[:, :, -1:].expand(B, Hkv, n * bs - Skv, D)), dim=2)
-    kb = kf.reshape(B, Hkv, n, bs, D)
-    lo, hi = kb.amin(3), kb.amax(3)                                       # [B, Hkv, n, D]
+        k = torch.cat((k, k[:, :, -1:].expand(B, Hkv, n * bs - Skv, D)), dim=2)
+    kb = k.reshape(B, Hkv, n, bs, D)                                      # [B, Hkv, n, bs, D]
+    return kb.amin(3), kb.amax(3)
+
+
+def update_bounds(keys: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, start: int,
+                  end: int, bs: int) -> None:
+    """In place: after keys ``[start, end)`` were written into ``keys`` [B, Hkv, >= end, D],
+    recompute the bounds of the blocks they touch — ``[start // bs, ceil(end / bs))``: the
+    last partial block (from its first key) and the new ones; nothing before is read.
+    ``kmin``/``kmax`` [B, Hkv, >= ceil(end / bs), D]."""
+    b0, b1 = start // bs, -(-end // bs)
+    if end <= start or b1 <= b0:
+        return
+    lo, hi = block_bounds(keys[:, :, b0 * bs:end], bs)                    # [B, Hkv, b1 - b0, D]
+    kmin[:, :, b0:b1] = lo
+    kmax[:, :, b0:b1] = hi
+
+
+def bound_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> torch.Tensor:
+    """Quest's upper bound of q·k over each block from its bounds, max over the S queries:
+    q [B, H, S, D], kmin/kmax [B, Hkv, n, D] -> [B, H, 1, n] fp32."""
+    B, H, S, D = q.shape
+    Hkv, n = kmin.shape[1], kmin.shape[2]
+    lo, hi = kmin.float(), kmax.float()
     qg = q.float().reshape(B, Hkv, (H // Hkv) * S, D)                     # [B, Hkv, G·S, D]
     ub = torch.matmul(qg, ((lo + hi) / 2).transpose(-1, -2)) + \
         torch.matmul(qg.abs(), ((hi - lo) / 2).transpose(-1, -2))          # [B, Hkv, G·S, n]
     return ub.reshape(B, H, S, n).amax(2, keepdim=True)                   # [B, H, 1, n]
+
+
+def quest_scores(q: torch.Tensor, k: torch.Tensor, bs: int) -> torch.Tensor:
+    """Quest's upper bound per key block, max over the S queries: [B, H, 1, nkb] (the bounds
+    recomputed from k)."""
+    lo, hi = block_bounds(k.float(), bs)                                  # [B, Hkv, n, D]
+    return bound_scores(q, lo, hi)
+
+
+def kv_head_scores(scores: torch.Tensor, hkv: int) -> torch.Tensor:
+    """Per-query-head block scores [B, H, 1, n] -> one per KV head [B, Hkv, 1, n]: the max over
+    the G query heads that read that KV head (a block any of them may need ranks high)."""
+    B, H, one, n = scores.shape
+    return scores.reshape(B, hkv, H // hkv, one, n).amax(2)               # [B, Hkv, 1, n]
+
+
+def expand_table(table: torch.Tensor, heads: int) -> torch.Tensor:
+    """A per-KV-head table [B, Hkv, nqb, W] as a per-query-head one [B, H, nqb, W] (query head
+    h reads row h // (H / Hkv)); a per-head table is returned as it is."""
+    if table.shape[1] == heads:
+        return table
+    if heads % table.shape[1]:
+        raise ValueError(f"a table of {table.shape[1]} heads does not serve {heads} query heads")
+    return table.repeat_interleave(heads // table.shape[1], dim=1)
 
 
 def prefill_table(q: torch.Tensor, k: torch.Tensor, block: int, topk: int = 0,
@@ -173,23 +230,53 @@ def prefill_table(q: torch.Tensor, k: torch.Tensor, block: int, topk: int = 0,
         scores = last_q_scores(q, k, block, last_q, scale, key_keep).expand(
             -1, -1, causal.shape[0], -1)
     width = max_budget(S, Skv, block, sink, window, topk, density)
-    return select(scores, causal, forced, topk, density, width)
+    return select_table(scores, causal, forced, topk, density, width)
 
 
-def decode_table(q: torch.Tensor, k: torch.Tensor, block: int, topk: int = 0,
+def decode_table(q: torch.Tensor, k: torch.Tensor | None, block: int, topk: int = 0,
                  density: float = 0.0, sink: int = 0, window: int = 0,
-                 scores: torch.Tensor | None = None) -> torch.Tensor:
-    """The decode block table int32 [B, H, 1, n_keep] (S <= block queries, Quest bounds;
-    ``scores``: the bounds when computed already, e.g. by the Triton kernel)."""
+                 scores: torch.Tensor | None = None, select: str = "head",
+                 bounds: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 skv: int | None = None) -> torch.Tensor:
+    """The decode block table int32 (S <= block queries, Quest bounds): [B, H, 1, n_keep]
+    with ``select="head"``, [B, Hkv, 1, n_keep] with ``select="kv_head"``.
+
+    The bounds are ``scores`` when given (per query head [B, H, 1, nkb], e.g. from the Triton
+    kernel), else computed from ``bounds`` = (kmin, kmax) kept with the cache (only their first
+    ceil(skv / block) blocks are read), else from the keys k. ``skv``: the key count (default
+    k's)."""
     check_block(block)
-    S, Skv = q.shape[2], k.shape[2]
+    if select not in SELECTS:
+        raise ValueError(f"select must be one of {SELECTS}, got {select!r}")
+    S = q.shape[2]
+    Skv = k.shape[2] if skv is None else skv
     if S > block:
         raise ValueError(f"decode selection takes at most block={block} queries, got {S}")
     causal, forced = layout(S, Skv, block, sink, window, q.device)       # [1, nkb]
     width = max_budget(S, Skv, block, sink, window, topk, density)
     if scores is None:
-        scores = quest_scores(q, k, block)
-    return select(scores, causal, forced, topk, density, width)
+        if bounds is not None:
+            n = -(-Skv // block)
+            scores = bound_scores(q, bounds[0][:, :, :n], bounds[1][:, :, :n])
+        else:
+            scores = quest_scores(q, k, block)
+    if select == "kv_head":
+        hkv = bounds[0].shape[1] if bounds is not None else k.shape[1]
+        scores = kv_head_scores(scores, hkv)                              # [B, Hkv, 1, nkb]
+    return select_table(scores, causal, forced, topk, density, width)
+
+
+def decode_budget(s: int, skv: int, bs: int, sink: int, window: int, topk: int,
+                  density: float) -> tuple[int, int, int]:
+    """(blocks a decode step keeps, first window block, sink blocks) as host ints — what
+    ``layout`` and ``budget`` give for the one query block of ``s <= bs`` queries over ``skv``
+    keys: forced blocks are those < sink blocks or >= the first window block."""
+    nkb = -(-skv // bs)
+    lo = max(skv - s - max(window, 1) + 1, 0) // bs
+    nsb = min(-(-sink // bs), nkb) if sink > 0 else 0
+    forced = (nkb - lo) + min(nsb, lo)
+    want = int(topk) if topk > 0 else math.ceil(nkb * float(density))
+    return min(max(want, forced), nkb), lo, nsb
 
 
 def table_mask(table: torch.Tensor, s: int, skv: int, bs: int,
@@ -214,7 +301,7 @@ def attention_with_table(q, k, v, table, bs, scale=None, softcap=0.0, key_keep=N
     """softmax attention under ``table_mask`` (fp32 softmax; fully masked rows give zeros)."""
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    keep = table_mask(table, q.shape[2], k.shape[2], bs, key_keep)
+    keep = table_mask(expand_table(table, q.shape[1]), q.shape[2], k.shape[2], bs, key_keep)
     sc = torch.matmul(q, expand_kv(q, k).transpose(-1, -2)) * scale       # [B, H, S, Skv]
     if softcap:
         sc = torch.tanh(sc / softcap) * softcap

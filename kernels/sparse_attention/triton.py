@@ -31,7 +31,11 @@ One kernel family, ``_sparse_attn_fwd``:
 * An optional block table for dynamic block-sparse recipes (``block_sparse_attention``):
   ``block_index`` int32 [B, H, n_q_blocks, max_kv_blocks], -1 padded, built on the GPU by the
   caller; its blocks are visited instead of (window ≤ 0) or in addition to (window > 0) the
-  spec's. The same kernel, flag ``TABLE``.
+  spec's. The same kernel, flag ``TABLE``. A table may also be per KV head, [B, Hkv, ...]
+  (flag ``TAB_KV``; Quest decode with one selection per KV head, LServe-style): then a decode
+  tile packs the G query heads of the group as its rows, as without a table, and each listed
+  block is read once for all of them. ``table_full``: every row lists ``max_kv_blocks``
+  blocks (no -1), in any order (flag ``TAB_FULL``: no sort, no scan; every tile causal-masked).
 
 Dense fallback (``sparse_attention``): when the spec keeps every causal key (no window, or a
 window covering the context) with no padding and no softcap, dense
@@ -268,6 +272,7 @@ if triton is not None:
             D: tl.constexpr, DV: tl.constexpr, R_HALF: tl.constexpr,
             INTERLEAVED: tl.constexpr, HAS_CAP: tl.constexpr, HAS_KEEP: tl.constexpr,
             SOFTCAP: tl.constexpr, SPEC: tl.constexpr, TABLE: tl.constexpr,
+            TAB_KV: tl.constexpr, TAB_FULL: tl.constexpr,
             SPLIT: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr):
         mb, grp, split, b64, h0, kvh, i0, r, head, qi, row_ok, pos = _tile_rows(
             S, Skv, H, G, GP, Q_TILE, BLOCK_M)
@@ -309,16 +314,23 @@ if triton is not None:
             # blocks are a prefix, and so are the nf of them that end at or before the tile's
             # first row (every row sees every key: no position mask for those)
             sub = TB // BLOCK_N                      # kernel tiles per table block
-            trow = TAB + b64 * st_b + h0.to(tl.int64) * st_h + (i0 // TB) * st_q
-            nv = 0
-            nf = 0
-            for c0 in range(0, n_tab, 64):
-                e = tl.load(trow + c0 + tl.arange(0, 64), mask=c0 + tl.arange(0, 64) < n_tab,
-                            other=-1)
-                nv += tl.sum((e >= 0).to(tl.int32))
-                nf += tl.sum(((e >= 0) & (e * TB + TB - 1 <= P0)).to(tl.int32))
-            n_items = nv * sub
-            n_full = nf * sub
+            if TAB_KV:                               # one row per kv head (GP heads share it)
+                trow = TAB + b64 * st_b + kvh.to(tl.int64) * st_h + (i0 // TB) * st_q
+            else:
+                trow = TAB + b64 * st_b + h0.to(tl.int64) * st_h + (i0 // TB) * st_q
+            if TAB_FULL:                             # n_tab entries, any order: all causal
+                n_items = n_tab * sub
+                n_full = 0
+            else:
+                nv = 0
+                nf = 0
+                for c0 in range(0, n_tab, 64):
+                    e = tl.load(trow + c0 + tl.arange(0, 64),
+                                mask=c0 + tl.arange(0, 64) < n_tab, other=-1)
+                    nv += tl.sum((e >= 0).to(tl.int32))
+                    nf += tl.sum(((e >= 0) & (e * TB + TB - 1 <= P0)).to(tl.int32))
+                n_items = nv * sub
+                n_full = nf * sub
         else:
             sub = 1
             n_items = 0
@@ -357,7 +369,7 @@ if triton is not None:
                                       rw1, pos, Skv, sink, window, qk_scale, sm_scale, softcap,
                                       sk_s, sv_s, 2, BLOCK_N, BLOCK_D, BLOCK_DV, D, DV,
                                       HAS_KEEP, SOFTCAP, PREC)
-        if TABLE:                                    # table blocks (GP == 1: one head)
+        if TABLE:                                    # table blocks (GP > 1 only with TAB_KV)
             ua = tl.maximum(t0 - nsb - nwb, 0)
             ub = tl.minimum(t1 - nsb - nwb, n_items)
             if SPEC:                                 # minus the spec's keys: always masked
@@ -518,9 +530,10 @@ def _combine(part, lse, out, G, programs, num_splits, gp, q_tile, bm, block_dv) 
 
 def _launch(q, k, v, key_keep, scale, softcap, sink, window, cap, inv_freq, rope_style,
             block_index=None, table_block=0, spec=True, block_m=None, block_n=None,
-            num_splits=None, num_warps=None, num_stages=None):
+            num_splits=None, num_warps=None, num_stages=None, table_full=False):
     """Run the kernel. ``window <= 0`` means no window (sink ignored); ``spec=False`` visits
-    only the table's blocks."""
+    only the table's blocks; ``table_full``: the table has no -1 entries and may be in any
+    order (used as it is)."""
     B, H, S, D = q.shape
     Hkv, Skv, DV = k.shape[1], k.shape[2], v.shape[-1]
     G = H // Hkv
@@ -531,6 +544,7 @@ def _launch(q, k, v, key_keep, scale, softcap, sink, window, cap, inv_freq, rope
         sink, window, cap = 0, _NO_WINDOW, 0
     has_cap = bool(cap > 0 and sink > 0 and Skv - 1 > cap)
     table = block_index is not None
+    tab_kv = table and block_index.shape[1] == Hkv and Hkv != H     # one row per kv head
     for t in (q, k, v):
         if t.stride(-1) != 1:
             raise ValueError("the kernel reads the head dim contiguously (stride(-1) == 1)")
@@ -539,7 +553,7 @@ def _launch(q, k, v, key_keep, scale, softcap, sink, window, cap, inv_freq, rope
     decode = S <= DECODE_MAX_S
     if decode:
         q_tile = _pow2(S)
-        gp = 1 if table else _largest_divisor_at_most(G, MAX_ROWS // q_tile)
+        gp = 1 if table and not tab_kv else _largest_divisor_at_most(G, MAX_ROWS // q_tile)
         bm = max(16, _pow2(gp * q_tile))
         bn = block_n or cfg_n
         warps, stages = 4, 3
@@ -589,10 +603,16 @@ def _launch(q, k, v, key_keep, scale, softcap, sink, window, cap, inv_freq, rope
     tab, st = dummy, (0, 0, 0)
     if table:
         nqb = -(-S // table_block)
-        if tuple(block_index.shape[:3]) != (B, H, nqb):
-            raise ValueError(f"block_index must be [B, H, ceil(S / block_size), max_kv_blocks] "
-                             f"= [{B}, {H}, {nqb}, n], got {tuple(block_index.shape)}")
-        tab = _sorted_table(block_index)
+        if tuple(block_index.shape[:3]) not in ((B, H, nqb), (B, Hkv, nqb)):
+            raise ValueError(f"block_index must be [B, H or Hkv, ceil(S / block_size), "
+                             f"max_kv_blocks] = [{B}, {H} or {Hkv}, {nqb}, n], got "
+                             f"{tuple(block_index.shape)}")
+        if table_full:
+            if block_index.dtype not in (torch.int32, torch.int64):
+                raise ValueError(f"block_index must be int32 or int64, got {block_index.dtype}")
+            tab = block_index if block_index.stride(-1) == 1 else block_index.contiguous()
+        else:
+            tab = _sorted_table(block_index)
         st = (tab.stride(0), tab.stride(1), tab.stride(2))
     part, lse = _split_buffers(split, n_tiles * n_grp * num_splits * bm, block_dv, dummy)
     dot_f32, prec = _dot_mode(q.dtype)
@@ -607,7 +627,8 @@ def _launch(q, k, v, key_keep, scale, softcap, sink, window, cap, inv_freq, rope
         GP=gp, Q_TILE=q_tile, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, BLOCK_DV=block_dv,
         D=D, DV=DV, R_HALF=r_half, INTERLEAVED=interleaved, HAS_CAP=has_cap,
         HAS_KEEP=key_keep is not None, SOFTCAP=bool(softcap), SPEC=bool(spec), TABLE=table,
-        SPLIT=split, DOT_F32=dot_f32, PREC=prec, **extra)
+        TAB_KV=tab_kv, TAB_FULL=bool(table and table_full), SPLIT=split, DOT_F32=dot_f32,
+        PREC=prec, **extra)
     if split:
         _combine(part, lse, out, G, n_tiles * n_grp, num_splits, gp, q_tile, bm, block_dv)
     return out
@@ -678,14 +699,17 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            inv_freq: torch.Tensor | None = None, rope_style: str = "rotate_half",
                            block_m: int | None = None, block_n: int | None = None,
                            num_splits: int | None = None, num_warps: int | None = None,
-                           num_stages: int | None = None) -> torch.Tensor:
+                           num_stages: int | None = None,
+                           table_full: bool = False) -> torch.Tensor:
     """Causal attention over the KV blocks a table lists (dynamic block-sparse recipes).
 
     ``block_index`` int32 [B, H, ceil(S / block_size), max_kv_blocks]: for query block
     ``qb`` (query *indices* ``[qb·bs, (qb+1)·bs)``, bottom-right aligned positions as
     everywhere), the kv block ids ``kb`` (keys ``[kb·bs, (kb+1)·bs)``) to visit, -1 padded, each
     id at most once per row, any order. Build it on the GPU. ``block_size`` is a power of two
-    >= 16. Visible keys::
+    >= 16. A table of [B, Hkv, ...] rows is per KV head (query head h reads row h // (H/Hkv));
+    at decode the group's query heads then share one program and each block is read once.
+    ``table_full=True``: no -1 entries (the rows are used unsorted). Visible keys::
 
         j <= p_i  and  key_keep[b, j]  and  (block(j) in table[b, h, i // bs]
                                              or (window > 0 and spec(i, j)))
@@ -706,4 +730,4 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    window if spec else 0, cap if spec else 0, inv_freq, rope_style,
                    block_index=block_index, table_block=block_size, spec=spec,
                    block_m=block_m, block_n=block_n, num_splits=num_splits,
-                   num_warps=num_warps, num_stages=num_stages)
+                   num_warps=num_warps, num_stages=num_stages, table_full=table_full)
