@@ -259,9 +259,20 @@ def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
 
 # ---------------------------------------------------------------- group quantization
 
+# 2^((c − SCALE_BIAS) / SCALE_STEPS) for every u8 scale code, each rounded once to fp32
+_SCALE_OF_CODE = [float(torch.tensor(2.0 ** ((c - SCALE_BIAS) / SCALE_STEPS), dtype=torch.float32))
+                  for c in range(256)]
+
+
 def scale_of_code(c: torch.Tensor) -> torch.Tensor:
-    """The u8 format's scale for code c (float)."""
-    return torch.exp2((c.float() - SCALE_BIAS) / SCALE_STEPS)
+    """The u8 format's scale for code c (fp32; c integer-valued, any dtype; outside 0..255 it is
+    clamped, which ``group_params``' final clamp makes harmless), read from a table of the 256
+    scales: a code stands for the same float wherever it sits in a tensor. (``torch.exp2``'s
+    vectorized and scalar CPU paths differ in the last bit for 32 of the 256 codes, so a token's
+    dequantized value moved by an ulp when the tensor around it changed shape — a packed key
+    read at two lengths, or an evicting store's compacted tokens.)"""
+    table = torch.tensor(_SCALE_OF_CODE, dtype=torch.float32, device=c.device)
+    return table[c.long().clamp(0, 255)]
 
 
 def group_params(mn: torch.Tensor, mx: torch.Tensor, bits: int, scales: str) -> torch.Tensor:

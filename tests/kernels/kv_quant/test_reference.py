@@ -421,3 +421,17 @@ def test_attention_with_exact_sinks_reads_the_copy_for_the_first_positions():
         R.attention_decode(q, st, 0.3, k[:, :1, :4], v[:, :1, :4])
     with pytest.raises(ValueError, match="the state holds"):
         R.attention_decode(q, st, 0.3, k[:, :, :4].double(), v[:, :, :4].double())
+
+
+def test_a_scale_code_gives_the_same_float_wherever_it_sits():
+    """u8 scale codes are read from a table: the same code in a tensor of any length, at any
+    offset (vectorized body or scalar tail), gives the same fp32 scale, 2^((c − 160) / 8)
+    rounded once (torch.exp2's two CPU paths disagreed in the last bit for 32 codes)."""
+    codes = torch.arange(256, dtype=torch.uint8)
+    full = R.scale_of_code(codes)
+    for n in (1, 3, 7, 17, 33):
+        for off in range(0, 256, 29):
+            part = (torch.arange(off, off + n) % 256).to(torch.uint8)
+            assert torch.equal(R.scale_of_code(part), full[part.long()])
+    want = torch.tensor([2.0 ** ((c - 160) / 8) for c in range(256)], dtype=torch.float64)
+    assert torch.equal(full, want.float())
