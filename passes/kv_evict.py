@@ -18,13 +18,13 @@
 ``budget`` is tokens per KV head; ``ratio`` in (0, 1) is the fraction of seen tokens evicted
 (``ratio=0.5`` keeps half). Like ``kv_quant`` the recipes change the model's runtime state, not
 its graph: ``make_cache(model)`` gives a :class:`longfx.runtime.evict_cache.EvictCache`, picked up
-by ``longfx.compile`` through :func:`longfx.passes.kv_quant.cache_recipe`. ``snapkv(...)`` and
-``streaming_kv(...)`` compose with ``kv_quant(...)`` or ``gear(...)``: the kept tokens are stored
-quantized (``runtime.evict_cache.QuantizedStore``: SnapKV's kept tokens re-stored once when it
+by ``longfx.compile`` through :func:`longfx.passes.kv_quant.cache_recipe`. Each of the three
+composes with ``kv_quant(...)`` or ``gear(...)``: the kept tokens are stored quantized
+(``runtime.evict_cache.QuantizedStore``: SnapKV's kept tokens re-stored once when it
 compresses; ``StreamingQuantizedStore``: a windowed state that drops whole groups and never
-re-quantizes); ``h2o(...)`` does not (it evicts arbitrary tokens at every decode step, so a
-quantized store would re-quantize its kept keys each time); any other pair of KV-cache recipes
-is a RecipeError.
+re-quantizes; ``H2OQuantizedStore``: H2O's single-token evictions move the survivors' codes,
+each keeping the index of its group's key-scale row, and never re-quantize); any other pair of
+KV-cache recipes is a RecipeError.
 """
 from __future__ import annotations
 
@@ -124,6 +124,13 @@ class H2O(_EvictRecipe):
     @property
     def policy(self) -> R.H2OConfig:
         return R.H2OConfig(self.budget, self.ratio, self.recent)
+
+    def _store(self, layer):
+        """Quantized storage that evicts single tokens without re-quantizing: the survivors'
+        codes move, each keeps the index of its group's scale row (``H2OQuantizedStore``)."""
+        from longfx.runtime.evict_cache import H2OQuantizedStore
+
+        return H2OQuantizedStore(layer)
 
 
 @register("streaming_kv")

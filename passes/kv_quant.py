@@ -31,10 +31,11 @@ read). Its one graph rule is a lowering (passes/kv_quant_decode.py): a one-token
 read and attention become ``longfx::kv_quant_attention`` over the packed state (on CUDA the
 Triton split-KV decode: no dequantized copy); ``fuse=false`` keeps the dequantized read. Every
 other attention site is left as it is, so the recipe composes with the
-sparse and RoPE recipes (``sink_window(...) + kv_quant(bits=4)``), and with SnapKV or
-StreamingLLM eviction: ``snapkv(ratio=0.5) + kv_quant(bits=4)`` and ``streaming_kv(sink=4,
-window=1024) + kv_quant(bits=4)`` store the kept tokens quantized (:func:`cache_recipe`,
-``docs/kv_eviction.md``). Any other pair of KV-cache recipes is a RecipeError.
+sparse and RoPE recipes (``sink_window(...) + kv_quant(bits=4)``), and with SnapKV, H2O or
+StreamingLLM eviction: ``snapkv(ratio=0.5) + kv_quant(bits=4)``, ``h2o(ratio=0.5) +
+kv_quant(bits=4)`` and ``streaming_kv(sink=4, window=1024) + kv_quant(bits=4)`` store the kept
+tokens quantized (:func:`cache_recipe`, ``docs/kv_eviction.md``). Any other pair of KV-cache
+recipes is a RecipeError.
 """
 from __future__ import annotations
 
@@ -136,10 +137,11 @@ class KVQuant(Recipe):
 
 @dataclass(frozen=True)
 class EvictQuantized:
-    """``snapkv(...)`` or ``streaming_kv(...)`` ``+ kv_quant(...)`` (or ``+ gear(...)``): the
-    eviction recipe's cache whose layers store the kept tokens in the quantization recipe's KIVI
-    state (Li et al. 2024, arXiv:2404.14469, or Xiao et al. 2023, arXiv:2309.17453, + Liu et al.
-    2024, arXiv:2402.02750; ``runtime/evict_cache.py``: ``QuantizedStore``,
+    """``snapkv(...)``, ``h2o(...)`` or ``streaming_kv(...)`` ``+ kv_quant(...)`` (or ``+
+    gear(...)``): the eviction recipe's cache whose layers store the kept tokens in the
+    quantization recipe's KIVI state (Li et al. 2024, arXiv:2404.14469, Zhang et al. 2023,
+    arXiv:2306.14048, or Xiao et al. 2023, arXiv:2309.17453, + Liu et al. 2024,
+    arXiv:2402.02750; ``runtime/evict_cache.py``: ``QuantizedStore``, ``H2OQuantizedStore``,
     ``StreamingQuantizedStore``). Made by :func:`cache_recipe`, not registered: write the two
     recipes."""
     evict: Recipe
@@ -156,8 +158,8 @@ class EvictQuantized:
 def cache_recipe(pipeline) -> Recipe | EvictQuantized | None:
     """The pipeline's runtime KV-cache provider (a recipe with ``make_cache``), or None.
 
-    Two of them share one cache only as SnapKV or StreamingLLM eviction + quantization
-    (``snapkv(...)`` / ``streaming_kv(...)`` with ``kv_quant(...)`` / ``gear(...)``, in either
+    Two of them share one cache only as eviction + quantization (``snapkv(...)`` /
+    ``h2o(...)`` / ``streaming_kv(...)`` with ``kv_quant(...)`` / ``gear(...)``, in either
     order): an :class:`EvictQuantized`. Any other pair is a RecipeError."""
     from longfx.passes.gear import GearRecipe
     from longfx.passes.kv_evict import H2O, SnapKV, StreamingKV
@@ -169,18 +171,12 @@ def cache_recipe(pipeline) -> Recipe | EvictQuantized | None:
     evict = [r for r in found if isinstance(r, (SnapKV, H2O, StreamingKV))]
     quant = [r for r in found if isinstance(r, (KVQuant, GearRecipe))]
     if len(found) == 2 and len(quant) == 1 and len(evict) == 1:
-        if isinstance(evict[0], (SnapKV, StreamingKV)):
-            return EvictQuantized(evict[0], quant[0])
-        raise RecipeError(
-            f"{names}: h2o evicts arbitrary tokens at every decode token, and a quantized store "
-            "re-quantizes the kept keys at each eviction (KIVI's key scales are shared by a group "
-            "of tokens), so their rounding error would grow with every generated token; only "
-            "snapkv(...) and streaming_kv(...) compose with kv_quant(...) / gear(...)")
+        return EvictQuantized(evict[0], quant[0])
     raise RecipeError(
         f"{names}: one KV-cache recipe per pipeline (each replaces the model's cache), except "
-        "snapkv(...) or streaming_kv(...) + kv_quant(...) or gear(...), which store the kept "
-        "tokens quantized; think(...) and minicache(...) compose with no other KV-cache recipe, "
-        "and a pipeline holds at most one eviction and one quantization recipe")
+        "snapkv(...), h2o(...) or streaming_kv(...) + kv_quant(...) or gear(...), which store "
+        "the kept tokens quantized; think(...) and minicache(...) compose with no other KV-cache "
+        "recipe, and a pipeline holds at most one eviction and one quantization recipe")
 
 
 # ---------------------------------------------------------------- layer calibration (key_layers)

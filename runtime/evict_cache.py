@@ -59,7 +59,11 @@ end: twice in all); tokens still in the residual ring, the sinks or the step's c
 until then. ``snapkv(...) + kv_quant(...)`` uses it (``passes/kv_quant.py``).
 :class:`StreamingQuantizedStore` is StreamingLLM's quantized store, with no second rounding: a
 windowed quantized layer drops whole groups behind the window and the sinks are kept exactly
-(``streaming_kv(...) + kv_quant(...)``).
+(``streaming_kv(...) + kv_quant(...)``). :class:`H2OQuantizedStore` is H2O's (``h2o(...) +
+kv_quant(...)``), with no second rounding either: single tokens are evicted by moving the
+survivors' codes; each keeps the index of its group's key-scale row in a per-head group table
+(rows no kept token uses are dropped), so a read is ``kv_quant`` alone's read restricted to the
+kept tokens, bit for bit.
 
 Limits: batch rows are compacted independently, but left padding is not tracked (pad with
 equal lengths or use B = 1); ``crop`` (assisted decoding) is not supported; the
@@ -74,10 +78,13 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from longfx.kernels.kv_evict import reference as R
+from longfx.kernels.kv_quant import gear as gear_ref
+from longfx.kernels.kv_quant import reference as kv_ref
+from longfx.kernels.kv_quant.reference import KVQuantConfig, n_packed
 from longfx.runtime.cache import init_layers
 
 __all__ = ["EvictLayer", "EvictCache", "TensorStore", "StreamingTensorStore", "QuantizedStore",
-           "StreamingQuantizedStore",
+           "StreamingQuantizedStore", "H2OQuantizedStore",
            "install_query_hooks",
            "remove_query_hooks", "attention_modules"]
 
@@ -444,6 +451,387 @@ class StreamingQuantizedStore(QuantizedStore):
         self.sink_v = self.sink_v.repeat_interleave(repeats, 0)
 
 
+_EAGER = ("H2OQuantizedStore runs eagerly: which tokens each head keeps, and so the sizes of "
+          "its packed tensors, depend on the data")
+
+
+class H2OQuantizedStore:
+    """H2O's kept tokens (Zhang et al. 2023, arXiv:2306.14048) stored KIVI-quantized (Liu et al.
+    2024, arXiv:2402.02750) with no token ever quantized twice (``h2o(...) + kv_quant(...)`` /
+    ``+ gear(...)``).
+
+    H2O evicts arbitrary tokens, per KV head, after every chunk and every decode token. KIVI's key
+    (scale, zero) is shared per channel by a group of ``group`` tokens, so ``QuantizedStore``'s
+    gather-and-re-store would round every kept key again at every step (docs/kv_eviction.md:
+    5.5× one rounding's RMS error after 200 steps). Evicting whole groups instead
+    (``StreamingQuantizedStore``'s way) would not be H2O: its heavy hitters are single tokens.
+    This store evicts single tokens and moves, never re-computes, what they were quantized to:
+
+    * codes are integers, so dropping a token from a packed group only moves the survivors'
+      codes (a gather of whole code bytes: each token's codes are its own row; nothing is
+      unpacked). A group's key (scale, zero) row stays valid for its surviving tokens, so the
+      group rows live in a *group table* (per KV head, ``k_params [B, Hkv, G, 2, D]``, and GEAR's
+      per-group outliers and low-rank factors) and each kept packed token carries ``grp``, the
+      table row its scales are in, and ``row``, its place in that group (GEAR's low-rank row
+      and outliers are indexed by it; with the table's ``gid`` it also gives the true
+      position, ``gid · group + row``). A table row no kept token refers to is dropped;
+    * values are per-token quantized (codes and (scale, zero) per token): they move with
+      their token;
+    * the full-precision ring holds the newest ``seen − n_packed(seen)`` tokens exactly as
+      ``kv_quant`` alone does (``ring`` slots, position ``p`` at slot ``p % ring``), evicted
+      ones included, with a per-head ``ring_kept`` flag. When a group leaves the ring it is
+      quantized as ``kv_quant`` alone quantizes it (the same tokens, so the same scales; the
+      reference functions of ``kernels/kv_quant``) and only the kept tokens' codes are stored.
+      The ring is a fixed cost (``kv_quant`` alone holds it too), so keeping its evicted tokens
+      until their group is packed costs nothing and makes the scales those of ``kv_quant``
+      alone; H2O's ``recent`` tokens overlap it;
+    * the first ``sink`` tokens (``kv_quant``'s exact sink copy) are read exactly, as there.
+
+    So a read returns, bit for bit, the ``kv_quant`` layer alone's read (keys and values
+    dequantized from the same codes and scales, ring and sinks exact) restricted to the tokens
+    H2O kept, and a kept token reads back the same value after any number of evictions. Memory
+    really shrinks: evicted tokens' codes are gone (each heavy hitter costs its codes, its value
+    scales, 4 bytes of ``grp`` and 1 of ``row``; plus one table row per group that keeps a
+    token). Every head holds the same number ``K`` of tokens but splits them differently between
+    the packed part and the ring, so the packed part is padded to the largest head's count (at
+    most ``ring`` tokens of padding; ``n_pk`` counts each head's).
+
+    Order (what ``EvictLayer`` relies on): the kept tokens are held and read in true-position
+    order per head — the packed ones, then the ring's. ``update`` returns them followed by the
+    step's tokens (a chunk: the past as read before it, then the chunk in full precision; a
+    decode token: the state after its append, as ``QuantizedKVLayer.update`` does), and
+    ``keep(idx, ...)`` takes ascending indices into that (``R.h2o_keep``'s), ignoring the
+    tensors: the kept tokens are taken from the stored codes.
+
+    Limits: the bookkeeping is data-dependent (per-head counts), so under ``longfx.compile``
+    ``update`` and ``keep`` run eagerly (a graph break per layer; results are the same) and the
+    fused ``kv_quant`` decode lowering does not apply (attention reads the dequantized copy).
+    Quantization uses the reference functions on every device (``kv_quant`` alone uses the
+    Triton append on CUDA). ``layer`` (a fresh ``QuantizedKVLayer`` or ``GearKVLayer``) only
+    gives the config; it is never filled."""
+
+    plain = False
+    reads_are_copies = True     # update() and read() return new tensors
+
+    def __init__(self, layer):
+        if layer.is_initialized:
+            raise ValueError("H2OQuantizedStore takes a fresh (empty) quantized layer")
+        if layer.window is not None:
+            raise ValueError("H2OQuantizedStore needs a full (not sliding-window) quantized layer")
+        self.layer = layer
+        self.config: KVQuantConfig = layer.config
+        self.gear = getattr(layer, "gear", None)                # GearConfig, or None
+        self.sink = layer.sink
+        self._clear()
+
+    def _clear(self) -> None:
+        self.tok: dict[str, torch.Tensor] = {}      # per kept packed token: [B, Hkv, P, ...]
+        self.groups: dict[str, torch.Tensor] = {}   # per group-table row: [B, Hkv, G, ...]
+        self.n_pk: torch.Tensor | None = None       # [B, Hkv] packed tokens kept per head
+        self.k_ring: torch.Tensor | None = None     # [B, Hkv, ring, D] stored form (rotated)
+        self.v_ring: torch.Tensor | None = None
+        self.ring_kept: torch.Tensor | None = None  # [B, Hkv, ring] bool, by slot
+        self.sink_k: torch.Tensor | None = None     # [B, Hkv, sink, D] exact, model basis
+        self.sink_v: torch.Tensor | None = None
+        self.rot: torch.Tensor | None = None        # [D, D] fp32 (rotate=True, KIVI only)
+        self.seen = 0                               # tokens seen (the next true position)
+        self._kept = 0                              # tokens kept per head
+
+    # ------------------------------------------------------------------ state
+
+    def init(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        c = self.config
+        B, H, _, D = key_states.shape
+        c.check_head_dim(D)
+        dev, dt = key_states.device, key_states.dtype
+        self.k_ring = key_states.new_zeros(B, H, c.ring, D)
+        self.v_ring = value_states.new_zeros(B, H, c.ring, D)
+        self.ring_kept = torch.zeros(B, H, c.ring, dtype=torch.bool, device=dev)
+        if self.sink:
+            self.sink_k = key_states.new_zeros(B, H, self.sink, D)
+            self.sink_v = value_states.new_zeros(B, H, self.sink, D)
+        if c.rotate and self.gear is None:        # GearKVLayer does not rotate either
+            self.rot = kv_ref.rotation(D, dev)
+        pd, jv = c.params_dtype, c.value_groups(D)
+        row_dtype = torch.uint8 if c.group <= 256 else torch.int32
+        self.tok = {"k_codes": torch.zeros(B, H, 0, D * c.kbits // 8, dtype=torch.uint8, device=dev),
+                    "v_codes": torch.zeros(B, H, 0, D * c.bits // 8, dtype=torch.uint8, device=dev),
+                    "v_params": torch.zeros(B, H, 0, 2, jv, dtype=pd, device=dev),
+                    "grp": torch.zeros(B, H, 0, dtype=torch.int32, device=dev),
+                    "row": torch.zeros(B, H, 0, dtype=row_dtype, device=dev)}
+        self.groups = {"k_params": torch.zeros(B, H, 0, 2, D, dtype=pd, device=dev),
+                       "gid": torch.zeros(B, H, 0, dtype=torch.int32, device=dev)}
+        if self.gear is not None:
+            self.groups.update(gear_ref.empty_extras(B, H, D, 0, self.gear, dev))
+        self.n_pk = torch.zeros(B, H, dtype=torch.long, device=dev)
+        self.dtype = dt
+        self.seen = self._kept = 0
+
+    @property
+    def kept(self) -> int:
+        return self._kept
+
+    @property
+    def batch_size(self) -> int:
+        return 0 if self.k_ring is None else self.k_ring.shape[0]
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor held, by name (per-token ones prefixed ``tok.``, group rows ``grp.``)."""
+        out = {f"tok.{n}": t for n, t in self.tok.items()}
+        out.update({f"grp.{n}": t for n, t in self.groups.items()})
+        for n in ("n_pk", "k_ring", "v_ring", "ring_kept", "sink_k", "sink_v"):
+            t = getattr(self, n)
+            if t is not None:
+                out[n] = t
+        return out
+
+    def _set(self, name: str, t: torch.Tensor) -> None:
+        if name.startswith("tok."):
+            self.tok[name[4:]] = t
+        elif name.startswith("grp."):
+            self.groups[name[4:]] = t
+        else:
+            setattr(self, name, t)
+
+    def nbytes(self) -> int:
+        """Bytes held: packed codes, value scales, ``grp``/``row`` of the kept packed tokens, the
+        group table (key scales, GEAR corrections, ``gid``), ring, flags, counts, sink copy."""
+        return sum(t.numel() * t.element_size() for t in self._tensors().values())
+
+    # ------------------------------------------------------------------ layout helpers
+
+    @staticmethod
+    def _compact(sel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """sel bool [B, Hkv, N] -> (order long [B, Hkv, N'], counts long [B, Hkv]): per head, the
+        indices of the selected entries first, in order, N' = the largest count (the tail of
+        a head with fewer is padding: unselected indices)."""
+        counts = sel.sum(-1)
+        n = int(counts.max()) if counts.numel() else 0
+        order = torch.sort((~sel).to(torch.uint8), dim=-1, stable=True).indices[..., :n]
+        return order, counts
+
+    def _ring_positions(self) -> torch.Tensor:
+        """True positions the ring holds now, ascending: long [Rn] (Rn ≤ ring)."""
+        return torch.arange(n_packed(self.seen, self.config), self.seen, device=self.k_ring.device)
+
+    def _ring_order(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(slot [B, Hkv, Rn'] of each head's kept ring tokens in position order (padded),
+        their count [B, Hkv], their positions [B, Hkv, Rn'])."""
+        pos = self._ring_positions()                                        # [Rn]
+        slots = pos % self.config.ring
+        kept = self.ring_kept[:, :, slots]                                  # [B, Hkv, Rn]
+        order, count = self._compact(kept)                                  # [B, Hkv, Rn']
+        return slots[order], count, pos[order]
+
+    def _packed_positions(self) -> torch.Tensor:
+        """True positions of the packed part's tokens, long [B, Hkv, P] (padding: garbage)."""
+        gid = self.groups["gid"].long().gather(2, self.tok["grp"].long())  # [B, Hkv, P]
+        return gid * self.config.group + self.tok["row"].long()
+
+    def _layout(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(src, pos), long [B, Hkv, K]: per head, kept token i is entry ``src[i]`` of the packed
+        part followed by the ring's tokens in position order ([B, Hkv, P + Rn, ...]), at true
+        position ``pos[i]``."""
+        P, K = self.tok["grp"].shape[2], self._kept
+        i = torch.arange(K, device=self.n_pk.device).expand(*self.n_pk.shape, K)   # [B, Hkv, K]
+        pos = self._packed_positions().gather(2, i.clamp(max=P - 1)) if P else i.clone()
+        src = i
+        _, _, rpos = self._ring_order()                                     # [B, Hkv, Rn']
+        if rpos.shape[2]:
+            in_pk = i < self.n_pk[..., None]
+            rank = (i - self.n_pk[..., None]).clamp(0, rpos.shape[2] - 1)   # [B, Hkv, K]
+            ring_pos = rpos.gather(2, rank)
+            first = n_packed(self.seen, self.config)                        # the ring's first
+            src = torch.where(in_pk, i, P + ring_pos - first)
+            pos = torch.where(in_pk, pos, ring_pos)
+        return src, pos
+
+    def positions(self) -> torch.Tensor:
+        """True positions of the kept tokens, in read order: long [B, Hkv, K] (ascending)."""
+        return self._layout()[1]
+
+    # ------------------------------------------------------------------ dequantize
+
+    def _dequantize_packed(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The packed part's keys and values, fp32 [B, Hkv, P, D] (the stored basis): the same
+        element-wise arithmetic as ``reference.dequantize_keys/values`` (and
+        ``gear.decompress``) on the whole groups, applied to the kept tokens only."""
+        c, t = self.config, self.tok
+        grp = t["grp"].long()                                               # [B, Hkv, P]
+        kp = R.gather_tokens(self.groups["k_params"], grp)                  # [B, Hkv, P, 2, D]
+        a, b = kv_ref.affine(kp.transpose(-1, -2), c.kbits)                 # [B, Hkv, P, D]
+        k = kv_ref.unpack(t["k_codes"], c.kbits).float() * a + b
+        v = kv_ref.dequantize_values(t["v_codes"], t["v_params"], c)        # [B, Hkv, P, D]
+        if self.gear is None:
+            return k, v
+        g, D = c.group, k.shape[-1]
+        row = t["row"].long()
+        out = []
+        for p, x in (("k_", k), ("v_", v)):
+            la = self.groups[p + "lr_a"]                                    # [B, Hkv, G, g, r]
+            if la.shape[-1]:
+                la = la.flatten(2, 3).gather(                               # [B, Hkv, P, r]
+                    2, (grp * g + row)[..., None].expand(*grp.shape, la.shape[-1]))
+                lb = R.gather_tokens(self.groups[p + "lr_b"], grp)          # [B, Hkv, P, r, D]
+                x = x + (la.float()[..., None, :] @ lb.float())[..., 0, :]  # [B, Hkv, P, D]
+            oi = R.gather_tokens(self.groups[p + "out_idx"], grp).long()    # [B, Hkv, P, n]
+            if oi.shape[-1]:
+                ov = R.gather_tokens(self.groups[p + "out_val"], grp).float()
+                hit = oi // D == row[..., None]                             # outlier in my row
+                col = torch.where(hit, oi % D, D)                           # others -> spare col
+                x = torch.cat((x, x.new_zeros(*x.shape[:-1], 1)), -1)       # [B, Hkv, P, D + 1]
+                x = x.scatter(-1, col, torch.where(hit, ov, 0.0))[..., :D]
+            out.append(x)
+        return out[0], out[1]
+
+    def read(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The kept tokens as attention reads them, [B, Hkv, K, D] in the model's dtype, in
+        position order: the packed ones dequantized, the ring's exact, the sinks exact."""
+        if self.k_ring is None:
+            raise RuntimeError("H2OQuantizedStore: read before the first update")
+        k, v = self._dequantize_packed()
+        slots = self._ring_positions() % self.config.ring                   # [Rn]
+        k = torch.cat((k.to(self.dtype), self.k_ring[:, :, slots]), 2)      # [B, Hkv, P + Rn, D]
+        v = torch.cat((v.to(self.dtype), self.v_ring[:, :, slots]), 2)
+        if self.rot is not None:                                            # the model's basis
+            k, v = kv_ref.unrotate(k, self.rot), kv_ref.unrotate(v, self.rot)
+        src, pos = self._layout()
+        k, v = R.gather_tokens(k, src), R.gather_tokens(v, src)             # [B, Hkv, K, D]
+        if self.sink:
+            is_sink = (pos < self.sink)[..., None]                          # [B, Hkv, K, 1]
+            at = pos.clamp(max=self.sink - 1)
+            k = torch.where(is_sink, R.gather_tokens(self.sink_k, at), k)
+            v = torch.where(is_sink, R.gather_tokens(self.sink_v, at), v)
+        return k, v
+
+    # ------------------------------------------------------------------ append / evict
+
+    def _pack(self, xk: torch.Tensor, xv: torch.Tensor, keep: torch.Tensor, n0: int) -> None:
+        """Quantize the whole groups xk, xv [B, Hkv, n, D] (positions n0 .. n0 + n − 1, the
+        stored basis) as ``kv_quant`` alone does, then store the codes of the tokens ``keep``
+        [B, Hkv, n] marks (the others are dropped at once) and the groups' table rows."""
+        c, g = self.config, self.config.group
+        B, H, n, _ = xk.shape
+        if self.gear is not None:
+            kc, kp, *kx = gear_ref.compress(xk, "keys", self.gear)
+            vc, vp, *vx = gear_ref.compress(xv, "values", self.gear)
+            extra = dict(zip(gear_ref.EXTRA_NAMES, (*kx, *vx)))
+        else:
+            kc, kp = kv_ref.quantize_keys(xk, c)          # [B, Hkv, n, Dk], [B, Hkv, n/g, 2, D]
+            vc, vp = kv_ref.quantize_values(xv, c)        # [B, Hkv, n, Dv], [B, Hkv, n, 2, Jv]
+            extra = {}
+        dev = xk.device
+        G0, P0 = self.groups["gid"].shape[2], self.tok["grp"].shape[2]
+        gid = torch.arange(n0 // g, (n0 + n) // g, dtype=torch.int32, device=dev)
+        new_groups = {"k_params": kp, "gid": gid.expand(B, H, -1), **extra}
+        for name, t in new_groups.items():
+            self.groups[name] = torch.cat((self.groups[name], t.to(self.groups[name].dtype)), 2)
+        j = torch.arange(n, device=dev)
+        new_tok = {"k_codes": kc, "v_codes": vc, "v_params": vp,
+                   "grp": (G0 + j // g).to(torch.int32).expand(B, H, n),
+                   "row": (j % g).to(self.tok["row"].dtype).expand(B, H, n)}
+        sel = torch.cat((torch.arange(P0, device=dev) < self.n_pk[..., None], keep), 2)
+        for name, t in new_tok.items():
+            self.tok[name] = torch.cat((self.tok[name], t), 2)            # [B, Hkv, P0 + n, ...]
+        self._keep_tokens(sel)
+
+    def _keep_tokens(self, sel: torch.Tensor) -> None:
+        """Keep the packed tokens ``sel`` [B, Hkv, P] marks (moved, in order, to the front of
+        compact tensors), then drop the group-table rows no kept token uses."""
+        order, self.n_pk = self._compact(sel)                               # [B, Hkv, P']
+        self.tok = {name: R.gather_tokens(t, order) for name, t in self.tok.items()}
+        P, G = order.shape[2], self.groups["gid"].shape[2]
+        valid = torch.arange(P, device=order.device) < self.n_pk[..., None]  # [B, Hkv, P']
+        grp = self.tok["grp"].long()
+        uses = torch.zeros(*grp.shape[:2], G, dtype=torch.int32, device=grp.device)
+        alive = uses.scatter_add_(2, grp, valid.to(torch.int32)) > 0       # [B, Hkv, G]
+        rows, _ = self._compact(alive)                                      # [B, Hkv, G']
+        renum = alive.long().cumsum(-1) - 1                                 # old row -> new row
+        self.tok["grp"] = torch.where(valid, renum.gather(2, grp), 0).to(torch.int32)
+        self.groups = {name: R.gather_tokens(t, rows) for name, t in self.groups.items()}
+
+    def _append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """``reference.append``'s schedule on the stored forms k, v [B, Hkv, s, D]: whole groups
+        leaving the ring are packed (``_pack``: kept tokens only), the rest goes to the ring."""
+        c, L, s = self.config, self.seen, k.shape[2]
+        Rg = c.ring
+        n0, n1 = n_packed(L, c), n_packed(L + s, c)
+        if n1 > n0:
+            old = torch.arange(n0, min(n1, L), device=k.device) % Rg       # ring slots packed now
+            fresh = max(0, n1 - L)                                          # step tokens packed now
+            xk = torch.cat((self.k_ring[:, :, old], k[:, :, :fresh]), 2)   # [B, Hkv, n1 − n0, D]
+            xv = torch.cat((self.v_ring[:, :, old], v[:, :, :fresh]), 2)
+            keep = torch.cat((self.ring_kept[:, :, old],                    # [B, Hkv, n1 − n0]
+                              self.ring_kept.new_ones(*k.shape[:2], fresh)), 2)
+            self._pack(xk, xv, keep, n0)
+            self.ring_kept[:, :, old] = False
+        to_ring = torch.arange(max(L, n1), L + s, device=k.device)          # positions
+        self.k_ring[:, :, to_ring % Rg] = k[:, :, to_ring - L]
+        self.v_ring[:, :, to_ring % Rg] = v[:, :, to_ring - L]
+        self.ring_kept[:, :, to_ring % Rg] = True
+        self.seen, self._kept = L + s, self._kept + s
+
+    @torch.compiler.disable(reason=_EAGER)
+    def update(self, key_states: torch.Tensor,
+               value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append a step; return the kept past followed by the step's tokens, [B, Hkv, K + s, D]
+        (a chunk: the past read before the append + the chunk in full precision; a decode
+        token: the read after the append — ``QuantizedKVLayer.update``'s two cases)."""
+        if key_states.dtype != self.dtype:
+            raise TypeError(f"the cache holds {self.dtype}, the model gave {key_states.dtype}")
+        n0, s = self.seen, key_states.shape[2]
+        m = min(self.sink - n0, s)
+        if m > 0:                                                           # the step holds sinks
+            self.sink_k[:, :, n0:n0 + m] = key_states[:, :, :m]
+            self.sink_v[:, :, n0:n0 + m] = value_states[:, :, :m]
+        k, v = key_states, value_states
+        if self.rot is not None:                                            # store k·Q, v·Q
+            k, v = kv_ref.rotate(k, self.rot), kv_ref.rotate(v, self.rot)
+        if s == 1:
+            self._append(k, v)
+            return self.read()
+        past_k, past_v = self.read()
+        self._append(k, v)
+        return torch.cat((past_k, key_states), 2), torch.cat((past_v, value_states), 2)
+
+    @torch.compiler.disable(reason=_EAGER)
+    def keep(self, idx: torch.Tensor, keys: torch.Tensor | None = None,
+             values: torch.Tensor | None = None) -> None:
+        """Keep the tokens ``idx`` (long [B, Hkv, K] ascending per head, or [K]) of the kept set
+        as the last ``update`` returned it; ``keys``/``values`` are not used (nothing is
+        re-stored: the survivors' codes move, the ring's flags change)."""
+        B, H = self.n_pk.shape
+        T, K = self._kept, idx.shape[-1]
+        idx = idx.to(self.n_pk.device).expand(B, H, K)
+        if K > 1 and bool((idx[..., 1:] <= idx[..., :-1]).any()):
+            raise ValueError("H2OQuantizedStore.keep: indices must be ascending per head")
+        chosen = torch.zeros(B, H, T, dtype=torch.bool, device=idx.device).scatter_(2, idx, True)
+        P = self.tok["grp"].shape[2]                                        # P ≤ T
+        in_pk = torch.arange(P, device=idx.device) < self.n_pk[..., None]   # [B, Hkv, P]
+        slots, count, _ = self._ring_order()                                # [B, Hkv, Rn']
+        if slots.shape[2]:
+            rank = torch.arange(slots.shape[2], device=idx.device)
+            at = (self.n_pk[..., None] + rank).clamp(max=T - 1)             # index in the set
+            stay = chosen.gather(2, at) & (rank < count[..., None])         # [B, Hkv, Rn']
+            self.ring_kept = torch.zeros_like(self.ring_kept).scatter_(2, slots, stay)
+        self._keep_tokens(chosen[:, :, :P] & in_pk)
+        self._kept = K
+
+    def reserve(self, tokens: int) -> None:
+        pass                    # storage is re-made at every append and eviction
+
+    def reset(self) -> None:
+        self._clear()
+
+    def reorder_cache(self, beam_idx: torch.Tensor) -> None:
+        for name, t in self._tensors().items():
+            self._set(name, t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        for name, t in self._tensors().items():
+            self._set(name, t.repeat_interleave(repeats, 0))
+
+
 def _take(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """x [B, Hkv, T, D] -> its tokens idx: [B, Hkv, K] per head (gather) or [K] shared."""
     return x[:, :, idx] if idx.dim() == 1 else R.gather_tokens(x, idx)
@@ -719,6 +1107,9 @@ class EvictLayer(CacheLayerMixin):
         elif isinstance(self.store, StreamingTensorStore):
             if self.store.buf_k is not None:
                 self.batch_size = self.store.buf_k.shape[0]
+        elif isinstance(self.store, H2OQuantizedStore):
+            if self.store.k_ring is not None:
+                self.batch_size = self.store.batch_size
         elif self.store.layer.is_initialized:
             self.batch_size = self.store.layer.batch_size
 
@@ -743,7 +1134,9 @@ class EvictCache(Cache):
 
     ``store``: a factory of each layer's storage (called once per layer; None: plain tensors,
     :class:`TensorStore`, or :class:`StreamingTensorStore` for StreamingLLM). ``store=lambda: QuantizedStore(QuantizedKVLayer(KVQuantConfig(bits=4),
-    sink=4))`` keeps the kept tokens KIVI-quantized (``snapkv(...) + kv_quant(...)``)."""
+    sink=4))`` keeps the kept tokens KIVI-quantized (``snapkv(...) + kv_quant(...)``);
+    ``H2OQuantizedStore(...)`` and ``StreamingQuantizedStore(...)`` are the H2O and
+    StreamingLLM ones (no token quantized twice)."""
 
     def __init__(self, policy: Policy, config=None, model: torch.nn.Module | None = None,
                  store: Callable[[], TensorStore | QuantizedStore] | None = None):

@@ -17,7 +17,10 @@ Eviction: which tokens an eviction cache keeps depends on the model's queries, b
 does not — every KV head keeps the policy's budget at ``context`` tokens
 (``budget_for``: SnapKV's and H2O's budget or ratio, StreamingLLM's sink + window; the
 runtime compacts to exactly that). So an eviction recipe's layer is filled with that many
-tokens, in plain tensors or in the quantization recipe's store when one is composed.
+tokens, in plain tensors or in the quantization recipe's layer when one is composed. For
+``h2o(...) + kv_quant(...)`` that is a slight underestimate: the real store
+(``H2OQuantizedStore``) also holds a group index (4 bytes) and a row (1 byte) per kept packed
+token, the key-scale rows of groups that keep only some of their tokens, and per-head padding.
 ``longfx eval --task cost`` measures the same on a real prompt.
 """
 from __future__ import annotations

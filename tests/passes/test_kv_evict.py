@@ -10,7 +10,7 @@ from longfx import recipes
 from longfx.eval import infer
 from longfx.passes.kv_quant import EvictQuantized, cache_recipe
 from longfx.rewrite.testing import zoo
-from longfx.runtime.evict_cache import EvictCache
+from longfx.runtime.evict_cache import EvictCache, H2OQuantizedStore
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -63,10 +63,11 @@ def test_snapkv_composes_with_quantization_and_other_pairs_are_refused():
         "residual=128, sink=4)"
     assert cache_recipe(recipes.parse("sink_window(sink=4, window=64) + h2o(ratio=0.5)")) \
         == recipes.parse("h2o(ratio=0.5)").recipes[0]
+    for text in ("h2o(ratio=0.5) + kv_quant(bits=4)", "gear(bits=2) + h2o(budget=64)"):
+        h2o = cache_recipe(recipes.parse(text))
+        assert isinstance(h2o, EvictQuantized) and str(h2o).startswith("h2o(")
+        assert isinstance(h2o.make_cache()._new_layer().store, H2OQuantizedStore)
     for text, match in [
-            ("h2o(ratio=0.5) + kv_quant(bits=4)",
-             "h2o evicts arbitrary tokens at every decode token.*only snapkv.*and streaming_kv"),
-            ("gear(bits=2) + h2o(budget=64)", "h2o evicts arbitrary tokens"),
             ("think(ratio=0.5) + kv_quant(bits=4)", "one KV-cache recipe per pipeline.*think"),
             ("minicache + snapkv(ratio=0.5)", "one KV-cache recipe per pipeline.*minicache"),
             ("snapkv(ratio=0.5) + h2o(ratio=0.5)", "at most one eviction and one quantization"),
