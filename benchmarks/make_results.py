@@ -306,6 +306,25 @@ def kernels(results: Path) -> str:
                        f"{r['kv_bytes_quant'] / r['kv_bytes_dense']:.3f}× | "
                        f"{r['max_rel_err_fused_vs_unfused_attention']:.1e} |")
         out += [""]
+    gd = results / "grouped_decode_h100.json"
+    if gd.exists():
+        d = json.loads(gd.read_text())
+        m = d["meta"]
+        out += [f"### The canonical `longfx::attention` on a GQA decode step · {m['gpu']}", "",
+                f"torch {m['torch']} · date {m['date']} · one query token, 32 query / 8 KV heads, "
+                "head_dim 128, bf16, an all-true bool mask [B, 1, 1, Skv], medians in ms "
+                "(`benchmarks/bench_grouped_decode.py`). *grouped*: what the op runs on CUDA "
+                "since 2026-11-24 (`kernels/attention/grouped.py`, the query-head group folded "
+                "into the query rows); *reference*: what it ran before (K/V repeated per query "
+                "head); *SDPA*: `enable_gqa`, no mask.", "",
+                "| KV length | batch | grouped | reference | SDPA, no mask | reference / grouped "
+                "| rel. err. vs reference |", "|---|---|---|---|---|---|---|"]
+        for r in d["rows"]:
+            out.append(f"| {r['kv_length']} | {r['batch']} | {r['op (grouped)']:.3f} | "
+                       f"{r['reference (repeat)']:.3f} | {r['sdpa enable_gqa, no mask']:.3f} | "
+                       f"{r['reference (repeat)'] / r['op (grouped)']:.1f}× | "
+                       f"{r['rel_err_grouped']:.1e} |")
+        out += [""]
     return "\n".join(out)
 
 

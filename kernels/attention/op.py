@@ -11,15 +11,32 @@ elements runs ``F.scaled_dot_product_attention`` instead (dense.py: flash / memo
 kernels, memory linear in the length; the same function up to float rounding) when SDPA can
 express it (4-D, no softcap, not both a mask and ``is_causal``). The reference alone asked
 for 36 GiB in a 32k-token one-call prefill of SmolLM2 and failed on an H100 (2026-11-24).
+
+On CUDA, a GQA call with at most ``GROUPED_MAX_QUERIES`` queries (decode steps, short chunks)
+runs grouped.py instead: the reference's arithmetic with the query-head group folded into the
+query rows, so the cache's K and V are read once and never repeated per query head (the
+reference's repeat was most of a decode step over a long cache). CPU calls keep the
+reference, bit for bit.
 """
 from __future__ import annotations
 
 import torch
 
-from longfx.kernels.attention import dense, reference
+from longfx.kernels.attention import dense, grouped, reference
 
 
 REFERENCE_MAX_SCORES = 1 << 24      # 64 MiB of fp32 scores
+GROUPED_MAX_QUERIES = 16
+GROUPED_MAX_SCORES = 1 << 26        # 256 MiB of fp32 scores
+
+
+def grouped_can_run(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None,
+                    is_causal: bool) -> bool:
+    """A CUDA GQA call with few queries whose mask folding keeps (grouped.applies)."""
+    if not q.is_cuda or q.dim() != 4 or q.shape[2] > GROUPED_MAX_QUERIES:
+        return False
+    scores = q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2]
+    return scores <= GROUPED_MAX_SCORES and grouped.applies(q, k, mask, is_causal)
 
 
 def sdpa_can_run(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, is_causal: bool,
@@ -32,6 +49,8 @@ def sdpa_can_run(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, is
 @torch.library.custom_op("longfx::attention", mutates_args=())
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
               scale: float, is_causal: bool, softcap: float) -> torch.Tensor:
+    if grouped_can_run(q, k, mask, is_causal):
+        return grouped.attention(q, k, v, mask, scale, softcap)
     if not sdpa_can_run(q, k, mask, is_causal, softcap):
         return reference.attention(q, k, v, mask, scale, is_causal, softcap)
     if mask is not None and mask.dtype != torch.bool:
