@@ -71,7 +71,8 @@ class ConsistentDynamicRule(Rule):
 
     def __init__(self, method: str, factor: float, original: int | None,
                  beta_fast: float = 32.0, beta_slow: float = 1.0, recipe: str = "",
-                 margin: float = 1.0, start: float | None = None, above: int = 0):
+                 margin: float = 1.0, start: float | None = None, above: int = 0,
+                 mscale: float = 1.0):
         if method not in D.METHODS:
             raise ValueError(f"method must be one of {D.METHODS}, got {method!r}")
         self.name = f"rope.dynamic_{method}"
@@ -79,6 +80,7 @@ class ConsistentDynamicRule(Rule):
         self.margin = float(margin)
         self.start = None if start is None else float(start)
         self.above = int(above)
+        self.mscale = float(mscale)
         self.beta_fast, self.beta_slow, self.recipe = beta_fast, beta_slow, recipe
         self._sites: list[Site] = []
         self._tables: dict[tuple, tuple[fx.Node, fx.Node, fx.Node]] = {}
@@ -162,7 +164,7 @@ class ConsistentDynamicRule(Rule):
             s = G.call(g, made, D.scale_of, facts["pos"], facts["original"], self.factor,
                        self.method, self.margin, self.start, self.above)
             inv_s = G.call(g, made, D.scaled_inv_freq, inv, s, self.method, shape_node)
-            temp = G.call(g, made, D.temperature, s, self.method)
+            temp = G.call(g, made, D.temperature, s, self.method, self.mscale)
             tables = G.call(g, made, D.query_tables, facts["pos"], inv_s, temp, facts["style"],
                             like)
             cos_q = G.call(g, made, operator.getitem, tables, 0)
@@ -194,6 +196,8 @@ class ConsistentDynamicRule(Rule):
             site.facts["dynamic_rope"]["start"] = self.start
         if self.above:
             site.facts["dynamic_rope"]["above"] = self.above
+        if self.mscale != 1.0:
+            site.facts["dynamic_rope"]["mscale"] = self.mscale
         return made
 
 
@@ -250,12 +254,17 @@ class DynamicYaRN(Recipe):
     margin: float = _opt(1.0)
     start: float | None = _opt(None)
     above: int = _opt(0)
+    mscale: float = _opt(1.0)
 
     def __post_init__(self):
         from longfx.passes.rope import _positive
 
         _positive("dynamic_yarn", factor=self.factor, beta_fast=self.beta_fast,
                   beta_slow=self.beta_slow, original=self.original, margin=self.margin)
+        if not isinstance(self.mscale, (int, float)) or isinstance(self.mscale, bool) \
+                or self.mscale < 0:
+            raise ValueError(f"dynamic_yarn: mscale multiplies YaRN's temperature coefficient "
+                             f"0.1 (0: no temperature), a number >= 0, got {self.mscale!r}")
         if self.start is not None and not 0 <= self.start:
             raise ValueError(f"dynamic_yarn: start is a multiple of the trained length, >= 0, "
                              f"got {self.start}")
@@ -266,4 +275,5 @@ class DynamicYaRN(Recipe):
     def rules(self) -> list:
         return [ConsistentDynamicRule("yarn", self.factor, self.original, self.beta_fast,
                                       self.beta_slow, recipe=str(self), margin=self.margin,
-                                      start=self.start, above=self.above)]
+                                      start=self.start, above=self.above,
+                                      mscale=self.mscale)]

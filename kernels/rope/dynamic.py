@@ -77,10 +77,11 @@ def scaled_inv_freq(inv: torch.Tensor, s: torch.Tensor, method: str,
     return inv * (shape / s + (1 - shape))
 
 
-def temperature(s: torch.Tensor, method: str) -> torch.Tensor:
-    """The factor on q·k: YaRN's (0.1·ln s + 1)², 1 for NTK."""
+def temperature(s: torch.Tensor, method: str, mscale: float = 1.0) -> torch.Tensor:
+    """The factor on q·k: YaRN's (0.1·mscale·ln s + 1)², 1 for NTK. ``mscale`` multiplies the
+    paper's 0.1 (DeepSeek-V2's ``yarn_get_mscale(scale, mscale)`` convention; 1 = the paper)."""
     if method == "yarn":
-        return (0.1 * torch.log(s) + 1) ** 2
+        return (0.1 * mscale * torch.log(s) + 1) ** 2
     return torch.ones_like(s)
 
 

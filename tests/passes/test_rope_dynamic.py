@@ -88,6 +88,23 @@ def test_dynamic_yarn_is_yarn_at_the_call_length(llama):
         assert _rel(capped(IDS).logits, ref2(IDS).logits) <= 1e-5
 
 
+def test_mscale_scales_the_temperature_coefficient(llama):
+    """mscale=m: the temperature is (0.1·m·ln s + 1)² on q·k — transformers' YaRN with that
+    attention factor on cos and sin (DeepSeek's ``yarn_get_mscale(s, m)``); m = 0: none."""
+    import math
+
+    s = torch.tensor(2.5)
+    assert float(D.temperature(s, "yarn", 2.0)) == pytest.approx((0.2 * math.log(2.5) + 1) ** 2)
+    assert float(D.temperature(s, "yarn", 0.0)) == 1.0
+    fast = longfx.compile(llama, "dynamic_yarn(factor=4, original=16, mscale=2)")
+    ref = _hf(llama, {"rope_type": "yarn", "factor": 2.5, "original_max_position_embeddings": 16,
+                      "attention_factor": 0.2 * math.log(2.5) + 1})
+    with torch.no_grad():
+        assert _rel(fast(IDS).logits, ref(IDS).logits) <= 1e-5
+    with pytest.raises(ValueError, match="mscale"):
+        longfx.compile(llama, "dynamic_yarn(factor=8, mscale=-1)")
+
+
 def test_margin_runs_the_scale_ahead_of_the_length(llama):
     """margin=2: 40 tokens over L₀ = 16 give s = 5 (not 2.5), capped at the factor."""
     assert float(D.scale_of(torch.arange(40), 16, 8.0, "yarn", 2.0)) == 5.0
