@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import torch
 
+from longfx.kernels.attention.reference import weigh
+
 
 def applies(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, is_causal: bool) -> bool:
     """Whether ``attention`` can run this call: 4-D GQA, no ``is_causal``, a head-shared mask."""
@@ -38,28 +40,17 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     if scale is None:
         scale = q.shape[-1] ** -0.5
     b, h, s, d = q.shape
-    hkv, skv = k.shape[1], k.shape[2]
+    hkv = k.shape[1]
     g = h // hkv
     qf = q.reshape(b, hkv, g * s, d)                                   # [B, Hkv, G·S, D]
     scores = torch.matmul(qf, k.transpose(-1, -2)) * scale             # [B, Hkv, G·S, Skv]
     if softcap:
         scores = torch.tanh(scores / softcap) * softcap
-    keep = None
-    if mask is not None:
-        m = mask
+    m = mask
+    if m is not None:
         while m.dim() < 4:
             m = m.unsqueeze(0)                                         # [b|1, 1, S|1, Skv]
         if m.shape[2] != 1:                                            # row r = g·S + s reads s
             m = m.unsqueeze(2).expand(-1, -1, g, -1, -1).reshape(m.shape[0], 1, g * s, -1)
-        if m.dtype == torch.bool:
-            keep = m
-        else:
-            scores = scores + m
-    scores = scores.float()
-    if keep is not None:
-        scores = scores.masked_fill(~keep, float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    if keep is not None:
-        probs = probs.nan_to_num(0.0)          # fully masked rows -> 0, as SDPA
-    out = torch.matmul(probs.to(v.dtype), v)                           # [B, Hkv, G·S, Dv]
+    out = weigh(scores, m, None, v)                                    # [B, Hkv, G·S, Dv]
     return out.reshape(b, h, s, v.shape[-1])                           # [B, H, S, Dv]

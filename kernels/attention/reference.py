@@ -37,6 +37,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     if is_causal:
         s, skv = scores.shape[-2], scores.shape[-1]
         keep = torch.ones(s, skv, dtype=torch.bool, device=q.device).tril()
+    return weigh(scores, mask, keep, v)
+
+
+def weigh(scores: torch.Tensor, mask: torch.Tensor | None, keep: torch.Tensor | None,
+          v: torch.Tensor) -> torch.Tensor:
+    """softmax(scores [+ float mask], keys outside ``keep`` and a bool ``mask`` excluded) · v,
+    the softmax in float32 and fully masked rows 0 (SDPA's convention)."""
     if mask is not None:
         if mask.dtype == torch.bool:
             keep = mask if keep is None else keep & mask
