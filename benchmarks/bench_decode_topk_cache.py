@@ -113,6 +113,9 @@ def run_length(a, n: int) -> dict:
                          a.reps)
     sc = torch.randn(1, Hkv, -(-n // bs), device="cuda")
     g["part_topk"] = _g(lambda: torch.topk(sc, table.shape[-1], dim=-1, sorted=False), a.reps)
+    g["part_topk_sorted"] = _g(lambda: torch.topk(sc, table.shape[-1], dim=-1), a.reps)
+    g["part_sort_slice"] = _g(lambda: torch.sort(sc, dim=-1, descending=True).indices[
+        ..., :table.shape[-1]], a.reps)
     for ns in (None, 16, 64):
         for w in (None, 1, 2):
             try:
@@ -133,8 +136,12 @@ def run_model(a) -> dict:
     """End to end on the GPU: a random 2-layer Llama (bf16, 16 / 4 heads, head dim 64) through
     ``longfx.compile(model, "decode_topk(...)")`` — the QuestCache it swaps in, the lowering,
     the Triton update and table on CUDA — against the same recipe over a cache that keeps no
-    bounds (recomputed each step): greedy tokens of ``generate``, the report's rows."""
+    bounds (recomputed each step): greedy tokens of a prefill + 8 one-token steps fed without
+    an attention mask (as ``longfx.eval.infer.greedy`` feeds them: with transformers 5.17,
+    ``generate()``'s decode masks read its ``attention_mask`` and the sparse rules keep such
+    steps dense, for any cache), the decode calls that ran sparse, the report's rows."""
     import longfx
+    from longfx.kernels.block_sparse import op
     from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
     class PlainCache(DynamicCache):     # not swapped by longfx.compile: no bounds kept
@@ -147,18 +154,26 @@ def run_model(a) -> dict:
     model = LlamaForCausalLM(cfg).to("cuda", torch.bfloat16).eval()
     ids = torch.randint(3, 1000, (1, a.model_prompt), device="cuda")
     recipe = "decode_topk(density=0.1, min_len=0)"
-    kw = dict(input_ids=ids, max_new_tokens=8, do_sample=False, pad_token_id=0,
-              return_dict_in_generate=True)
-    fast = longfx.compile(model, recipe)
-    with torch.no_grad():
-        got = fast.generate(**kw)
-        plain = longfx.compile(model, recipe).generate(**kw, past_key_values=PlainCache())
-    rows = [r for g in fast.longfx_backend.report.graphs for r in g.results
-            if r.rule == "sparse.decode_topk_bounds"]
-    return {"prompt": a.model_prompt, "recipe": recipe,
-            "cache": type(got.past_key_values).__name__,
+
+    def greedy(cache):
+        fast = longfx.compile(model, recipe)
+        toks, x = [], ids
+        with torch.no_grad(), op.record_density() as st:
+            for _ in range(9):
+                logits = fast(input_ids=x, past_key_values=cache, use_cache=True).logits
+                x = logits[:, -1:].argmax(-1)
+                toks.append(int(x))
+        rows = [r for g in fast.longfx_backend.report.graphs for r in g.results
+                if r.rule == "sparse.decode_topk_bounds"]
+        return toks, st, rows, fast
+
+    got, st, rows, fast = greedy(longfx.compile(model, recipe).longfx_new_cache())
+    plain, st_plain, _, _ = greedy(PlainCache())
+    return {"prompt": a.model_prompt, "recipe": recipe, "cache": "QuestCache",
+            "decode_calls_sparse": st["decode"][2], "decode_calls_sparse_plain": st_plain["decode"][2],
             "bounds_rule": {s: sum(r.status == s for r in rows) for s in ("rewritten", "rejected")},
-            "tokens_equal_recomputed_bounds": bool(torch.equal(got.sequences, plain.sequences)),
+            "bounds_rule_reasons": sorted({r.reason for r in rows if r.reason}),
+            "tokens": got, "tokens_equal_recomputed_bounds": got == plain,
             "graph_breaks": [w for w in fast.longfx_backend.report.warnings if "graph break" in w]}
 
 
