@@ -32,16 +32,19 @@ def main(argv=None) -> int:
                         "(--split) or each value runs its cells in turn")
     p.add_argument("--split", action="store_true", help="one process per value and cell")
     p.add_argument("--ppl", default="", help="ppl lengths, run once per value (1024-token chunks)")
+    p.add_argument("--recipe", action="append", default=[],
+                   help="run these recipes instead of the mscale values (tagged r0, r1, ...)")
     args = p.parse_args(argv)
     out = Path(args.out)
     procs = []
-    for m in args.mscale.split(","):
-        recipe = f"dynamic_yarn(factor=6, margin=2, mscale={m})" if float(m) != 1 else \
-            "extend(to=32768)"
+    runs = [(f"r{i}", r) for i, r in enumerate(args.recipe)] or [
+        (f"m{m}", f"dynamic_yarn(factor=6, margin=2, mscale={m})" if float(m) != 1 else
+         "extend(to=32768)") for m in args.mscale.split(",")]
+    for m, recipe in runs:
         cells = [c.split(":") for c in args.cells.split(",")]
         groups = [[c] for c in cells] if args.split else [cells]
         for gi, group in enumerate(groups):
-            tag = f"m{m}" + (f".c{gi}" if args.split else "")
+            tag = m + (f".c{gi}" if args.split else "")
             part = out.with_suffix(f".{tag}.jsonl")
             base = [sys.executable, str(HERE / "run_smollm2_gpu.py"), "--gguf", args.gguf,
                     "--out", str(part), "--recipe", recipe, "--trials", str(args.trials),
