@@ -512,6 +512,7 @@ class H2OQuantizedStore:
 
     plain = False
     reads_are_copies = True     # update() and read() return new tensors
+    eager = True                # EvictLayer runs its whole update outside traced graphs
 
     def __init__(self, layer):
         if layer.is_initialized:
@@ -954,6 +955,20 @@ class EvictLayer(CacheLayerMixin):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args,
                **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        if getattr(self.store, "eager", False):
+            return self._eager_update(key_states, value_states)
+        return self._update(key_states, value_states)
+
+    @torch.compiler.disable(reason="the layer's store runs eagerly (data-dependent sizes)")
+    def _eager_update(self, key_states: torch.Tensor,
+                      value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole update outside any traced graph (a store with ``eager = True``): one graph
+        break per layer, and the policy's Python ints (seen, kept, budget) are not guarded on,
+        so a compiled decode step does not recompile as they change."""
+        return self._update(key_states, value_states)
+
+    def _update(self, key_states: torch.Tensor,
+                value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         p, s, past = self.policy, key_states.shape[-2], self.kept

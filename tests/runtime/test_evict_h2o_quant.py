@@ -257,6 +257,8 @@ def test_recipe_composes_compiles_and_generates(llama):
     want = llama.generate(ids[None], past_key_values=kv.make_cache(llama), max_new_tokens=6,
                           do_sample=False, min_new_tokens=6)
     assert torch.equal(out, want)
+    breaks = [w for w in fast.longfx_backend.report.warnings if "graph break" in w]
+    assert breaks and all("runs eagerly" in w for w in breaks)    # only the store's update
 
 
 def test_beam_search_reorders_the_store(llama):
