@@ -231,6 +231,27 @@ def kernels(results: Path) -> str:
                         f"{before['total_ms']:.3f} ms vs {before['dense_sdpa_ms']:.3f} ms at "
                         f"{before['length']} keys ({before['speedup_vs_dense']:.2f}×)."]
         out += [""]
+    qc = results / "decode_topk_cache_h100.json"
+    if qc.exists():
+        d = json.loads(qc.read_text())
+        a = d["args"]
+        out += [f"### Quest decode with the bounds kept in the cache (`runtime/bounds_cache.py`) · "
+                f"{d['gpu']}", "",
+                f"torch {d['torch']} · triton {d['triton']} · date {d['date']} · one decode step, "
+                f"B=1, {a['heads']} query / {a['kv_heads']} KV heads, head_dim {a['head_dim']}, "
+                f"bf16, {a['density']:.0%} of 16-token blocks, each path a CUDA graph of 10 calls, "
+                f"median of {a['reps']} replays, side by side in one run "
+                "(`benchmarks/bench_decode_topk_cache.py`). *new*: bounds kept with the cache, one "
+                "selection per KV head; *old*: bounds recomputed from K every step, one selection "
+                "per query head.", "",
+                "| keys | new | old | dense SDPA | new vs dense | bounds equal recomputed | "
+                "rel. err. vs the table's reference |", "|---|---|---|---|---|---|---|"]
+        for r in d["rows"]:
+            g = r["graph_ms"]
+            out.append(f"| {r['length']} | {g['new']:.3f} | {g['old']:.3f} | "
+                       f"{g['dense_sdpa']:.3f} | {r['speedup_new_vs_dense']:.2f}× | "
+                       f"{r['bounds_equal_recomputed']} | {r['rel_err_vs_table_reference']:.1e} |")
+        out += [""]
     se = results / "self_extend_h100.json"
     if se.exists():
         d = json.loads(se.read_text())
