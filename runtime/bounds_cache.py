@@ -40,8 +40,8 @@ bounds cost 2·D values per ``block`` keys: +1/16 of the K + V bytes at 16-token
 ``longfx.compile(model, "decode_topk(...)")`` makes the model use this cache when no other
 recipe owns the KV cache (``longfx/api.py``). With ``kv_quant``, ``gear`` or an eviction recipe
 their cache is used and ``decode_topk`` recomputes the bounds from the keys it is given, as
-before. Layers keep every token (no sliding-window trimming: Gemma's local layers keep more
-than their window and the model's mask hides the rest).
+before. The model's sliding-window layers are transformers' own windowed layers (no bounds:
+``decode_topk`` leaves those sites dense), so the cache keeps no more than ``DynamicCache``.
 """
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from longfx.kernels.block_sparse import op as bs_op
 from longfx.kernels.block_sparse import reference as bs_ref
-from longfx.runtime.cache import init_layers
+from longfx.runtime.cache import init_layers, layer_windows
 
 __all__ = ["QuestLayer", "QuestCache", "DEFAULT_GROW"]
 
@@ -190,12 +190,27 @@ class QuestCache(Cache):
 
     ``QuestCache(block=16, config=model.config)`` pre-creates one layer per decoder layer;
     without ``config`` layers are added as ``update`` meets them. ``block`` must be the
-    recipe's ``decode_topk(block=...)`` for the lowering to use the bounds."""
+    recipe's ``decode_topk(block=...)`` for the lowering to use the bounds.
+
+    With a config, the model's sliding-window and chunked layers (``layer_windows``) are the
+    layers transformers' own ``DynamicCache(config=...)`` builds for them, which keep only
+    their window: ``decode_topk`` leaves those attention sites dense (their distances are
+    bounded), so they need no bounds, and a replacement cache must not keep more than the
+    cache it replaces (Gemma 3: 15 of its 18 layers are local)."""
 
     def __init__(self, block: int = 16, config=None, grow: int = DEFAULT_GROW):
         self.block = block
         self.grow = grow
-        init_layers(self, config)
+        windows = layer_windows(config)
+        if any(w is not None for w in windows):
+            from transformers import DynamicCache
+
+            own = DynamicCache(config=config).layers            # the model's own layer kinds
+            Cache.__init__(self, layers=[
+                layer if i < len(windows) and windows[i] is not None else self._new_layer()
+                for i, layer in enumerate(own)])
+        else:
+            init_layers(self, config)
 
     def _new_layer(self) -> QuestLayer:
         return QuestLayer(self.block, self.grow)
@@ -208,8 +223,12 @@ class QuestCache(Cache):
         """Make room for ``tokens`` more tokens in every initialized layer. ``compiled_copy``
         calls it before each forward, outside the traced code (see QuantizedCache.reserve)."""
         for layer in self.layers:
-            if layer.is_initialized:
+            if isinstance(layer, QuestLayer) and layer.is_initialized:
                 layer._reserve(layer.length + int(tokens))
 
     def nbytes(self) -> int:
-        return sum(layer.nbytes() for layer in self.layers)
+        """Bytes of every layer's tensors as allocated (a windowed layer: its keys and values)."""
+        return sum(layer.nbytes() if isinstance(layer, QuestLayer) else
+                   sum(t.numel() * t.element_size() for t in (layer.keys, layer.values)
+                       if isinstance(t, torch.Tensor))
+                   for layer in self.layers)

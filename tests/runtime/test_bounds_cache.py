@@ -75,3 +75,28 @@ def test_eager_generate_and_beam_search_equal_hf_cache():
         want = model.generate(**kw, num_beams=beams, past_key_values=DynamicCache(config=model.config))
         got = model.generate(**kw, num_beams=beams, past_key_values=QuestCache(16, model.config))
         assert torch.equal(got, want), beams
+
+
+def test_sliding_layers_stay_windowed_like_hf_cache():
+    """Gemma 3: the local layers are transformers' own windowed layers (decode_topk leaves
+    those sites dense, so they need no bounds); the cache keeps no more than DynamicCache."""
+    model, _ = zoo.build("gemma3")
+    window = model.config.sliding_window
+    ids = torch.randint(3, 120, (1, window + 40), generator=torch.Generator().manual_seed(3))
+    sizes = [window + 20] + [1] * 20
+    cache = QuestCache(16, model.config)
+    own = DynamicCache(config=model.config)
+    got = zoo.feed(model, ids, cache, sizes)
+    want = zoo.feed(model, ids, own, sizes)
+    assert torch.equal(got, want)
+    kinds = [isinstance(layer, QuestLayer) for layer in cache.layers]
+    for layer, hf in zip(cache.layers, own.layers):
+        if isinstance(layer, QuestLayer):
+            _check_bounds(layer)
+        else:                                   # the model's own windowed layer, as built
+            assert type(layer) is type(hf) and layer.keys.shape == hf.keys.shape
+            assert layer.keys.shape[2] < ids.shape[1]
+    assert any(kinds) and not all(kinds)
+    held = sum(layer.k_store[:, :, :layer.length].numel() if isinstance(layer, QuestLayer)
+               else layer.keys.numel() for layer in cache.layers)
+    assert held == sum(layer.keys.numel() for layer in own.layers)
