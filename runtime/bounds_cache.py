@@ -46,18 +46,18 @@ before. The model's sliding-window layers are transformers' own windowed layers 
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import Cache
 
 from longfx.kernels.block_sparse import op as bs_op
 from longfx.kernels.block_sparse import reference as bs_ref
-from longfx.runtime.cache import init_layers, layer_windows
+from longfx.runtime.cache import StateLayer, init_layers, layer_windows
 
 __all__ = ["QuestLayer", "QuestCache", "DEFAULT_GROW"]
 
 DEFAULT_GROW = 1024          # tokens of capacity added at a time (a multiple of the block)
 
 
-class QuestLayer(CacheLayerMixin):
+class QuestLayer(StateLayer):
     """One layer's keys, values and per-block key bounds (module docstring)."""
 
     is_compileable = False      # capacity grows; HF's static-cache compile path is not for it
@@ -132,25 +132,10 @@ class QuestLayer(CacheLayerMixin):
         self.length = end
         return self.k_store[:, :, :end], self.v_store[:, :, :end]
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.length + query_length, 0
-
-    def get_seq_length(self) -> int:
-        return self.length
-
-    def get_max_length(self) -> int:
-        return -1
-
     def reset(self) -> None:
         self.k_store = self.v_store = self.kmin = self.kmax = None
         self.length = 0
         self.is_initialized = False
-
-    def offload(self):          # the state stays where it is (no CPU offloading)
-        pass
-
-    def prefetch(self):
-        pass
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         for name, t in self._tensors().items():

@@ -97,7 +97,28 @@ def layer_windows(config) -> list[int | None]:
             for t in types]
 
 
-class QuantizedKVLayer(CacheLayerMixin):
+class StateLayer(CacheLayerMixin):
+    """What longfx's cache layers share: the state stays on its device (``offload`` and
+    ``prefetch`` do nothing), and by default the layer holds ``self.length`` tokens from
+    position 0 with no maximum; a windowed or evicting layer overrides the sizes."""
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.length + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def offload(self):          # the state stays where it is (no CPU offloading)
+        pass
+
+    def prefetch(self):
+        pass
+
+
+class QuantizedKVLayer(StateLayer):
     """One layer's quantized KV state (``QuantizedKV``) behind HF's cache-layer interface."""
 
     is_compileable = False      # capacity grows; HF's static-cache compile path is not for it
@@ -323,12 +344,6 @@ class QuantizedKVLayer(CacheLayerMixin):
         self.length = 0
         self.offset = 0
         self.is_initialized = False
-
-    def offload(self):          # the state stays where it is (no CPU offloading)
-        pass
-
-    def prefetch(self):
-        pass
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         for name, t in self._tensors().items():

@@ -75,13 +75,13 @@ import weakref
 from typing import Any, Callable
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import Cache
 
 from longfx.kernels.kv_evict import reference as R
 from longfx.kernels.kv_quant import gear as gear_ref
 from longfx.kernels.kv_quant import reference as kv_ref
 from longfx.kernels.kv_quant.reference import KVQuantConfig, n_packed
-from longfx.runtime.cache import init_layers
+from longfx.runtime.cache import StateLayer, init_layers
 
 __all__ = ["EvictLayer", "EvictCache", "TensorStore", "StreamingTensorStore", "QuantizedStore",
            "StreamingQuantizedStore", "H2OQuantizedStore",
@@ -838,7 +838,7 @@ def _take(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return x[:, :, idx] if idx.dim() == 1 else R.gather_tokens(x, idx)
 
 
-class EvictLayer(CacheLayerMixin):
+class EvictLayer(StateLayer):
     """One layer's kept keys/values ``[B, Hkv, K, D]`` (in ``store``: plain tensors by default,
     a quantized state with :class:`QuantizedStore`) and the policy's own state."""
 
@@ -1075,21 +1075,12 @@ class EvictLayer(CacheLayerMixin):
     def get_seq_length(self) -> int:
         return self.seen
 
-    def get_max_length(self) -> int:
-        return -1
-
     def reset(self) -> None:
         self.store.reset()
         self.acc = None
         self.seen = 0
         self.pending = self.window_q = None
         self.is_initialized = False
-
-    def offload(self):
-        pass
-
-    def prefetch(self):
-        pass
 
     def _per_row(self):
         """Names of the layer's per-batch-row tensors (a plain store's keys/values included; a

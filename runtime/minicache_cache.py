@@ -37,6 +37,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
 
 from longfx.kernels.kv_minicache import reference as R
+from longfx.runtime.cache import StateLayer
 
 __all__ = ["MiniCacheConfig", "MergedPair", "MergedLayer", "MiniCache"]
 
@@ -89,7 +90,7 @@ class MergedPair:
         return sum(m.nbytes() for m in (self.k, self.v) if m is not None)
 
 
-class MergedLayer(CacheLayerMixin):
+class MergedLayer(StateLayer):
     """Layer l (``which=0``) or l+1 (``which=1``) of a merged pair, behind HF's layer interface."""
 
     is_compileable = False
@@ -123,25 +124,10 @@ class MergedLayer(CacheLayerMixin):
         self.length += key_states.shape[-2]
         return torch.cat((k_past, key_states), 2), torch.cat((v_past, value_states), 2)
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.length + query_length, 0
-
-    def get_seq_length(self) -> int:
-        return self.length
-
-    def get_max_length(self) -> int:
-        return -1
-
     def reset(self) -> None:
         self.pair.k = self.pair.v = self.pair.pending = None
         self.length = 0
         self.is_initialized = False
-
-    def offload(self):
-        pass
-
-    def prefetch(self):
-        pass
 
     def _apply(self, fn) -> None:
         """Per-row op on the pair's state (done once, by the pair's second layer). ``extra`` is
