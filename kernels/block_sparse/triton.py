@@ -128,15 +128,20 @@ UPDATE_MAX_BLOCK = 256       # block sizes the update takes (powers of two, 16 .
 NBLK = 64                    # key blocks one scoring program takes
 
 
+def _bounds_inputs_ok(x: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> bool:
+    """4-D ``x`` (queries or keys) and bounds of one shape, on one CUDA device (or the
+    interpreter), in one float dtype."""
+    if not AVAILABLE or x.dim() != 4 or kmin.dim() != 4 or kmin.shape != kmax.shape:
+        return False
+    if not (x.is_cuda or INTERPRET) or len({x.device, kmin.device, kmax.device}) != 1:
+        return False
+    return x.dtype in (torch.float16, torch.bfloat16, torch.float32) and \
+        kmin.dtype == x.dtype and kmax.dtype == x.dtype
+
+
 def supports_bounds(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, block: int) -> bool:
     """Whether ``kv_decode_table`` takes these inputs (else the reference serves)."""
-    if not AVAILABLE or q.dim() != 4 or kmin.dim() != 4 or kmin.shape != kmax.shape:
-        return False
-    if not (q.is_cuda or INTERPRET) or len({q.device, kmin.device, kmax.device}) != 1:
-        return False
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        return False
-    if kmin.dtype != q.dtype or kmax.dtype != q.dtype:
+    if not _bounds_inputs_ok(q, kmin, kmax):
         return False
     B, H, S, D = q.shape
     if kmin.shape[0] != B or kmin.shape[3] != D or H % kmin.shape[1] or not 1 <= D <= MAX_HEAD_DIM:
@@ -147,13 +152,7 @@ def supports_bounds(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, blo
 def supports_update(keys: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor,
                     block: int) -> bool:
     """Whether ``update_bounds`` takes these tensors (else the reference serves)."""
-    if not AVAILABLE or keys.dim() != 4 or kmin.dim() != 4 or kmin.shape != kmax.shape:
-        return False
-    if not (keys.is_cuda or INTERPRET) or len({keys.device, kmin.device, kmax.device}) != 1:
-        return False
-    if keys.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        return False
-    if kmin.dtype != keys.dtype or kmax.dtype != keys.dtype:
+    if not _bounds_inputs_ok(keys, kmin, kmax):
         return False
     if keys.shape[:2] != kmin.shape[:2] or keys.shape[3] != kmin.shape[3]:
         return False
