@@ -240,13 +240,15 @@ def kernels(results: Path) -> str:
                 f"torch {d['torch']} · triton {d['triton']} · date {d['date']} · one decode step, "
                 f"B=1, {a['heads']} query / {a['kv_heads']} KV heads, head_dim {a['head_dim']}, "
                 f"bf16, {a['density']:.0%} of 16-token blocks, each path a CUDA graph of 10 calls, "
-                f"median of {a['reps']} replays, side by side in one run "
+                f"median of {a['reps']} replays, side by side in one run (4k–16k: a second run, same GPU and versions) "
                 "(`benchmarks/bench_decode_topk_cache.py`). *new*: bounds kept with the cache, one "
                 "selection per KV head; *old*: bounds recomputed from K every step, one selection "
                 "per query head.", "",
                 "| keys | new | old | dense SDPA | new vs dense | bounds equal recomputed | "
                 "rel. err. vs the table's reference |", "|---|---|---|---|---|---|---|"]
-        for r in d["rows"]:
+        short = results / "decode_topk_cache_short_h100.json"      # a second run, shorter caches
+        rows = (json.loads(short.read_text())["rows"] if short.exists() else []) + d["rows"]
+        for r in rows:
             g = r["graph_ms"]
             out.append(f"| {r['length']} | {g['new']:.3f} | {g['old']:.3f} | "
                        f"{g['dense_sdpa']:.3f} | {r['speedup_new_vs_dense']:.2f}× | "
