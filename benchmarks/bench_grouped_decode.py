@@ -2,7 +2,8 @@
 (kernels/attention/grouped.py, what the op runs now) vs the reference it replaced there
 (K/V repeated per query head, kernels/attention/reference.py) vs ``F.scaled_dot_product_attention``
 with ``enable_gqa``, side by side in one run, plus the largest relative difference from the
-reference. 32 query / 8 KV heads, head_dim 128, bf16, one query token.
+reference. 32 query / 8 KV heads, head_dim 128, bf16, one query token. The op is timed twice:
+with an all-true mask (grouped.py) and with no mask (SDPA whole, op.unmasked_sdpa_can_run).
 
     python benchmarks/bench_grouped_decode.py --out $OUT/grouped_decode_h100.json
 """
@@ -40,11 +41,15 @@ def main(argv=None) -> int:
         row = {"kv_length": skv, "batch": b,
                "rel_err_grouped": rel(grouped.attention(q, k, v, mask, scale).float(), ref.float()),
                "rel_err_op": rel(torch.ops.longfx.attention(q, k, v, mask, scale, False, 0.0).float(),
-                                 ref.float())}
+                                 ref.float()),
+               "rel_err_op_no_mask": rel(torch.ops.longfx.attention(q, k, v, None, scale, False,
+                                                                    0.0).float(), ref.float())}
         del ref
         torch.cuda.empty_cache()
         calls = {
             "op (grouped)": lambda: torch.ops.longfx.attention(q, k, v, mask, scale, False, 0.0),
+            "op, no mask (sdpa)": lambda: torch.ops.longfx.attention(q, k, v, None, scale,
+                                                                      False, 0.0),
             "reference (repeat)": lambda: reference.attention(q, k, v, mask, scale),
             "sdpa enable_gqa, no mask": lambda: F.scaled_dot_product_attention(
                 q, k, v, scale=scale, enable_gqa=True),

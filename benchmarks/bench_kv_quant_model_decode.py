@@ -80,9 +80,11 @@ def run_case(args, model, length: int, batch: int) -> dict:
     import longfx
     from transformers import DynamicCache
 
-    recipe = f"kv_quant(bits={args.bits})"
+    recipe = args.recipe or f"kv_quant(bits={args.bits})"
+    if not (recipe.startswith("kv_quant(") and recipe.endswith(")")):
+        raise SystemExit(f"--recipe must be one kv_quant(...) recipe, got {recipe!r}")
     fused = longfx.compile(model, recipe)
-    plain = longfx.compile(model, f"kv_quant(bits={args.bits}, fuse=false)")
+    plain = longfx.compile(model, recipe[:-1] + (", " if recipe[-2] != "(" else "") + "fuse=false)")
     g = torch.Generator(device="cpu").manual_seed(length + batch)
     ids = torch.randint(3, args.vocab, (batch, length), generator=g).to(args.device)
     t0 = time.perf_counter()
@@ -172,6 +174,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--cases", default="32k:1,128k:1,32k:8")
     p.add_argument("--bits", type=int, default=4)
+    p.add_argument("--recipe", default=None, help="a kv_quant(...) recipe (default: "
+                   "kv_quant(bits=BITS)); its fuse=false twin is the unlowered model")
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--hidden", type=int, default=4096)
     p.add_argument("--head-dim", type=int, default=128)

@@ -339,14 +339,20 @@ def kernels(results: Path) -> str:
                 "(`benchmarks/bench_grouped_decode.py`). *grouped*: what the op runs on CUDA "
                 "since 2026-11-24 (`kernels/attention/grouped.py`, the query-head group folded "
                 "into the query rows); *reference*: what it ran before (K/V repeated per query "
-                "head); *SDPA*: `enable_gqa`, no mask.", "",
-                "| KV length | batch | grouped | reference | SDPA, no mask | reference / grouped "
-                "| rel. err. vs reference |", "|---|---|---|---|---|---|---|"]
+                "head); *SDPA*: `enable_gqa`, no mask; *op, no mask*: the op called with no mask "
+                "(what a decode step whose mask was dropped runs: SDPA whole, "
+                "`passes/canonical/unmasked_decode.py`; — where the run predates it).", "",
+                "| KV length | batch | grouped | reference | SDPA, no mask | op, no mask | "
+                "reference / grouped | rel. err. vs reference (grouped / op, no mask) |",
+                "|---|---|---|---|---|---|---|---|"]
         for r in d["rows"]:
+            nomask = r.get("op, no mask (sdpa)")
+            err = r.get("rel_err_op_no_mask")
             out.append(f"| {r['kv_length']} | {r['batch']} | {r['op (grouped)']:.3f} | "
                        f"{r['reference (repeat)']:.3f} | {r['sdpa enable_gqa, no mask']:.3f} | "
+                       f"{'—' if nomask is None else f'{nomask:.3f}'} | "
                        f"{r['reference (repeat)'] / r['op (grouped)']:.1f}× | "
-                       f"{r['rel_err_grouped']:.1e} |")
+                       f"{r['rel_err_grouped']:.1e} / {'—' if err is None else f'{err:.1e}'} |")
         out += [""]
     return "\n".join(out)
 

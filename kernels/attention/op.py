@@ -15,8 +15,14 @@ for 36 GiB in a 32k-token one-call prefill of SmolLM2 and failed on an H100 (202
 On CUDA, a GQA call with at most ``GROUPED_MAX_QUERIES`` queries (decode steps, short chunks)
 runs grouped.py instead: the reference's arithmetic with the query-head group folded into the
 query rows, so the cache's K and V are read once and never repeated per query head (the
-reference's repeat was most of a decode step over a long cache). CPU calls keep the
-reference, bit for bit.
+reference's repeat was most of a decode step over a long cache). A CUDA call in fp16/bf16 with
+no mask at all, not ``is_causal`` and no softcap (a decode step: transformers 5.23 passes no mask
+for one query without padding) runs SDPA's fused kernels with ``enable_gqa`` before either
+(``unmasked_sdpa_can_run``): the whole op in one kernel that reads K/V once, the fastest path
+measured for a decode step (H100, bf16, 32/8 heads, D 128, one query, 2026-11-24,
+benchmarks/bench_grouped_decode.py: 0.08 / 0.23 / 0.37 ms against grouped.py's 0.34 / 0.44 /
+0.60 ms at 32k B=1 / 128k B=1 / 32k B=8). It equals the reference up to float rounding, not bit
+for bit. CPU calls keep the reference, bit for bit.
 """
 from __future__ import annotations
 
@@ -39,6 +45,14 @@ def grouped_can_run(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None,
     return scores <= GROUPED_MAX_SCORES and grouped.applies(q, k, mask, is_causal)
 
 
+def unmasked_sdpa_can_run(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None,
+                          is_causal: bool, softcap: float) -> bool:
+    """A CUDA fp16/bf16 call with no mask, not causal, no softcap: SDPA's flash kernel takes it
+    whole (GQA by ``enable_gqa``, no repeat; dense.sdpa)."""
+    return (q.is_cuda and q.dim() == 4 and mask is None and not is_causal and not softcap
+            and q.dtype in (torch.float16, torch.bfloat16) and k.dtype == q.dtype)
+
+
 def sdpa_can_run(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, is_causal: bool,
                  softcap: float) -> bool:
     if q.dim() != 4 or softcap or (is_causal and mask is not None):
@@ -49,6 +63,8 @@ def sdpa_can_run(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, is
 @torch.library.custom_op("longfx::attention", mutates_args=())
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
               scale: float, is_causal: bool, softcap: float) -> torch.Tensor:
+    if unmasked_sdpa_can_run(q, k, mask, is_causal, softcap):
+        return dense.sdpa(q, k, v, scale=scale)
     if grouped_can_run(q, k, mask, is_causal):
         return grouped.attention(q, k, v, mask, scale, softcap)
     if not sdpa_can_run(q, k, mask, is_causal, softcap):

@@ -74,3 +74,27 @@ def test_op_keeps_the_reference_on_cpu():
     assert not op.grouped_can_run(q, k, None, False)
     out = torch.ops.longfx.attention(q, k, v, None, 0.25, False, 0.0)
     assert torch.equal(out, reference(q, k, v, None, 0.25, False, 0.0))
+
+
+def test_unmasked_sdpa_path_is_cuda_half_only():
+    """Only a CUDA fp16/bf16 call with no mask, no causal flag and no softcap takes SDPA whole."""
+    q, k, _ = _qkv(1, 8, 2, 1, 33, 16, seed=3, dtype=torch.bfloat16)
+    assert not op.unmasked_sdpa_can_run(q, k, None, False, 0.0)        # CPU keeps the reference
+    if torch.cuda.is_available():
+        qc, kc = q.cuda(), k.cuda()
+        assert op.unmasked_sdpa_can_run(qc, kc, None, False, 0.0)
+        assert not op.unmasked_sdpa_can_run(qc, kc, torch.ones(1, 1, 1, 33, dtype=torch.bool,
+                                                               device="cuda"), False, 0.0)
+        assert not op.unmasked_sdpa_can_run(qc, kc, None, True, 0.0)
+        assert not op.unmasked_sdpa_can_run(qc, kc, None, False, 30.0)
+        assert not op.unmasked_sdpa_can_run(qc.float(), kc.float(), None, False, 0.0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the SDPA decode path is CUDA only")
+@pytest.mark.parametrize("B,H,Hkv,S,Skv,D", [(1, 8, 2, 1, 37, 64), (3, 32, 8, 1, 1029, 128),
+                                             (2, 6, 6, 2, 17, 16)])
+def test_unmasked_decode_on_cuda_matches_the_reference(B, H, Hkv, S, Skv, D):
+    q, k, v = (t.cuda() for t in _qkv(B, H, Hkv, S, Skv, D, seed=B + Skv, dtype=torch.bfloat16))
+    out = torch.ops.longfx.attention(q, k, v, None, D ** -0.5, False, 0.0)
+    ref = reference(q.float(), k.float(), v.float(), None, D ** -0.5, False, 0.0)
+    assert _rel(out.float(), ref) < 2e-2                     # bf16 inputs and output, fp32 reference
