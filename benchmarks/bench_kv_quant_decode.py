@@ -24,6 +24,10 @@ over all variants (``variant`` names it) and ``variants`` keeps the best point o
 its GB/s, speedup and error; ``asmt_options`` records the "asmt" switches
 (``triton._ASMT``, ``--asmt-raw`` sets its raw operands) and the combine tile. ``--quick``: the 4- and 2-bit rows of 128k:1 and 32k:8 with a smaller sweep
 (under 2 minutes on an H100).
+``--key-bits``: key widths to pair with each of ``--bits`` (0: the values' width; e.g.
+``--bits 4,2 --key-bits 0,4`` times 4-bit, 2-bit and K4V2 — 4-bit keys over 2-bit values,
+``reference.KVQuantConfig(key_bits=...)``, which only "asmt" decodes); each row's ``key_bits``
+says which.
 """
 from __future__ import annotations
 
@@ -69,21 +73,23 @@ def graph_ms(fn, warmup: int, iters: int) -> float:
 
 
 def random_state(R, batch, kv_heads, dim, length, config, device):
-    """A state holding ``length`` tokens of random codes and plausible scales."""
+    """A state holding ``length`` tokens of random codes and plausible scales (the keys' at
+    their own width, ``config.kbits``)."""
     st = R.QuantizedKV.empty(batch, kv_heads, dim, length + config.group, config,
                              torch.bfloat16, device)
     g = torch.Generator(device=device).manual_seed(0)
     for codes in (st.k_codes, st.v_codes):
         codes.copy_(torch.randint(0, 256, codes.shape, generator=g, device=device,
                                   dtype=torch.int32).to(torch.uint8))
-    a = 2.0 / config.qmax                       # codes span [-1, 1]: scale a, zero -1
-    for params in (st.k_params, st.v_params):
+    for params, bits in ((st.k_params, config.kbits), (st.v_params, config.bits)):
+        qmax = (1 << bits) - 1
+        a = 2.0 / qmax                          # codes span [-1, 1]: scale a, zero -1
         if config.scales == "fp16":
             params[..., 0, :] = a
             params[..., 1, :] = -1.0
         else:                                   # reference.affine's u8 encoding
             params[..., 0, :] = R.SCALE_BIAS + round(R.SCALE_STEPS * math.log2(a))
-            params[..., 1, :] = 128 + round(-1.0 / (a * config.qmax / R.ZERO_STEPS))
+            params[..., 1, :] = 128 + round(-1.0 / (a * qmax / R.ZERO_STEPS))
     st.k_ring.normal_(generator=g)
     st.v_ring.normal_(generator=g)
     st.length.fill_(length)
@@ -98,9 +104,12 @@ def _rel_err(out, want) -> float:
     return float((out.float() - want).abs().max() / want.abs().max())
 
 
-def bench_case(R, T, length, batch, bits, a) -> dict:
+def bench_case(R, T, length, batch, bits, a, key_bits: int | None = None) -> dict:
+    """One row: ``bits``-bit values, ``key_bits``-bit keys (None: ``bits``)."""
     device = torch.device("cuda")
-    config = R.KVQuantConfig(bits=bits, group=a.group, residual=a.residual, scales=a.scales)
+    key_bits = None if key_bits == bits else key_bits
+    config = R.KVQuantConfig(bits=bits, group=a.group, residual=a.residual, scales=a.scales,
+                             key_bits=key_bits)
     st = random_state(R, batch, a.kv_heads, a.dim, length, config, device)
     g = torch.Generator(device=device).manual_seed(1)
     q = torch.randn(batch, a.heads, a.queries, a.dim, generator=g, device=device,
@@ -174,10 +183,12 @@ def bench_case(R, T, length, batch, bits, a) -> dict:
                         speedup=t_sdpa / x[0],
                         max_rel_err_vs_reference=errs[v])
                 for v, x in best.items()}
-    return dict(length=length, batch=batch, bits=bits, group=a.group, residual=a.residual,
+    return dict(length=length, batch=batch, bits=bits, key_bits=config.kbits, group=a.group,
+                residual=a.residual,
                 scales=a.scales, heads=a.heads, kv_heads=a.kv_heads, dim=a.dim,
                 queries=a.queries, quant_ms=t_quant, sdpa_bf16_ms=t_sdpa, rounds_ms=rounds,
-                speedup=t_sdpa / t_quant, target_speedup=3.0 if bits == 4 else None,
+                speedup=t_sdpa / t_quant,
+                target_speedup=3.0 if bits == 4 and config.kbits == 4 else None,
                 quant_eager_ms=t_quant_eager, sdpa_bf16_eager_ms=t_sdpa_eager,
                 num_warps=warps, num_stages=stages, num_splits=splits,
                 tuning=[dict(ms=x[0], variant=x[1], block_n=x[2], num_warps=x[3],
@@ -204,7 +215,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
     ap.add_argument("--cases", default="128k:1,32k:8", help="length:batch pairs")
-    ap.add_argument("--bits", default="4,2")
+    ap.add_argument("--bits", default="4,2", help="value code widths")
+    ap.add_argument("--key-bits", default="0", help="key code widths to pair with each of "
+                    "--bits (0: the same as the values'; e.g. 0,4 adds K4V2 to 2-bit)")
     ap.add_argument("--heads", type=int, default=32)
     ap.add_argument("--kv-heads", type=int, default=8)
     ap.add_argument("--dim", type=int, default=128)
@@ -245,10 +258,15 @@ def main(argv=None):
         T._ASMT["raw"] = bool(a.asmt_raw)
     rows = []
     for length, batch in parse_cases(a.cases):
-        for bits in (int(b) for b in a.bits.split(",")):
-            row = bench_case(R, T, length, batch, bits, a)
+        pairs = []                                            # (key bits, value bits)
+        for bits in _ints(a.bits):
+            for kb in _ints(a.key_bits):
+                if (kb or bits, bits) not in pairs:
+                    pairs.append((kb or bits, bits))
+        for kb, bits in pairs:
+            row = bench_case(R, T, length, batch, bits, a, kb)
             print(json.dumps(row), flush=True)
-            print(f"# {length} tokens B={batch} {bits}-bit: sdpa {row['sdpa_bf16_ms']:.4f} ms; "
+            print(f"# {length} tokens B={batch} K{kb}V{bits}: sdpa {row['sdpa_bf16_ms']:.4f} ms; "
                   + "; ".join(f"{v} {x['ms']:.4f} ms {x['gbps']:.0f} GB/s x{x['speedup']:.2f} "
                               f"(block_n {x['block_n']}, splits {x['num_splits']}, warps "
                               f"{x['num_warps']}, stages {x['num_stages']}, maxnreg "

@@ -142,6 +142,27 @@ An earlier run at the defaults only, before the options not kept were taken out 
 instruction count (unpacking ~1/3; the value tile's byte-wise transposed shared loads ~10%,
 128 LDS.U8 + PRMTs a tile, Triton's i8 dot-operand path for an operand whose K (tokens) is
 not its contiguous axis; the key-group (a, z) computed in two layouts), and 8 warps an SM.
+
+Key width (2026-11-24): a state whose keys are stored wider or narrower than its values
+(``key_bits``, KIVI's "K4V2"; reference.py "Key width", read off ``k_codes`` by ``key_bits``)
+runs the append (constexprs ``KBITS``, ``BLOCK_KDP``) and "asmt" (``KBITS``, ``KCENTER``,
+``KASM``: the query planes, key tiles and the ring's key loads follow the keys' planes, the
+accumulators, value tiles and the ring's value loads the values'), for any pair of 2/4/8 bits
+(an 8-bit side takes the exact fp32-magic operand instead of the PTX); the other variants
+refuse it (``supports_attention(..., variant=...)``, ``_widths_ok``). One width launches
+none of these constexprs: the sm_90 TTGIR and PTX built here (Triton 3.9) of the one-width
+append (2/4/8-bit) and "asmt" (2/4-bit, bf16/fp16, with and without sinks) are the same as
+before the change, debug locations aside. Measured on an H100 (torch 2.11.0+cu130, Triton
+3.6.0, bf16, 32q/8kv heads, D=128, S=1, group 64, u8 scales, CUDA graphs; "asmt" over
+block_n 32/64 x splits heuristic/64/128 at 1 warp, 3 stages, then the best point and SDPA in
+3 alternating rounds, medians; benchmarks/results/kv_quant_decode_key_bits_h100.json), 4-bit /
+2-bit / K4V2 in ms: 128k B=1 0.0891 / 0.0746 / 0.0777 vs bf16 SDPA 0.1875 / 0.1866 / 0.1837
+(2.10x / 2.50x / 2.36x; K4V2 1.41 TB/s of state); 32k B=8 0.1820 / 0.1568 / 0.1619 vs
+0.3622 / 0.3567 / 0.3560 (1.99x / 2.28x / 2.20x): K4V2 decodes 3-4% slower than 2-bit and
+13% / 11% faster than 4-bit. Max rel. error vs the reference 4.7e-3 (128k) / 3.3e-3 (32k B=8)
+for K4V2 (4-bit 3.8e-3 / 3.5e-3). A one-token append, K4V2: 0.0153 / 0.0105 ms (4-bit 0.0166 /
+0.0176). tests/kernels/kv_quant/test_triton_key_bits.py passed on that H100 (28 tests,
+compiled kernels with the PTX planes; bf16/fp16/fp32, block_n 32 and 64).
 """
 from __future__ import annotations
 
@@ -200,10 +221,16 @@ def _group_ok(group: int) -> bool:
     return group >= 32 and group & (group - 1) == 0
 
 
+def key_bits(state: reference.QuantizedKV) -> int:
+    """The keys' code width, read off the tensors as the reference reads it
+    (``reference.key_bits_of``): the ops' schemas carry one ``bits``, the values'."""
+    return reference.key_bits_of(state.k_codes, state.head_dim)
+
+
 def _state_ok(state: reference.QuantizedKV) -> bool:
-    # keys as wide as the values only (a ``key_bits`` state is served by the reference)
-    return (state.k_codes.shape[-1] == state.v_codes.shape[-1]
-            and all(t.is_contiguous() for t in state.tensors())
+    # any key width (``key_bits``: the append and "asmt" take keys wider or narrower than
+    # the values, see _widths_ok for the decode variants)
+    return (all(t.is_contiguous() for t in state.tensors())
             and _group_ok(state.config.group) and state.head_dim <= MAX_HEAD_DIM
             and len({t.device for t in state.tensors()}) == 1)
 
@@ -213,24 +240,42 @@ def supports_append(state: reference.QuantizedKV, k: torch.Tensor, v: torch.Tens
             and k.dtype == v.dtype == state.k_ring.dtype and k.device == state.k_ring.device)
 
 
-def supports_attention(q: torch.Tensor, state: reference.QuantizedKV, sinks: bool = False) -> bool:
-    """Whether ``attention_decode`` takes q over this state (``sinks``: with an exact sink
-    copy, which only the default "asmt" kernel reads: 2- and 4-bit codes, shapes that
-    ``planes_ok``; 8-bit codes and the other variants do not take one)."""
-    if not (AVAILABLE and _state_ok(state) and q.dim() == 4 and q.dtype == state.k_ring.dtype):
-        return False
-    hkv = state.k_ring.shape[1]
-    ok = (q.dtype in (torch.float16, torch.bfloat16, torch.float32)
-          and q.shape[1] % hkv == 0 and q.shape[1] // hkv * q.shape[2] <= MAX_ROWS
-          and q.device == state.k_ring.device)
+def supports_attention(q: torch.Tensor, state: reference.QuantizedKV, sinks: bool = False,
+                       variant: str | None = None) -> bool:
+    """Whether ``attention_decode(q, state, variant=variant)`` takes q over this state
+    (variant None: DEFAULT_VARIANT). ``sinks``: with an exact sink copy, which only "asmt"
+    reads (2- and 4-bit codes, and two-width states; shapes that ``planes_ok``; one width of
+    8 bits and the other variants do not take one). A state whose keys are wider or narrower
+    than its values (``key_bits``) is taken by "asmt" only, over ``planes_ok`` shapes
+    (``_widths_ok``); the other variants refuse it."""
+    variant = DEFAULT_VARIANT if variant is None else variant
+    ok = _query_ok(q, state) and _widths_ok(q, state, variant)
     if ok and sinks:
-        return _sinks_ok(q, state, DEFAULT_VARIANT)
+        return _sinks_ok(q, state, variant)
     return ok
 
 
+def _query_ok(q: torch.Tensor, state: reference.QuantizedKV) -> bool:
+    # what every variant needs: the state's tensors, q's dtype and device, G·S <= MAX_ROWS
+    if not (AVAILABLE and _state_ok(state) and q.dim() == 4 and q.dtype == state.k_ring.dtype):
+        return False
+    hkv = state.k_ring.shape[1]
+    return (q.dtype in (torch.float16, torch.bfloat16, torch.float32)
+            and q.shape[1] % hkv == 0 and q.shape[1] // hkv * q.shape[2] <= MAX_ROWS
+            and q.device == state.k_ring.device)
+
+
+def _widths_ok(q: torch.Tensor, state: reference.QuantizedKV, variant: str) -> bool:
+    # one width: every variant; keys of another width than the values: "asmt" only, over
+    # planes_ok shapes (attention_decode runs "joined" otherwise, which assumes one width)
+    return key_bits(state) == state.config.bits or (variant == "asmt" and planes_ok(q, state))
+
+
 def _sinks_ok(q: torch.Tensor, state: reference.QuantizedKV, variant: str) -> bool:
-    # the variant attention_decode runs with sinks: "asmt" with codes < 8 bits, planes_ok shapes
-    return variant == "asmt" and state.config.bits < 8 and planes_ok(q, state)
+    # the variant attention_decode runs with sinks: "asmt" over planes_ok shapes, with codes
+    # < 8 bits or two widths (one width of 8 bits runs "asm", which takes no sinks)
+    one_8bit = state.config.bits == 8 and key_bits(state) == 8
+    return variant == "asmt" and not one_8bit and planes_ok(q, state)
 
 
 if triton is not None:
@@ -343,9 +388,17 @@ if triton is not None:
     def _append_quantize_kernel(
             K, V, KC, KP, VC, VP, KR, VR, LEN, s_new, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, SP,
             HKV: tl.constexpr, D: tl.constexpr, BLOCK_DP: tl.constexpr, BITS: tl.constexpr,
-            GROUP: tl.constexpr, RING: tl.constexpr, JV: tl.constexpr, FP16: tl.constexpr):
+            GROUP: tl.constexpr, RING: tl.constexpr, JV: tl.constexpr, FP16: tl.constexpr,
+            KBITS: tl.constexpr = 0, BLOCK_KDP: tl.constexpr = 0):
+        """BITS: the values' code width; KBITS, BLOCK_KDP: the keys' width and byte columns
+        (reference "Key width"; 0: the keys use BITS and BLOCK_DP, the same code as before
+        keys could be wider)."""
         PB: tl.constexpr = 8 // BITS
         QMAX: tl.constexpr = (1 << BITS) - 1
+        KB: tl.constexpr = BITS if KBITS == 0 else KBITS                    # the keys' width
+        KPB: tl.constexpr = 8 // KB
+        KQMAX: tl.constexpr = (1 << KB) - 1
+        KDP: tl.constexpr = BLOCK_DP if BLOCK_KDP == 0 else BLOCK_KDP
         bh = tl.program_id(0)
         b = bh // HKV
         h = bh % HKV
@@ -359,16 +412,21 @@ if triton is not None:
             d = j[:, None] * PB + i[None, :]                                 # [DP, PB] channel
             dok = d < D
             jok = j < D // PB
+            jk = tl.arange(0, KDP)                                           # the keys' bytes
+            ik = tl.arange(0, KPB)
+            dk = jk[:, None] * KPB + ik[None, :]                             # [KDP, KPB] channel
+            dkok = dk < D
+            jkok = jk < D // KPB
             # keys: per channel over the group's tokens
-            x = _load_group(K, KR, bh, b, h, t, L, d, dok, sk_b, sk_h, sk_t, D, RING)
-            p0, p1 = _group_params(tl.min(x, axis=0), tl.max(x, axis=0), QMAX, FP16)  # [DP, PB]
-            a, z = _affine(p0, p1, QMAX, FP16)
-            packed = _pack(_codes(x, a[None], z[None], QMAX), i, BITS)      # [T, DP]
-            tl.store(KC + (bh * SP + t)[:, None] * (D // PB) + j[None, :], packed,
-                     mask=jok[None, :])
-            kp = KP + (bh * (SP // GROUP) + start // GROUP) * 2 * D + d
-            tl.store(kp, p0, mask=dok)
-            tl.store(kp + D, p1, mask=dok)
+            x = _load_group(K, KR, bh, b, h, t, L, dk, dkok, sk_b, sk_h, sk_t, D, RING)
+            p0, p1 = _group_params(tl.min(x, axis=0), tl.max(x, axis=0), KQMAX, FP16)  # [KDP, KPB]
+            a, z = _affine(p0, p1, KQMAX, FP16)
+            packed = _pack(_codes(x, a[None], z[None], KQMAX), ik, KB)      # [T, KDP]
+            tl.store(KC + (bh * SP + t)[:, None] * (D // KPB) + jk[None, :], packed,
+                     mask=jkok[None, :])
+            kp = KP + (bh * (SP // GROUP) + start // GROUP) * 2 * D + dk
+            tl.store(kp, p0, mask=dkok)
+            tl.store(kp + D, p1, mask=dkok)
             # values: per token over groups of GROUP channels (the last one may be short)
             x = _load_group(V, VR, bh, b, h, t, L, d, dok, sv_b, sv_h, sv_t, D, RING)
             a = tl.full([GROUP, BLOCK_DP, PB], 1.0, tl.float32)
@@ -926,17 +984,18 @@ if triton is not None:
     def _exact_tile_t(m_i, l_i, acc_z, acc0, acc1, acc2, acc3, q0, q1, q2, q3, kr, vr, slot, t,
                       tok, qpos, qk_scale, dt: tl.constexpr, D: tl.constexpr, PB: tl.constexpr,
                       DP: tl.constexpr, PREC: tl.constexpr, RING_N: tl.constexpr,
-                      BLOCK_C: tl.constexpr):
+                      BLOCK_C: tl.constexpr, KPB: tl.constexpr, KDP: tl.constexpr):
         """One online-softmax step of ``_decode_tposed_kernel`` over RING_N full-precision
         tokens (positions t, rows ``slot`` of kr / vr, [rows, D]; ``tok`` the live ones): the
-        ring, and the exact sink copy."""
+        ring, and the exact sink copy. The query planes q0..q3 [KDP, C] are the keys' (KPB
+        planes), the accumulators acc0..acc3 [DP, C] the values' (PB planes)."""
         scores = tl.zeros([RING_N, BLOCK_C], tl.float32)
-        scores = _ring_plane_scores_t(scores, q0, kr, slot, tok, 0, dt, D, PB, DP, PREC)
-        if PB >= 2:
-            scores = _ring_plane_scores_t(scores, q1, kr, slot, tok, 1, dt, D, PB, DP, PREC)
-        if PB == 4:
-            scores = _ring_plane_scores_t(scores, q2, kr, slot, tok, 2, dt, D, PB, DP, PREC)
-            scores = _ring_plane_scores_t(scores, q3, kr, slot, tok, 3, dt, D, PB, DP, PREC)
+        scores = _ring_plane_scores_t(scores, q0, kr, slot, tok, 0, dt, D, KPB, KDP, PREC)
+        if KPB >= 2:
+            scores = _ring_plane_scores_t(scores, q1, kr, slot, tok, 1, dt, D, KPB, KDP, PREC)
+        if KPB == 4:
+            scores = _ring_plane_scores_t(scores, q2, kr, slot, tok, 2, dt, D, KPB, KDP, PREC)
+            scores = _ring_plane_scores_t(scores, q3, kr, slot, tok, 3, dt, D, KPB, KDP, PREC)
         scores = tl.where(tok[:, None] & (t[:, None] <= qpos[None, :]), scores * qk_scale,
                           float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, 0))
@@ -968,7 +1027,8 @@ if triton is not None:
             OPERAND: tl.constexpr = 3, CENTER: tl.constexpr = 0, FUSE_RING: tl.constexpr = True,
             RING_N: tl.constexpr = 16, SK=None, SV=None, NSINK: tl.constexpr = 0,
             RAW: tl.constexpr = False, ASM: tl.constexpr = "", nsink=0,
-            WAIT_SPLIT: tl.constexpr = True):
+            WAIT_SPLIT: tl.constexpr = True, KBITS: tl.constexpr = 0, KCENTER: tl.constexpr = 0,
+            KASM: tl.constexpr = ""):
         """``_decode_planes_kernel`` transposed ("asmt"): the tokens are the dots' M side and
         the query rows (repeated once per value group, as there) their N side, which may be 8
         wide: scoresᵀ [N, C] = Σ_i c_i [N, DP] · (q_i∘a_i)ᵀ [DP, C], accᵀ_i [DP, C] +=
@@ -981,35 +1041,54 @@ if triton is not None:
         positions t < min(NSINK, L) read the copy instead of their stored form. Packed tiles
         that start below NSINK mask those tokens out (a scalar branch: other tiles pay
         nothing), the ring skips them, and program NSPLIT adds them from the copy after the
-        ring (``_exact_tile_t``, the ring's code)."""
+        ring (``_exact_tile_t``, the ring's code).
+
+        Key width (reference "Key width"): BITS, CENTER and ASM are the values'; KBITS,
+        KCENTER and KASM the keys' when they are stored wider or narrower (KBITS 0: the keys
+        use BITS, CENTER and ASM — the single-width kernel, unchanged). The query planes, the
+        key tiles and the ring's key loads follow the keys' KPB = 8 / KBITS planes; the
+        accumulators, the value tiles and the ring's value loads the values' PB."""
         PB: tl.constexpr = 8 // BITS
         QMAX: tl.constexpr = (1 << BITS) - 1
+        KB: tl.constexpr = BITS if KBITS == 0 else KBITS                    # the keys' width
+        KPB: tl.constexpr = 8 // KB
+        KQMAX: tl.constexpr = (1 << KB) - 1
+        KCTR: tl.constexpr = CENTER if KBITS == 0 else KCENTER
+        KSRC: tl.constexpr = ASM if KBITS == 0 else KASM
+        # an 8-bit side (two widths only; one width of 8 bits runs "asm") takes the exact
+        # fp32 magic operand (mode 0) and no raw offset; 2/4-bit sides keep OPERAND and RAW
+        KOP: tl.constexpr = OPERAND if KB < 8 else 0
+        KRAW: tl.constexpr = RAW and KB < 8
+        VOP: tl.constexpr = OPERAND if BITS < 8 else 0
+        VRAW: tl.constexpr = RAW and BITS < 8
         M: tl.constexpr = G * S
         COLS: tl.constexpr = JV * M
         BLOCK_C: tl.constexpr = BLOCK_M
         DP: tl.constexpr = BLOCK_D // PB
         EVEN: tl.constexpr = D // PB == DP
+        KDP: tl.constexpr = BLOCK_D // KPB
+        KEVEN: tl.constexpr = D // KPB == KDP
         bh = tl.program_id(0)
         split = tl.program_id(1)
         b = bh // HKV
         h = bh % HKV
-        q0 = _load_qt_plane(Q, b, h, sq_b, sq_h, sq_s, 0, G, S, D, PB, COLS, BLOCK_C, DP)
+        q0 = _load_qt_plane(Q, b, h, sq_b, sq_h, sq_s, 0, G, S, D, KPB, COLS, BLOCK_C, KDP)
         MAGIC_FP16: tl.constexpr = q0.dtype == tl.float16
         dt = q0.dtype
         if DOT_F32:
             dt = tl.float32
-        q0 = q0.to(tl.float32)
+        q0 = q0.to(tl.float32)                                              # [KDP, C]
         q1 = q0
         q2 = q0
         q3 = q0
-        if PB >= 2:
-            q1 = _load_qt_plane(Q, b, h, sq_b, sq_h, sq_s, 1, G, S, D, PB, COLS, BLOCK_C,
-                                DP).to(tl.float32)
-        if PB == 4:
-            q2 = _load_qt_plane(Q, b, h, sq_b, sq_h, sq_s, 2, G, S, D, PB, COLS, BLOCK_C,
-                                DP).to(tl.float32)
-            q3 = _load_qt_plane(Q, b, h, sq_b, sq_h, sq_s, 3, G, S, D, PB, COLS, BLOCK_C,
-                                DP).to(tl.float32)
+        if KPB >= 2:
+            q1 = _load_qt_plane(Q, b, h, sq_b, sq_h, sq_s, 1, G, S, D, KPB, COLS, BLOCK_C,
+                                KDP).to(tl.float32)
+        if KPB == 4:
+            q2 = _load_qt_plane(Q, b, h, sq_b, sq_h, sq_s, 2, G, S, D, KPB, COLS, BLOCK_C,
+                                KDP).to(tl.float32)
+            q3 = _load_qt_plane(Q, b, h, sq_b, sq_h, sq_s, 3, G, S, D, KPB, COLS, BLOCK_C,
+                                KDP).to(tl.float32)
         L = tl.load(LEN).to(tl.int32)
         n = _n_packed(L, GROUP, RING)
         chunk = tl.cdiv(tl.cdiv(n, NSPLIT), BLOCK_N) * BLOCK_N                # BLOCK_N | GROUP
@@ -1020,9 +1099,11 @@ if triton is not None:
         cg = (c // M)[None, :]                                               # column's v group
         j = tl.arange(0, DP)
         jok = j < D // PB
+        jk = tl.arange(0, KDP)                                               # the keys' bytes
+        jkok = jk < D // KPB
         nn = tl.arange(0, BLOCK_N)
         bh64 = bh.to(tl.int64)
-        kc = KC + bh64 * SP * (D // PB)
+        kc = KC + bh64 * SP * (D // KPB)
         vc = VC + bh64 * SP * (D // PB)
         kpar = KP + bh64 * (SP // GROUP) * 2 * D
         vpar = VP + bh64 * SP * 2 * JV
@@ -1035,28 +1116,28 @@ if triton is not None:
         acc3 = acc0
         for n0 in range(start, end, BLOCK_N):
             t = n0 + nn
-            kptr = kc + t[:, None] * (D // PB) + j[None, :]                  # [N, DP]
-            if EVEN:
+            kptr = kc + t[:, None] * (D // KPB) + jk[None, :]                # [N, KDP]
+            if KEVEN:
                 xk = tl.load(kptr)
             else:
-                xk = tl.load(kptr, mask=jok[None, :], other=0)
-            xk = _t_unpack(xk, PB, OPERAND, MAGIC_FP16, ASM)
+                xk = tl.load(kptr, mask=jkok[None, :], other=0)
+            xk = _t_unpack(xk, KPB, KOP, MAGIC_FP16, KSRC)
             kp = kpar + (n0 // GROUP) * 2 * D
             scores = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
-            scores, qz = _key_plane_scores_t(scores, q0, xk, kp, 0, dt, BITS, QMAX, D, PB, DP,
-                                             FP16, PREC, OPERAND, MAGIC_FP16, CENTER, RAW)
-            if PB >= 2:
-                scores, z1 = _key_plane_scores_t(scores, q1, xk, kp, 1, dt, BITS, QMAX, D, PB,
-                                                 DP, FP16, PREC, OPERAND, MAGIC_FP16, CENTER,
-                                                 RAW)
+            scores, qz = _key_plane_scores_t(scores, q0, xk, kp, 0, dt, KB, KQMAX, D, KPB, KDP,
+                                             FP16, PREC, KOP, MAGIC_FP16, KCTR, KRAW)
+            if KPB >= 2:
+                scores, z1 = _key_plane_scores_t(scores, q1, xk, kp, 1, dt, KB, KQMAX, D, KPB,
+                                                 KDP, FP16, PREC, KOP, MAGIC_FP16, KCTR,
+                                                 KRAW)
                 qz += z1
-            if PB == 4:
-                scores, z2 = _key_plane_scores_t(scores, q2, xk, kp, 2, dt, BITS, QMAX, D, PB,
-                                                 DP, FP16, PREC, OPERAND, MAGIC_FP16, CENTER,
-                                                 RAW)
-                scores, z3 = _key_plane_scores_t(scores, q3, xk, kp, 3, dt, BITS, QMAX, D, PB,
-                                                 DP, FP16, PREC, OPERAND, MAGIC_FP16, CENTER,
-                                                 RAW)
+            if KPB == 4:
+                scores, z2 = _key_plane_scores_t(scores, q2, xk, kp, 2, dt, KB, KQMAX, D, KPB,
+                                                 KDP, FP16, PREC, KOP, MAGIC_FP16, KCTR,
+                                                 KRAW)
+                scores, z3 = _key_plane_scores_t(scores, q3, xk, kp, 3, dt, KB, KQMAX, D, KPB,
+                                                 KDP, FP16, PREC, KOP, MAGIC_FP16, KCTR,
+                                                 KRAW)
                 qz += z2 + z3
             scores = (scores + qz[None, :]) * qk_scale
             if S > 1:
@@ -1089,7 +1170,7 @@ if triton is not None:
                 pa = p * a
                 pz = p * z
             pa = pa.to(dt)
-            if RAW:     # the operands are magic + c: remove (magic + CENTER)·Σ (p∘a)
+            if VRAW:    # the operands are magic + c: remove (magic + CENTER)·Σ (p∘a)
                 if MAGIC_FP16:
                     pz -= (1024.0 + CENTER) * pa.to(tl.float32)
                 else:
@@ -1100,17 +1181,17 @@ if triton is not None:
                 xv = tl.load(vptr)
             else:
                 xv = tl.load(vptr, mask=jok[:, None], other=0)
-            xv = _t_unpack(xv, PB, OPERAND, MAGIC_FP16, ASM)
-            acc0 = tl.dot(_t_operand(xv, 0, BITS, QMAX, dt, OPERAND, MAGIC_FP16, CENTER, RAW),
+            xv = _t_unpack(xv, PB, VOP, MAGIC_FP16, ASM)
+            acc0 = tl.dot(_t_operand(xv, 0, BITS, QMAX, dt, VOP, MAGIC_FP16, CENTER, VRAW),
                           pa, acc0 * alpha[None, :], input_precision=PREC)
             if PB >= 2:
-                acc1 = tl.dot(_t_operand(xv, 1, BITS, QMAX, dt, OPERAND, MAGIC_FP16, CENTER,
-                                         RAW), pa, acc1 * alpha[None, :], input_precision=PREC)
+                acc1 = tl.dot(_t_operand(xv, 1, BITS, QMAX, dt, VOP, MAGIC_FP16, CENTER,
+                                         VRAW), pa, acc1 * alpha[None, :], input_precision=PREC)
             if PB == 4:
-                acc2 = tl.dot(_t_operand(xv, 2, BITS, QMAX, dt, OPERAND, MAGIC_FP16, CENTER,
-                                         RAW), pa, acc2 * alpha[None, :], input_precision=PREC)
-                acc3 = tl.dot(_t_operand(xv, 3, BITS, QMAX, dt, OPERAND, MAGIC_FP16, CENTER,
-                                         RAW), pa, acc3 * alpha[None, :], input_precision=PREC)
+                acc2 = tl.dot(_t_operand(xv, 2, BITS, QMAX, dt, VOP, MAGIC_FP16, CENTER,
+                                         VRAW), pa, acc2 * alpha[None, :], input_precision=PREC)
+                acc3 = tl.dot(_t_operand(xv, 3, BITS, QMAX, dt, VOP, MAGIC_FP16, CENTER,
+                                         VRAW), pa, acc3 * alpha[None, :], input_precision=PREC)
         if FUSE_RING:   # program NSPLIT: the full-precision ring, tokens [n, L), and the sinks
             kr = KR + bh64 * RING * D
             vr = VR + bh64 * RING * D
@@ -1120,7 +1201,7 @@ if triton is not None:
                 tok = (t < L) & (t >= NSINK)        # positions < NSINK: the sink copy below
                 m_i, l_i, acc_z, acc0, acc1, acc2, acc3 = _exact_tile_t(
                     m_i, l_i, acc_z, acc0, acc1, acc2, acc3, q0, q1, q2, q3, kr, vr, t % RING,
-                    t, tok, qpos, qk_scale, dt, D, PB, DP, PREC, RING_N, BLOCK_C)
+                    t, tok, qpos, qk_scale, dt, D, PB, DP, PREC, RING_N, BLOCK_C, KPB, KDP)
             if NSINK > 0:   # the exact sink copy [B, Hkv, NSINK, D]: positions < min(NSINK, L)
                 sk = SK + bh64 * NSINK * D
                 sv = SV + bh64 * NSINK * D
@@ -1129,7 +1210,8 @@ if triton is not None:
                     t = n0 + nr
                     m_i, l_i, acc_z, acc0, acc1, acc2, acc3 = _exact_tile_t(
                         m_i, l_i, acc_z, acc0, acc1, acc2, acc3, q0, q1, q2, q3, sk, sv, t,
-                        t, t < ns, qpos, qk_scale, dt, D, PB, DP, PREC, RING_N, BLOCK_C)
+                        t, t < ns, qpos, qk_scale, dt, D, PB, DP, PREC, RING_N, BLOCK_C,
+                        KPB, KDP)
         base = (bh * (NSPLIT + 1) + split) * M
         full = l_i > 0
         inv = 1.0 / tl.where(full, l_i, 1.0)
@@ -1234,11 +1316,14 @@ def append(state: reference.QuantizedKV, k: torch.Tensor, v: torch.Tensor) -> re
         v = v.contiguous()
     sp, R = state.k_codes.shape[2], c.ring
     kst, vst = (k.stride(0), k.stride(1), k.stride(2)), (v.stride(0), v.stride(1), v.stride(2))
+    kb = key_bits(state)
+    # keys of another width: their own constexprs (one width launches as before they existed)
+    keys = {} if kb == c.bits else dict(KBITS=kb, BLOCK_KDP=_pow2(D) // (8 // kb))
     _append_quantize_kernel[(B * H, -(-s // c.group))](
         k, v, state.k_codes, state.k_params, state.v_codes, state.v_params, state.k_ring,
         state.v_ring, state.length, s, *kst, *vst, sp, HKV=H, D=D,
         BLOCK_DP=_pow2(D) // c.per_byte, BITS=c.bits, GROUP=c.group, RING=R,
-        JV=c.value_groups(D), FP16=c.scales == "fp16", num_warps=8)
+        JV=c.value_groups(D), FP16=c.scales == "fp16", num_warps=8, **keys)
     t0 = max(0, s - R)                       # older new tokens cannot stay in the ring
     block_t = min(64, _pow2(s - t0))
     _append_ring_kernel[(B * H, -(-(s - t0) // block_t))](
@@ -1267,12 +1352,14 @@ _COMBINE_TILE = 8192          # [splits, channels] values a combine program take
 
 def planes_ok(q: torch.Tensor, state: reference.QuantizedKV) -> bool:
     """Whether the "planes" decode takes this shape: every query row repeated once per value
-    group must fit one program (JV·G·S <= MAX_ROWS), and a plane must be a dot operand of at
-    least 16 columns (pow2(D) / per_byte >= 16)."""
+    group must fit one program (JV·G·S <= MAX_ROWS), and a plane — of the values and of the
+    keys, whose width may differ (``key_bits``) — must be a dot operand of at least 16
+    columns (pow2(D) / per_byte >= 16)."""
     c = state.config
     D = state.head_dim
     rows = q.shape[1] // state.k_ring.shape[1] * q.shape[2] * c.value_groups(D)
-    return rows <= MAX_ROWS and max(16, _pow2(D)) // c.per_byte >= 16
+    return (rows <= MAX_ROWS and max(16, _pow2(D)) // c.per_byte >= 16
+            and max(16, _pow2(D)) // (8 // key_bits(state)) >= 16)
 
 
 def _small_tile_splits(packed: int) -> int:
@@ -1303,7 +1390,10 @@ def attention_decode(q: torch.Tensor, state: reference.QuantizedKV, scale: float
     the packed-token kernel's registers a thread, for occupancy; None: the compiler's).
     ``sink_k``, ``sink_v`` [B, Hkv, n, D] (the ring's dtype): the exact copy of the first n
     tokens (``reference.with_sinks``), read by "asmt" only (``supports_attention(q, state,
-    sinks=True)``; other variants and 8-bit codes raise).
+    sinks=True)``; other variants and one width of 8 bits raise). Keys wider or narrower than
+    the values (``key_bits``, read off ``k_codes``: ``key_bits``): "asmt" only, any pair of
+    2/4/8 bits (an 8-bit side takes exact fp32-magic operands instead of the PTX); the other
+    variants, and shapes that are not ``planes_ok``, raise.
     Defaults for tiles of at most 16 rows (G·S ≤ 16: one query token with GQA groups up to 16,
     the decode case): 1 warp, 3 stages, block_n 64 (32 for "joined"), ``_small_tile_splits``
     — the fastest setting of the H100 sweeps (2026-11-23/24); larger tiles: 8 warps, 4
@@ -1312,27 +1402,32 @@ def attention_decode(q: torch.Tensor, state: reference.QuantizedKV, scale: float
     variant = DEFAULT_VARIANT if variant is None else variant
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-    if not supports_attention(q, state):
+    c = state.config
+    kb = key_bits(state)
+    if not _query_ok(q, state):
         raise ValueError(f"the Triton decode does not take q {tuple(q.shape)} {q.dtype} for a "
                          f"state of {state.config}, ring {tuple(state.k_ring.shape)} "
                          f"{state.k_ring.dtype} (G·S must be <= {MAX_ROWS})")
-    c = state.config
+    if not _widths_ok(q, state, variant):
+        raise ValueError(f'{kb}-bit keys over {c.bits}-bit values: only variant "asmt" reads '
+                         f'two widths, over planes_ok shapes (got {variant!r}, planes_ok '
+                         f'{planes_ok(q, state)})')
     reference.check_query(q, state.k_ring.shape[1], state.head_dim, None)
     reference.check_sinks(sink_k, sink_v, state)
     if sink_k is not None and sink_k.shape[2] == 0:
         sink_k = sink_v = None
     if sink_k is not None:
         if not _sinks_ok(q, state, variant):
-            raise ValueError(f'only variant "asmt" with 2/4-bit codes reads an exact sink copy '
-                             f'(got {variant!r}, {c.bits}-bit; supports_attention(..., '
-                             f'sinks=True) says which)')
+            raise ValueError(f'only variant "asmt" with 2/4-bit codes (or two widths) reads an '
+                             f'exact sink copy (got {variant!r}, {kb}-bit keys, {c.bits}-bit '
+                             f'values; supports_attention(..., sinks=True) says which)')
         sink_k, sink_v = sink_k.contiguous(), sink_v.contiguous()
     if scale is None:
         scale = q.shape[-1] ** -0.5
     small = q.shape[1] // state.k_ring.shape[1] * q.shape[2] <= 16      # G·S rows a tile
     if variant in _OPERAND and not planes_ok(q, state):
         variant = "joined"
-    if variant == "asmt" and state.config.bits == 8:
+    if variant == "asmt" and c.bits == 8 and kb == 8:
         variant = "asm"
     if block_n is None:
         block_n = min(64 if variant in _OPERAND or not small else 32, c.group)
@@ -1341,8 +1436,8 @@ def attention_decode(q: torch.Tensor, state: reference.QuantizedKV, scale: float
     if block_n < 16 or block_n & (block_n - 1) or c.group % block_n:
         raise ValueError(f"block_n must be a power of two >= 16 dividing the group {c.group}, "
                          f"got {block_n}")
-    if block_n < 32 and c.bits < 8 and not INTERPRET:   # see _group_ok: wrong on an H100
-        raise ValueError(f"block_n {block_n}: 16-token tiles of {c.bits}-bit codes decoded "
+    if block_n < 32 and min(c.bits, kb) < 8 and not INTERPRET:   # see _group_ok: wrong on an H100
+        raise ValueError(f"block_n {block_n}: 16-token tiles of {min(c.bits, kb)}-bit codes decoded "
                          f"wrongly on CUDA (H100, Triton 3.6); use 32 or more")
     B, H, S, D = q.shape
     hkv = state.k_ring.shape[1]
@@ -1387,8 +1482,16 @@ def attention_decode(q: torch.Tensor, state: reference.QuantizedKV, scale: float
             raw = bool(_ASMT["raw"])
             common_main.update(RAW=raw, WAIT_SPLIT=bool(_ASMT["wait_split"]),
                                nsink=0 if sink_k is None else sink_k.shape[2])
-            if operand == 3:
-                common_main["ASM"] = _asm_planes_source(c.bits, q.dtype == torch.float16, raw)
+            fp16 = q.dtype == torch.float16
+            if operand == 3 and c.bits < 8:
+                common_main["ASM"] = _asm_planes_source(c.bits, fp16, raw)
+            if kb != c.bits:    # keys of another width: their own constexprs (else none)
+                kcenter = 1 << (kb - 1) if operand in (1, 3) and kb < 8 else 0
+                if operand == 1 and not _CENTER:
+                    kcenter = 0
+                common_main.update(KBITS=kb, KCENTER=kcenter)
+                if operand == 3 and kb < 8:
+                    common_main["KASM"] = _asm_planes_source(kb, fp16, raw)
     else:
         common_main, ring_args = common, ()
     kernel[(B * hkv, splits + fuse)](
@@ -1413,7 +1516,8 @@ def packed_bytes_read(state: reference.QuantizedKV, length: int) -> int:
     c = state.config
     n = reference.n_packed(length, c)
     B, H, _, D = state.k_ring.shape
-    per_tok = 2 * D // c.per_byte + 2 * c.value_groups(D) * state.v_params.element_size()
+    kcode = D * key_bits(state) // 8                      # key code bytes a token (key_bits)
+    per_tok = kcode + D // c.per_byte + 2 * c.value_groups(D) * state.v_params.element_size()
     kp = 2 * D * state.k_params.element_size() * (n // c.group)
     ring = 2 * (length - n) * D * state.k_ring.element_size()
     return B * H * (n * per_tok + kp + ring)

@@ -137,9 +137,10 @@ def test_import_without_cuda_or_interpreter():
     subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=120)
 
 
-def test_a_key_bits_state_is_left_to_the_reference():
-    """Keys wider than values (``key_bits``): the kernels assume one width, so they refuse such
-    a state and the ops run the reference (the same state with equal widths is taken)."""
+def test_a_key_bits_state_is_taken_by_the_append_and_asmt_only():
+    """Keys wider than values (``key_bits``): the append and the default decode ("asmt") take
+    such a state, the other decode variants refuse it (test_triton_key_bits.py: against the
+    reference)."""
     k, v = _kv(1, 2, 80, 64, torch.float32, 7)
     q = torch.randn(1, 4, 1, 64)
     wide = R.QuantizedKV.empty(1, 2, 64, 128, R.KVQuantConfig(bits=2, group=32, residual=32,
@@ -147,7 +148,9 @@ def test_a_key_bits_state_is_left_to_the_reference():
     same = R.QuantizedKV.empty(1, 2, 64, 128, R.KVQuantConfig(bits=2, group=32, residual=32),
                                torch.float32)
     assert T.supports_append(same, k, v) and T.supports_attention(q, same)
-    assert not T.supports_append(wide, k, v) and not T.supports_attention(q, wide)
+    assert T.supports_append(wide, k, v) and T.supports_attention(q, wide)
+    assert T.supports_attention(q, same, variant="joined")
+    assert not T.supports_attention(q, wide, variant="joined")
 
 
 ASMT_OPTION_CASES = [  # bits, group, residual, scales, D, dtype, G, S, length, splits
