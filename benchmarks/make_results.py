@@ -314,16 +314,23 @@ def kernels(results: Path) -> str:
                 "(`benchmarks/bench_kv_quant_model_decode.py`). *lowered*: `longfx.compile` with "
                 "the decode lowered onto the packed state; *unlowered*: `fuse=false`; *HF eager*: "
                 "the plain model with `DynamicCache`; *compiled dense*: `longfx.compile(model, \"\")` "
-                "with `DynamicCache`. Peak = memory a step allocates beyond what it started with.", "",
+                "with `DynamicCache`. In parentheses: the fastest step of the run (B=1 steps are "
+                "host-bound, so the spread is the machine's Python and launch noise). Peak = memory "
+                "a step allocates beyond what it started with.", "",
                 "| KV length | batch | lowered | unlowered | HF eager | compiled dense | "
                 "lowered vs unlowered | peak lowered / unlowered / compiled dense (MB) | "
                 "KV bytes quant / dense | attention rel. err. |",
                 "|---|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
             pk = r["step_peak_extra_mb"]
-            out.append(f"| {r['length']} | {r['batch']} | {r['fused_ms']:.1f} | "
-                       f"{r['unfused_ms']:.1f} | {r['dense_ms']:.1f} | "
-                       f"{r.get('dense_compiled_ms', float('nan')):.1f} | "
+            lo = {k: min(v) for k, v in r.get("times_ms", {}).items()}
+
+            def cell(key, name):
+                med = r.get(key, float("nan"))
+                return f"{med:.1f}" + (f" ({lo[name]:.1f})" if name in lo else "")
+            out.append(f"| {r['length']} | {r['batch']} | {cell('fused_ms', 'fused')} | "
+                       f"{cell('unfused_ms', 'unfused')} | {cell('dense_ms', 'dense')} | "
+                       f"{cell('dense_compiled_ms', 'dense_compiled')} | "
                        f"{r['fused_vs_unfused']:.2f}× | {pk['fused']:.0f} / {pk['unfused']:.0f} / "
                        f"{pk.get('dense_compiled', float('nan')):.0f} | "
                        f"{r['kv_bytes_quant'] / r['kv_bytes_dense']:.3f}× | "
