@@ -8,9 +8,11 @@ canonical ``longfx::attention`` runs its masked paths on CUDA (grouped.py: the r
 arithmetic, K/V read once); without it, SDPA's flash kernel takes the whole call
 (``op.unmasked_sdpa_can_run``): 0.093 / 0.225 / 0.402 ms against 0.257 / 0.436 / 0.631 ms at
 32k B=1 / 128k B=1 / 32k B=8 on an H100 (kernels/attention/op.py has the setting). In the
-whole Llama-8B-shaped model (8 layers, transformers 5.17, eager launches) a compiled dense decode
-step went from 14.0 / 31.8 / 23.7 ms (the previous run, mask kept) to 9.2 / 9.6 / 13.2 ms
-(benchmarks/results/kv_quant_model_decode_h100.json; host-bound and noisy at B=1).
+whole Llama-8B-shaped model (8 layers, transformers 5.17, eager launches) the gain is below the
+host noise: a compiled dense decode step's fastest step was 6.9 / 8.6 / 12.6 ms with the mask
+dropped (benchmarks/results/kv_quant_model_decode_h100.json) and 7.2 / 9.8 / 14.2 ms in the
+previous run with it (results/debug/kv_quant_model_decode_run4_h100.json), while the medians of
+both runs swing with the machine (steps alternate between two levels).
 
 The proof is ``one_query_decode``'s (one query, mask from sizes, the analysis names the mask
 "full", keys from a one-token KV append or a kv_quant decode read, not flagged causal), and
