@@ -33,15 +33,19 @@ quantized there, as before; the copy costs ``n`` tokens of full-precision K + V 
 :class:`GearCache` / :class:`GearKVLayer` hold GEAR's correction (stored outliers and low-rank
 factors of the quantization error, ``kernels/kv_quant/gear.py``) beside the same packed state.
 
-Rotation (``KVQuantConfig(rotate=True)``): the layer stores ``k·Q``, ``v·Q`` (``Q`` the fixed
-orthogonal Hadamard-with-signs matrix of ``reference.rotation``, built once per layer from the
-head dim, stored nowhere) and multiplies what it reads by ``Qᵀ``, so attention sees keys and
-values in the model's own basis. The rotation is plain torch around the unchanged append (the
-Triton quantize-on-append on CUDA included) and read; it is computed in fp32, so with a bf16
-model the ring tokens pick up two bf16 roundings. The sink copy is stored unrotated.
-Clipping (``clip=True``): the per-group range search of ``reference.search_params``. The
-custom append op and the Triton append do not know it (their schema has no ``clip``), so a
-clipping layer appends through the reference ``append`` in plain torch on every device.
+Rotation (``KVQuantConfig(rotate=True)``; QuaRot, Ashkboos et al. 2024): the layer stores
+``k·Q``, ``v·Q`` (``Q`` the fixed orthogonal Hadamard-with-signs matrix of
+``reference.rotation``, built once per layer from the head dim, stored nowhere) and multiplies
+what it reads by ``Qᵀ``, so attention sees keys and values in the model's own basis. The
+rotation is the custom op ``longfx::kv_rotate`` (``reference.rotate_as``) around the unchanged
+append (the Triton quantize-on-append on CUDA included) and read; it is computed in fp32, so
+with a bf16 model the ring tokens pick up two bf16 roundings. The sink copy is stored
+unrotated. Because the un-rotation of a decode read is one op node, the decode lowering
+(``passes/kv_quant_decode.py``) rotates the query and the sink copy instead, attends over the
+stored state and un-rotates the output (the read itself, unfused, is unchanged).
+Clipping (``clip=True``): the per-group range search of ``reference.search_params``, through
+the append op's ``clip`` argument (the reference on every device: the Triton append does not
+search).
 
 Sliding-window layers (``window=W``; :class:`QuantizedCache` gives every layer the model's
 config marks ``sliding_attention`` or ``chunked_attention`` the window transformers' own
@@ -260,15 +264,12 @@ class QuantizedKVLayer(StateLayer):
     def _append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         st, c = self.state, self.config
         if self.rot is not None:                                         # store k·Q, v·Q
-            key_states = kv_ref.rotate(key_states, self.rot)
-            value_states = kv_ref.rotate(value_states, self.rot)
-        if c.clip:              # the op has no clip argument: the reference, in plain torch
-            kv_ref.append(st, key_states.contiguous(), value_states.contiguous(), self.length)
-            return
+            key_states = kv_op.ROTATE(key_states, self.rot, False)
+            value_states = kv_op.ROTATE(value_states, self.rot, False)
         # the overload, not the packet: a graph records what is called, and the overload's
         # mutable schema is what keeps dead-code passes from dropping the write (manager.py)
         kv_op.APPEND(*st.tensors(), key_states.contiguous(), value_states.contiguous(), c.bits,
-                     c.group)
+                     c.group, c.clip)
 
     def _read_state(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         st, c = self.state, self.config
@@ -276,7 +277,7 @@ class QuantizedKVLayer(StateLayer):
         k, v = kv_op.READ(st.k_codes, st.k_params, st.v_codes, st.v_params, st.k_ring,
                           st.v_ring, length, c.bits, c.group, c.residual, c.scales)
         if self.rot is not None:                                         # back to the model's basis
-            k, v = kv_ref.unrotate(k, self.rot), kv_ref.unrotate(v, self.rot)
+            k, v = kv_op.ROTATE(k, self.rot, True), kv_op.ROTATE(v, self.rot, True)
         return k, v
 
     def _read(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:

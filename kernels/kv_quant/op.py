@@ -7,14 +7,21 @@ runtime (HF ``Cache``, ONNX runner) can own it:
     k_codes uint8, k_params fp16|uint8, v_codes uint8, v_params fp16|uint8,
     k_ring, v_ring (model dtype), length int64 [1]
 
-* ``kv_quant_append(*state, k, v, bits, group)`` mutates the state in place (quantize-on-append:
-  whole groups leaving the full-precision ring are packed; the length advances by k's S).
-  Under torch.compile / export it is functionalized like any in-place cache update.
+* ``kv_quant_append(*state, k, v, bits, group, clip=False)`` mutates the state in place
+  (quantize-on-append: whole groups leaving the full-precision ring are packed; the length
+  advances by k's S). ``clip=True``: each packed group's range is searched
+  (``reference.search_params``); the Triton append does not search, so a clipping append runs
+  the reference on every device. Under torch.compile / export it is functionalized like any
+  in-place cache update.
 * ``kv_quant_attention(q, *state, scale, bits, group, sink_k=None, sink_v=None)`` — the last S
   positions of the state attend to all of it (bottom-right causal, GQA), reading the packed
   codes; with the exact sink copy a ``QuantizedKVLayer`` keeps (``sink_k``, ``sink_v``
   [B, Hkv, n, D]) positions < n read that copy instead. ``kv_quant(...)``'s lowering rule
   (passes/kv_quant_decode.py) puts it in a decode step in place of read → attention.
+* ``kv_rotate(x, rot, inverse=False)`` — ``x [..., D] @ rot`` (``@ rotᵀ`` when ``inverse``),
+  in fp32, in x's dtype (``reference.rotate_as``): the rotation of a ``rotate=true`` cache
+  (QuaRot, Ashkboos et al. 2024). One node in a graph, so the lowering rule can see that a
+  read is un-rotated and move the rotation to the query and the output instead.
 * ``kv_quant_attention_emulated(q, k, v, scale, bits, group, residual, scales, gear_rank,
   gear_outliers)`` — fp tensors in, the output token-by-token decoding over a quantized state
   would give (quantize -> dequantize, optional GEAR): for perplexity at model level.
@@ -31,6 +38,7 @@ graph friendly) and therefore does not check the capacity: the caller must.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import torch
@@ -66,10 +74,12 @@ def _impl_for(x: torch.Tensor):
 def kv_quant_append(k_codes: torch.Tensor, k_params: torch.Tensor, v_codes: torch.Tensor,
                     v_params: torch.Tensor, k_ring: torch.Tensor, v_ring: torch.Tensor,
                     length: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bits: int,
-                    group: int) -> None:
+                    group: int, clip: bool = False) -> None:
     tensors = (k_codes, k_params, v_codes, v_params, k_ring, v_ring, length)
     state = reference.QuantizedKV.from_tensors(tensors, bits, group)
-    impl = _impl_for(k) if TRITON_APPEND else None
+    if clip:                            # the range search: the reference's (Triton has none)
+        state.config = dataclasses.replace(state.config, clip=True)
+    impl = _impl_for(k) if TRITON_APPEND and not clip else None
     if impl is not None and impl.supports_append(state, k, v):
         impl.append(state, k, v)
     else:
@@ -77,7 +87,8 @@ def kv_quant_append(k_codes: torch.Tensor, k_params: torch.Tensor, v_codes: torc
 
 
 @kv_quant_append.register_fake
-def _(k_codes, k_params, v_codes, v_params, k_ring, v_ring, length, k, v, bits, group):
+def _(k_codes, k_params, v_codes, v_params, k_ring, v_ring, length, k, v, bits, group,
+      clip=False):
     return None
 
 
@@ -162,8 +173,23 @@ def _(k_codes, k_params, v_codes, v_params, k_ring, v_ring, length, bits, group,
     return k_ring.new_empty((B, H, length, D)), v_ring.new_empty((B, H, length, D))
 
 
+@torch.library.custom_op("longfx::kv_rotate", mutates_args=())
+def kv_rotate(x: torch.Tensor, rot: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """``x [..., D] @ rot`` (``@ rotᵀ`` when ``inverse``), computed in fp32, returned in x's
+    dtype: ``reference.rotate_as``, the rotation a ``rotate=true`` cache stores its keys and
+    values in (QuaRot, Ashkboos et al. 2024). An op rather than plain torch so that a decode
+    step's un-rotation of the read is one recognisable node (passes/kv_quant_decode.py)."""
+    return reference.rotate_as(x, rot, inverse).contiguous()
+
+
+@kv_rotate.register_fake
+def _(x, rot, inverse=False):
+    return x.new_empty(x.shape)
+
+
 APPEND = torch.ops.longfx.kv_quant_append.default
 READ = torch.ops.longfx.kv_quant_read.default
+ROTATE = torch.ops.longfx.kv_rotate.default
 ATTENTION = torch.ops.longfx.kv_quant_attention.default
 EMULATED = torch.ops.longfx.kv_quant_attention_emulated.default
 

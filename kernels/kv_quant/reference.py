@@ -41,8 +41,12 @@ Two options that cost no bytes (``rotate``, ``clip``; both off by default):
   ``Qᵀ`` after they are read. ``q·k`` and ``softmax·v`` are unchanged by a rotation of both
   sides, and the rotation spreads a few outlier channels over all of them, so each group's
   range is tighter. The state itself is rotation-agnostic (it holds ``x·Q``): the cache
-  (``runtime/cache.py``) and ``fake_quantize`` rotate around it. A fused decode kernel reading
-  such a state (``longfx::kv_quant_attention``) would need ``q·Q`` in and ``out·Qᵀ`` out.
+  (``runtime/cache.py``, through the op ``longfx::kv_rotate``) and ``fake_quantize`` rotate
+  around it. Attention over such a state needs no un-rotated copy: with ``Q`` orthogonal and
+  applied to keys and values, ``attention(q, K, V) = attention(q·Q, K·Q, V·Q)·Qᵀ`` (QuaRot
+  rotates the queries the same way), so a decode step rotates ``q``, attends over the stored
+  state (``longfx::kv_quant_attention``) and un-rotates the output
+  (``passes/kv_quant_decode.py``).
 * ``clip=True`` — each group's (min, max) is scaled by the ratio of ``CLIP_RATIOS`` that gives
   the lowest squared error of that group (values beyond the clipped range saturate), searched
   at quantization time; the stored format is unchanged.
@@ -231,6 +235,17 @@ def rotate(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 def unrotate(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """x [..., D] @ Qᵀ (the inverse of ``rotate``), computed in fp32, in x's dtype."""
     return (x.float() @ q.float().T).to(x.dtype)
+
+
+def rotate_as(x: torch.Tensor, q: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """``unrotate(x, q)`` when ``inverse``, else ``rotate(x, q)``: the reference of the custom
+    op ``longfx::kv_rotate`` (op.py), which the cache calls so that a graph shows a rotation as
+    one node. ``q`` must be [D, D] with D = x's last dim."""
+    D = x.shape[-1]
+    if q.dim() != 2 or tuple(q.shape) != (D, D):
+        raise ValueError(f"the rotation must be [D, D] = [{D}, {D}] for x {tuple(x.shape)}, "
+                         f"got {tuple(q.shape)}")
+    return unrotate(x, q) if inverse else rotate(x, q)
 
 
 # ---------------------------------------------------------------- packing
