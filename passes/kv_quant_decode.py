@@ -5,7 +5,7 @@ state after the append, dequantized, with the first ``sink`` positions read from
 copy the layer keeps. Captured, a decode step's attention is this chain (HF models, any
 spelling of the attention that canonicalization turned into ``longfx::attention``)::
 
-    kv_quant_append(k_codes, ..., length_t, k_new, v_new, bits, group)    # mutates the state
+    kv_quant_append(k_codes, ..., length_t, k_new, v_new, bits, group, clip)   # mutates it
     kd, vd = kv_quant_read(k_codes, ..., length, bits, group, residual, scales)
     keys   = cat(sink_k[:, :, :m].to(dtype), kd[:, :, m:], dim=2)        # m = min(sink, length)
     values = cat(sink_v[:, :, :m].to(dtype), vd[:, :, m:], dim=2)        # (absent when sink=0)
@@ -19,6 +19,21 @@ so a decode step no longer writes and reads a dequantized copy of every layer's 
 reference (dequantize, then attend) elsewhere. The op computes exactly what the chain computes
 (``reference.attention_decode`` with sinks = ``with_sinks(dequantize_state)`` + attention).
 
+``rotate=true`` (QuaRot, Ashkboos et al. 2024, arXiv:2404.00456): the state holds ``K·Q``,
+``V·Q`` and the chain un-rotates the read, ``kd = kv_rotate(kd_stored, rot, inverse=True)``
+(same for ``vd``), before the sink cat. Then ``q·kdᵀ = (q·Q)·kd_storedᵀ`` and
+``p·vd = (p·vd_stored)·Qᵀ``, and with ``Q`` orthogonal the exact sink copy in the stored basis
+is ``sink·Q``, so the step becomes::
+
+    out = kv_rotate(kv_quant_attention(kv_rotate(q, rot), *state, ..., kv_rotate(sink_k, rot),
+                                       kv_rotate(sink_v, rot)), rot, inverse=True)
+
+(QuaRot rotates queries and keys alike and folds the value rotation into the output
+projection; here the output is un-rotated explicitly). Two [S, D]·[D, D] products per step and
+two of the sink copy's n tokens, against un-rotating the whole read. The rotation is the graph
+input Dynamo lifts from the cache layer's ``rot`` (a placeholder; a get_attr is taken too).
+``clip=true`` changes only the append (its ``clip`` argument), not the read.
+
 It is a ``lower``-stage rule: it runs after every recipe's transforms, so it takes only an
 attention no other recipe changed (a ``sink_window`` or ``self_extend`` site, or keys a RoPE
 recipe re-rotates, break the chain and stay as they are). It also leaves alone, with the
@@ -28,7 +43,10 @@ reason in the report:
 * a mask that is not provably "every key visible": a mask with tensor inputs (padding), a
   window the analysis found or the config declares (Gemma's local layers: their cache keeps
   more than the window and the mask hides the rest), ``is_causal`` (top-left for one query);
-* ``rotate=true`` (keys are un-rotated after the read), GEAR states (``gear_read``), softcap.
+* GEAR states (``gear_read``: the correction is added on read), softcap.
+
+Key width (``key_bits``, ``key_layers``) is not the rule's business: the op reads it off the
+state's tensors and takes the path that serves it (``kernels/kv_quant/op.py``).
 """
 from __future__ import annotations
 
@@ -87,12 +105,29 @@ def _read_output(node: Any) -> tuple[fx.Node, int] | None:
     return None
 
 
-def _kv_input(node: Any) -> tuple[fx.Node, int, fx.Node | None, Any] | str:
+def _unrotated_read(node: Any) -> tuple[fx.Node, int, fx.Node | None] | None:
+    """``(read, i, rot)`` when ``node`` is output ``i`` of a ``kv_quant_read``, either directly
+    (``rot`` None) or un-rotated by ``longfx::kv_rotate(read[i], rot, inverse=True)`` — a
+    ``rotate=true`` cache's read back into the model's basis (runtime/cache.py)."""
+    rot = None
+    if isinstance(node, fx.Node) and node.op == "call_function" and node.target is kv_op.ROTATE:
+        x = node.args[0]
+        rot = node.args[1] if len(node.args) > 1 else node.kwargs.get("rot")
+        inverse = node.args[2] if len(node.args) > 2 else node.kwargs.get("inverse", False)
+        if inverse is not True:
+            return None
+        node = x
+    got = _read_output(node)
+    return None if got is None else (*got, rot)
+
+
+def _kv_input(node: Any) -> tuple[fx.Node, int, fx.Node | None, Any, fx.Node | None] | str:
     """What feeds an attention's key or value input: ``(read, output index, sink copy or None,
-    m)`` or why it is not the cache's decode read."""
-    direct = _read_output(node)
+    m, rotation or None)`` or why it is not the cache's decode read."""
+    direct = _unrotated_read(node)
     if direct is not None:
-        return (*direct, None, None)
+        read, i, rot = direct
+        return read, i, None, None, rot
     if G.op(node) != "cat":
         return "its keys/values are not the kv_quant state's read"
     parts, dim = G.arg(node, "tensors"), G.arg(node, "dim", 0)
@@ -104,26 +139,34 @@ def _kv_input(node: Any) -> tuple[fx.Node, int, fx.Node | None, Any] | str:
         return "its keys/values join more than the state's read and its sink copy"
     sink, start, m = head
     src, m_tail, stop = tail
-    read = _read_output(src)
-    if read is None:
+    got = _unrotated_read(src)
+    if got is None:
         return "its keys/values are not the kv_quant state's read (a prefill chunk, or " \
                "keys changed after the read)"
     if start not in (None, 0) or stop is not None or m is not m_tail and m != m_tail:
         return "the sink copy and the state's read do not meet at one position"
     if not isinstance(sink, fx.Node) or sink.op != "placeholder":
         return "the sink copy is not a state input"
-    return (*read, sink, m)
+    read, i, rot = got
+    return read, i, sink, m, rot
 
 
 def decode_read(k: Any) -> tuple[fx.Node, fx.Node, fx.Node | None, Any] | str:
     """``(read, append, sink copy or None, m)`` when the attention keys ``k`` are a kv_quant
-    cache's decode read — the whole state after this step's append, its sinks exact — or why
-    not. Other rules use it to recognise a decode step over a quantized cache as self-attention
-    over a KV cache (``passes/sparse.py:one_query_decode``)."""
+    cache's decode read — the whole state after this step's append, its sinks exact, un-rotated
+    when the cache is ``rotate=true`` — or why not. Other rules use it to recognise a decode
+    step over a quantized cache as self-attention over a KV cache
+    (``passes/sparse.py:one_query_decode``)."""
+    got = _decode_read(k)
+    return got if isinstance(got, str) else got[:4]
+
+
+def _decode_read(k: Any) -> tuple[fx.Node, fx.Node, fx.Node | None, Any, fx.Node | None] | str:
+    """:func:`decode_read` and the rotation the read is un-rotated by (None: not rotated)."""
     got = _kv_input(k)
     if isinstance(got, str):
         return got
-    read, i, sink, m = got
+    read, i, sink, m, rot = got
     if i != 0:
         return "the keys are the read's values"
     append = _append_of(read)
@@ -131,7 +174,7 @@ def decode_read(k: Any) -> tuple[fx.Node, fx.Node, fx.Node | None, Any] | str:
         return "no kv_quant_append of the same state before the read"
     if any(a is not b for a, b in zip(read.args[:6], append.args[:6])):
         return "the read and the append do not share the state tensors"
-    return read, append, sink, m
+    return read, append, sink, m, rot
 
 
 def _append_of(read: fx.Node) -> fx.Node | None:
@@ -162,15 +205,19 @@ class FusedQuantDecode(Rule):
         if not (isinstance(qv, torch.Tensor) and qv.dim() == 4 and isinstance(qv.shape[2], int)
                 and qv.shape[2] == 1):
             return "not a one-token decode step (prefill attends in full precision)"
-        keys, values = decode_read(k), _kv_input(v)
+        keys, values = _decode_read(k), _kv_input(v)
         for got in (keys, values):
             if isinstance(got, str):
                 return got
-        (kread, append, ksink, km), (vread, vi, vsink, vm) = keys, values
+        (kread, append, ksink, km, krot), (vread, vi, vsink, vm, vrot) = keys, values
         if kread is not vread or vi != 1:
             return "keys and values do not come from one state read"
         if (ksink is None) != (vsink is None) or (km is not vm and km != vm):
             return "keys and values do not take the same sink copy"
+        if krot is not vrot:
+            return "keys and values are not un-rotated by one rotation"
+        if krot is not None and not self._rotation_ok(krot, qv):
+            return "the rotation is not a [D, D] state input"
         if is_causal or softcap:
             return "is_causal/softcap attention: the fused decode computes plain attention"
         if isinstance(mask, fx.Node) and not mask_from_sizes(mask):
@@ -186,15 +233,38 @@ class FusedQuantDecode(Rule):
             return f"queries are {qv_dtype}, the state holds {ring.dtype}"
         return {"node": node, "state": state, "length": append.args[6],
                 "bits": kread.args[7], "group": kread.args[8], "scale": scale,
-                "sink_k": ksink, "sink_v": vsink}
+                "sink_k": ksink, "sink_v": vsink, "rot": krot}
+
+    @staticmethod
+    def _rotation_ok(rot: fx.Node, qv: torch.Tensor) -> bool:
+        """The layer's rotation: an input of the graph (Dynamo lifts the cache layer's ``rot``
+        tensor as a placeholder; a get_attr is taken too), [D, D] for the queries' head dim."""
+        if not isinstance(rot, fx.Node) or rot.op not in ("placeholder", "get_attr"):
+            return False
+        val = G.val(rot)
+        if val is None and rot.op == "get_attr":                  # a constant of the module
+            val = rot.graph.owning_module
+            for part in str(rot.target).split("."):
+                val = getattr(val, part, None)
+        D = qv.shape[-1]
+        return isinstance(val, torch.Tensor) and val.dim() == 2 and tuple(val.shape) == (D, D)
 
     def replace(self, site: Site, gm: fx.GraphModule, facts: dict[str, Any]) -> list[fx.Node]:
         node: fx.Node = facts["node"]
         made: list[fx.Node] = []
+        q, rot = node.args[0], facts["rot"]
+        sink_k, sink_v = facts["sink_k"], facts["sink_v"]
         with gm.graph.inserting_before(node):
-            new = G.call(gm.graph, made, kv_op.ATTENTION, node.args[0], *facts["state"],
+            if rot is not None:      # the state holds K·Q, V·Q: attend with q·Q (and sinks·Q)
+                q = G.call(gm.graph, made, kv_op.ROTATE, q, rot, False)
+                if sink_k is not None:
+                    sink_k = G.call(gm.graph, made, kv_op.ROTATE, sink_k, rot, False)
+                    sink_v = G.call(gm.graph, made, kv_op.ROTATE, sink_v, rot, False)
+            new = G.call(gm.graph, made, kv_op.ATTENTION, q, *facts["state"],
                          facts["length"], facts["scale"], facts["bits"], facts["group"],
-                         facts["sink_k"], facts["sink_v"])
+                         sink_k, sink_v)
+            if rot is not None:      # softmax·(V·Q) = (softmax·V)·Q: back by Qᵀ
+                new = G.call(gm.graph, made, kv_op.ROTATE, new, rot, True)
         replace_uses(node, new)
         site.nodes["canonical"] = new
         site.facts["kv_decode"] = "fused"

@@ -88,10 +88,56 @@ def test_fuse_false_parses_prints_and_turns_the_lowering_off():
         recipes.parse("kv_quant(fuse=2)")
 
 
-def test_rotated_states_and_gear_stay_unfused_and_say_why():
-    _, rows = _compare("llama", "kv_quant(bits=4, group=16, residual=16, rotate=true)")
-    assert rows and not [r for r in rows if r.status == "rewritten"]
-    assert any("not the kv_quant state's read" in r.reason for r in rows)
+@pytest.mark.parametrize("options", [
+    "bits=4, rotate=true, sink=0",
+    "bits=4, rotate=true, sink=4",
+    "bits=4, clip=true, sink=0",
+    "bits=4, clip=true, sink=4",
+    "bits=2, rotate=true, clip=true, sink=4",
+    "bits=2, rotate=true, clip=true, key_bits=4, key_layers=(1,), sink=0",
+    "bits=2, rotate=true, clip=true, key_bits=4, key_layers=(1,), sink=4",
+])
+def test_rotated_and_clipped_decode_steps_are_lowered(options):
+    """``rotate=true``: the read's un-rotation is replaced by rotating the query (and the exact
+    sink copy) in and the output back (QuaRot's identity); ``clip=true``: the append is the op
+    with ``clip``. Both layers' decode steps are lowered, with the unlowered model's logits.
+
+    Tolerance (``_compare``: 1e-5 on logits whose largest is ~0.6): the model runs in fp32 and
+    the lowering only re-associates fp32 products (q·Q·(K·Q)ᵀ against q·(K·Q·Qᵀ)ᵀ, one more
+    [D, D] product on the output); the op-level check of that identity measures ≤ 5e-7
+    relative (tests/kernels/kv_quant/test_op.py), these logits differ by ~1e-7. Losing the
+    output's or the sinks' rotation costs O(1) there; and the options themselves move these
+    logits by far more than the tolerance (checked below), so a lowering that dropped them
+    would show."""
+    recipe = f"kv_quant(group=16, residual=16, {options})"
+    fast, rows = _compare("llama", recipe)
+    fused = [r for r in rows if r.status == "rewritten"]
+    assert len(fused) == 2 and all(r.site.facts.get("kv_decode") == "fused" for r in fused)
+    assert all("one-token decode" in r.reason for r in rows if r.status == "rejected")
+    decode = [g.code_after for g in fast.longfx_backend.report.graphs
+              if "kv_quant_attention" in g.code_after]
+    assert len(decode) == 1 and decode[0].count("longfx.kv_quant_attention.default(") == 2
+    assert "kv_quant_read" not in decode[0]
+    appends = [ln for ln in decode[0].splitlines() if "kv_quant_append.default(" in ln]
+    clip = "clip=true" in options
+    assert len(appends) == 2 and all(ln.split(";")[0].endswith(f", {clip})") for ln in appends)
+    sinks = not options.endswith("sink=0")
+    # per layer: k, v rotated for the append, q in, the output back, and the two sink copies
+    want = 2 * (4 + 2 * sinks) if "rotate=true" in options else 0
+    assert decode[0].count("longfx.kv_rotate.default(") == want
+
+    from longfx import recipes
+
+    model, _ = zoo.build("llama")                                # the options matter here
+    ids = torch.randint(3, 120, (1, 88), generator=torch.Generator().manual_seed(0))
+    plain = recipes.parse(recipe.replace("rotate=true", "rotate=false")
+                                 .replace("clip=true", "clip=false")).recipes[0]
+    got = _run(fast, ids, fast.longfx_new_cache(), 80, 40)
+    other = _run(model, ids, plain.make_cache(model), 80, 40)
+    assert float((got[:, 80:] - other[:, 80:]).abs().max()) > 1e-3
+
+
+def test_gear_states_stay_unfused():
     _, rows = _compare("llama", "gear(bits=4, group=16, residual=16)", total=84)
     assert not [r for r in rows if r.status == "rewritten"]
 
@@ -104,16 +150,18 @@ def test_a_site_another_recipe_rewrote_is_left_alone():
     assert all(r.site.facts.get("sparse") for r in rows)        # sink_window took every step
 
 
-def test_sink_window_decode_steps_over_a_quantized_cache_are_sparse():
+@pytest.mark.parametrize("options", ["", ", rotate=true, clip=true"])
+def test_sink_window_decode_steps_over_a_quantized_cache_are_sparse(options):
     """A decode step over a kv_quant cache is a self-attention decode step for the sparse
-    rules too (no KV site: the cache's read is the link). With a ring that holds every token
-    nothing is quantized, so it must equal sink_window over HF's own cache, step for step."""
+    rules too (no KV site: the cache's read, un-rotated when ``rotate=true``, is the link).
+    With a ring that holds every token nothing is quantized, so it must equal sink_window over
+    HF's own cache, step for step (the rotation there and back: fp32 rounding, ~1e-7)."""
     from transformers import DynamicCache
 
     model, _ = zoo.build("llama")
     ids = torch.randint(3, 120, (1, 60), generator=torch.Generator().manual_seed(3))
     both = longfx.compile(model, "sink_window(sink=2, window=8) + kv_quant(bits=8, group=16, "
-                                 "residual=64)")
+                                 f"residual=64{options})")
     alone = longfx.compile(model, "sink_window(sink=2, window=8)")
     got = _run(both, ids, both.longfx_new_cache(), 40, 20)
     want = _run(alone, ids, DynamicCache(config=model.config), 40, 20)
