@@ -116,7 +116,10 @@ def run_case(args, model, length: int, batch: int) -> dict:
     # each step appends, so two paths cannot step from one state: the lowered op is compared
     # with the unfused read + attention on every layer's final state instead
     err = lowering_error(qcache, model, args)
-    return {"length": length, "batch": batch, "layers": args.layers, "bits": args.bits,
+    lowered = sum(s.facts.get("kv_decode") == "fused" for g in fused.longfx_backend.report.graphs
+                  for s in g.sites if s.kind == "attention")
+    return {"length": length, "batch": batch, "layers": args.layers,
+            "bits": None if args.recipe else args.bits, "lowered_sites": lowered,
             "recipe": recipe, "steps": args.steps, "rounds": args.rounds,
             "fused_ms": round(med["fused"], 3), "unfused_ms": round(med["unfused"], 3),
             "dense_ms": round(med["dense"], 3), "dense_compiled_ms": round(med["dense_compiled"], 3),
@@ -133,7 +136,7 @@ def run_case(args, model, length: int, batch: int) -> dict:
 
 def lowering_error(cache, model, args) -> float:
     """Largest relative difference, over the layers, between ``longfx::kv_quant_attention``
-    on a layer's state (what the lowered step runs) and attention over the layer's
+    on a layer's state (what the lowered step runs; rotated around for a rotate=true layer) and attention over the layer's
     dequantized read with its sinks (what the unfused step runs), for a random query."""
     from longfx.kernels.attention import dense
     from longfx.kernels.kv_quant import op as kv_op
@@ -144,8 +147,16 @@ def lowering_error(cache, model, args) -> float:
         st = layer.state
         B, _, _, D = st.k_ring.shape
         q = torch.randn(B, heads, 1, D, device=st.k_ring.device, dtype=st.k_ring.dtype)
-        got = kv_op.ATTENTION(q, *st.tensors(), D ** -0.5, st.config.bits, st.config.group,
-                              layer.sink_k, layer.sink_v)
+        rot = getattr(layer, "rot", None)
+        if rot is None:
+            got = kv_op.ATTENTION(q, *st.tensors(), D ** -0.5, st.config.bits, st.config.group,
+                                  layer.sink_k, layer.sink_v)
+        else:                      # rotate=true: q·Q and the sink copy ·Q in, out·Qᵀ out
+            sinks = [None if x is None else kv_op.ROTATE(x, rot, False)
+                     for x in (layer.sink_k, layer.sink_v)]
+            got = kv_op.ROTATE(kv_op.ATTENTION(kv_op.ROTATE(q, rot, False), *st.tensors(),
+                                               D ** -0.5, st.config.bits, st.config.group,
+                                               *sinks), rot, True)
         k, v = layer.read()
         want = dense.sdpa(q.float(), k.float(), v.float(), scale=D ** -0.5)
         worst = max(worst, float((got.float() - want).abs().max() / want.abs().max()))

@@ -302,11 +302,13 @@ def kernels(results: Path) -> str:
                        f"{r['sdpa_bf16_ms']:.3f} | {r['speedup']:.2f}× | "
                        f"{r.get('quant_gbps', 0):.0f} |")
         out += [""]
-    md = results / "kv_quant_model_decode_h100.json"
-    if md.exists():
+    for md in (results / "kv_quant_model_decode_h100.json",
+               results / "kv_quant_model_decode_2bit_h100.json"):
+        if not md.exists():
+            continue
         rows = json.loads(md.read_text())["rows"]
         m = rows[0]["meta"]
-        out += [f"### Whole-model decode steps with `kv_quant(bits=4)` · {m['gpu']}", "",
+        out += [f"### Whole-model decode steps with `{rows[0]['recipe']}` · {m['gpu']}", "",
                 f"torch {m['torch']} · triton {m['triton']} · transformers {m['transformers']} "
                 f"· date {m['date']} · Llama-8B-shaped model, {rows[0]['layers']} layers, random "
                 "weights, bf16; median ms per decode step (eager launches, Python included) over "
