@@ -39,7 +39,7 @@ def timed(fn, lengths) -> float:
 
 
 def main(argv=None) -> int:
-    import longfx  # noqa: F401  (registers longfx::attention)
+    import longfx.kernels.attention.op  # noqa: F401  (registers longfx::attention)
 
     p = argparse.ArgumentParser()
     p.add_argument("--lengths", default="32768,131072")
