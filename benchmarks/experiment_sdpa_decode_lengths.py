@@ -6,11 +6,13 @@ results/debug/kv_decode_host_h100.json) showed ``aten::_cudnn_attention_forward`
 the op alone over a fixed length takes 0.09 ms. A backend that builds a plan per shape pays that
 on every step of a real decode, where the length changes each time.
 
-For each variant: ``--steps`` calls over lengths L, L+1, ... (views of one preallocated cache,
-as DynamicCache's tensors are per-step new tensors of the next length), host wall time per call
-with a sync after each, median; then the same number of calls at one fixed length. Variants:
-the op with no mask (what ``op.unmasked_sdpa_can_run`` sends to SDPA), SDPA forced to each of
-flash / cuDNN / efficient with ``enable_gqa``, and the op with an all-true mask (grouped.py).
+For each variant: ``--steps`` calls over lengths that grow by one (views of one preallocated
+cache; each variant gets lengths no variant before it used, so no plan cache is shared), host
+wall time per call with a sync after each, median; then the same number of calls at one fixed
+length. Variants: SDPA with its default backend choice, the op with no mask (what
+``op.unmasked_sdpa_can_run`` sends to SDPA, with cuDNN excluded since this experiment), SDPA
+forced to each of flash / cuDNN / efficient with ``enable_gqa``, and the op with an all-true
+mask (grouped.py).
 32 query / 8 KV heads, head_dim 128, bf16, one query.
 
     python benchmarks/experiment_sdpa_decode_lengths.py --out $OUT/sdpa_decode_lengths_h100.json
@@ -50,10 +52,11 @@ def main(argv=None) -> int:
     for L in (int(x) for x in args.lengths.split(",")):
         g = torch.Generator(device="cuda").manual_seed(L)
         q = torch.randn(1, 32, 1, 128, device="cuda", dtype=torch.bfloat16, generator=g)
-        k = torch.randn(1, 8, L + 2 * args.steps, 128, device="cuda", dtype=torch.bfloat16,
+        n_var = 7
+        k = torch.randn(1, 8, L + (n_var + 1) * args.steps, 128, device="cuda", dtype=torch.bfloat16,
                         generator=g)
         v = torch.randn_like(k)
-        ones = torch.ones(1, 1, 1, L + 2 * args.steps, device="cuda", dtype=torch.bool)
+        ones = torch.ones(1, 1, 1, k.shape[2], device="cuda", dtype=torch.bool)
 
         def sdpa(backend):
             def call(n):
@@ -63,6 +66,8 @@ def main(argv=None) -> int:
             return call
 
         variants = {
+            "sdpa default": lambda n: F.scaled_dot_product_attention(
+                q, k[:, :, :n], v[:, :, :n], scale=128 ** -0.5, enable_gqa=True),
             "op, no mask": lambda n: torch.ops.longfx.attention(q, k[:, :, :n], v[:, :, :n], None,
                                                                 128 ** -0.5, False, 0.0),
             "op, all-true mask (grouped)": lambda n: torch.ops.longfx.attention(
@@ -72,11 +77,13 @@ def main(argv=None) -> int:
             "sdpa efficient": sdpa(SDPBackend.EFFICIENT_ATTENTION),
         }
         row = {"length": L}
-        for name, fn in variants.items():
+        assert len(variants) <= n_var
+        for i, (name, fn) in enumerate(variants.items()):
+            start = L + i * args.steps                                  # lengths of its own
             try:
-                fn(L)                                                   # first call: warm
-                grow = timed(fn, range(L + 1, L + 1 + args.steps))
-                fixed = timed(fn, [L + 1] * args.steps)
+                fn(start)                                               # first call: warm
+                grow = timed(fn, range(start + 1, start + 1 + args.steps))
+                fixed = timed(fn, [start + 1] * args.steps)
                 row[name] = {"growing_ms": grow, "fixed_ms": fixed}
             except RuntimeError as e:
                 row[name] = {"error": str(e).splitlines()[0][:200]}
