@@ -37,8 +37,9 @@ from longfx.kernels.attention import dense, grouped, reference
 REFERENCE_MAX_SCORES = 1 << 24      # 64 MiB of fp32 scores
 # SDPA backends of the unmasked path. cuDNN is left out: SDPA picks it first on an H100 (torch
 # 2.11, cuDNN 9.19) and it builds an execution plan for every new shape (pytorch/pytorch#155958
-# made an opt-in ragged path, TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1, for exactly this), ~60 ms a call when the
-# KV length grows by one each decode step, against 0.12 ms for flash over the same lengths
+# made an opt-in ragged path, TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1, for exactly this): ~40-60 ms
+# a call when the KV length grows by one each decode step, against 0.12 ms for flash over the
+# same lengths
 # (benchmarks/experiment_sdpa_decode_lengths.py, results/debug/sdpa_decode_lengths_h100.json:
 # SDPA left to choose 37.7 / 40.5 ms a call at 32k / 128k, cuDNN forced 40.4 / 58.3, flash
 # 0.12 / 0.28, this op 0.17 / 0.31).
