@@ -57,8 +57,8 @@ Li et al. 2025: a few sensitive layers get wider keys) is a per-layer choice of 
 key codes are then ``[B, Hkv, Sp, D·key_bits/8]``; the key params keep their shape. Readers
 take the key width off the tensors (``key_bits_of``: code bytes per token against the params'
 head dim), as they take the ring size and the scale format, so the ops' schemas (one ``bits``,
-the values') are unchanged; the Triton kernels refuse such a state (``triton._state_ok``) and
-the reference serves it.
+the values') are unchanged; the Triton quantize-on-append and the default "asmt" decode take
+such a state (a key width of its own, ``triton.key_bits``), the other decode variants refuse it.
 
 State tensors (``QuantizedKV``), fixed dtypes and static shapes so that a graph can take and
 return them (Sp = packed capacity, a multiple of group; Jv = ceil(D / group)):

@@ -164,9 +164,9 @@ def test_rotate_and_clip_parse_print_only_when_set_and_reach_the_cache():
 
 
 def test_compiled_rotated_clipped_cache_reads_like_eager_without_graph_breaks():
-    """The rotation (plain torch around the append op and the read op) and the clipped append
-    (the reference, plain torch) trace: the compiled model equals the same cache driven
-    eagerly, chunk after chunk, and the report has no graph break."""
+    """The rotation (``longfx::kv_rotate`` around the append op and the read op) and the
+    clipped append (the append op with ``clip=True``) trace: the compiled model equals the same
+    cache driven eagerly, chunk after chunk, and the report has no graph break."""
     model, _ = zoo.build("llama")
     ids = torch.randint(3, 120, (1, 96), generator=torch.Generator().manual_seed(4))
     fast = longfx.compile(model, "kv_quant(bits=2, group=16, residual=16, rotate=true, clip=true)")
