@@ -49,6 +49,16 @@ def build(args):
     return model.eval()
 
 
+def model_args(p: argparse.ArgumentParser) -> None:
+    """The model-shape and prefill options ``build`` and ``prefill`` read (Llama-8B defaults)."""
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--hidden", type=int, default=4096)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--mlp", type=int, default=14336)
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--chunk", type=int, default=8192)
+
+
 def sync(device: str) -> None:
     infer.sync(torch.device(device))
 
@@ -187,12 +197,7 @@ def main(argv=None) -> int:
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--recipe", default=None, help="a kv_quant(...) recipe (default: "
                    "kv_quant(bits=BITS)); its fuse=false twin is the unlowered model")
-    p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--hidden", type=int, default=4096)
-    p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--mlp", type=int, default=14336)
-    p.add_argument("--vocab", type=int, default=32000)
-    p.add_argument("--chunk", type=int, default=8192)
+    model_args(p)
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--warmup", type=int, default=4)

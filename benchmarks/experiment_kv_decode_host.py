@@ -17,7 +17,7 @@ import json
 import time
 
 import torch
-from bench_kv_quant_model_decode import build, meta, prefill
+from bench_kv_quant_model_decode import build, meta, model_args, prefill
 
 from longfx.eval import infer
 
@@ -61,12 +61,7 @@ def main(argv=None) -> int:
     p.add_argument("--length", type=int, default=32768)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--bits", type=int, default=4)
-    p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--hidden", type=int, default=4096)
-    p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--mlp", type=int, default=14336)
-    p.add_argument("--vocab", type=int, default=32000)
-    p.add_argument("--chunk", type=int, default=8192)
+    model_args(p)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--device", default="cuda")

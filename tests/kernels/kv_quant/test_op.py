@@ -8,10 +8,11 @@ import torch
 from longfx.kernels.attention.reference import attention
 from longfx.kernels.kv_quant import op
 from longfx.kernels.kv_quant import reference as R
+from longfx.testing import max_rel_error
 
 
 def _rel(a, b):
-    return float((a.float() - b.float()).abs().max() / max(float(b.float().abs().max()), 1e-12))
+    return max_rel_error(a.float(), b.float())
 
 
 def _kv(B, H, T, D, seed=0, dtype=torch.float32):
