@@ -29,21 +29,11 @@ the op with an all-true mask (grouped.py) / F.scaled_dot_product_attention calle
 from __future__ import annotations
 
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from longfx.kernels.attention import dense, grouped, reference
 
 
 REFERENCE_MAX_SCORES = 1 << 24      # 64 MiB of fp32 scores
-# SDPA backends of the unmasked path. cuDNN is left out: SDPA picks it first on an H100 (torch
-# 2.11, cuDNN 9.19) and it builds an execution plan for every new shape (pytorch/pytorch#155958
-# made an opt-in ragged path, TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1, for exactly this): ~40-60 ms
-# a call when the KV length grows by one each decode step, against 0.12 ms for flash over the
-# same lengths
-# (benchmarks/experiment_sdpa_decode_lengths.py, results/debug/sdpa_decode_lengths_h100.json:
-# SDPA left to choose 37.7 / 40.5 ms a call at 32k / 128k, cuDNN forced 40.4 / 58.3, flash
-# 0.12 / 0.28, this op 0.17 / 0.31).
-UNMASKED_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 GROUPED_MAX_QUERIES = 16
 GROUPED_MAX_SCORES = 1 << 26        # 256 MiB of fp32 scores
 
@@ -76,8 +66,7 @@ def sdpa_can_run(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, is
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
               scale: float, is_causal: bool, softcap: float) -> torch.Tensor:
     if unmasked_sdpa_can_run(q, k, mask, is_causal, softcap):
-        with sdpa_kernel(UNMASKED_BACKENDS):            # not cuDNN: a plan per KV length
-            return dense.sdpa(q, k, v, scale=scale)
+        return dense.sdpa(q, k, v, scale=scale)        # never cuDNN (dense.py says why)
     if grouped_can_run(q, k, mask, is_causal):
         return grouped.attention(q, k, v, mask, scale, softcap)
     if not sdpa_can_run(q, k, mask, is_causal, softcap):
