@@ -10,13 +10,10 @@ with an all-true mask (grouped.py) and with no mask (SDPA whole, op.unmasked_sdp
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-from datetime import datetime, timezone
 
 import torch
 import torch.nn.functional as F
-from cuda_timing import bench, rel
+from cuda_timing import bench, gpu_meta, rel, save_json
 
 from longfx.kernels.attention import grouped, op, reference
 
@@ -58,12 +55,7 @@ def main(argv=None) -> int:
             row[name] = bench(fn, 3, args.reps)["median_ms"]
         rows.append(row)
         print(row, flush=True)
-    meta = {"torch": torch.__version__, "gpu": torch.cuda.get_device_name(),
-            "python": platform.python_version(),
-            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d")}
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"rows": rows, "meta": meta}, f, indent=1)
+    save_json(args.out, rows=rows, meta=gpu_meta())
     return 0
 
 

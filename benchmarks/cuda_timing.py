@@ -2,7 +2,10 @@
 scripts run as ``python benchmarks/NAME.py``, so this folder is on ``sys.path``)."""
 from __future__ import annotations
 
+import json
+import platform
 import statistics
+from datetime import datetime, timezone
 
 import torch
 
@@ -52,6 +55,27 @@ def median_ms(fn, warmup: int, reps: int) -> float:
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     """Max absolute difference relative to the largest magnitude of the reference ``b``."""
     return float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-12))
+
+
+def gpu_meta(**extra) -> dict:
+    """What a GPU run's JSON records about where it ran: torch, Triton, cuDNN and Python
+    versions, the GPU's name, the UTC date, and ``extra``."""
+    meta = {"torch": torch.__version__, "gpu": torch.cuda.get_device_name(),
+            "cudnn": torch.backends.cudnn.version(), "python": platform.python_version(),
+            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d")}
+    try:
+        import triton
+        meta["triton"] = triton.__version__
+    except Exception:  # noqa: BLE001 - no Triton: nothing to record
+        pass
+    return {**meta, **extra}
+
+
+def save_json(path: str | None, **fields) -> None:
+    """Write ``fields`` as one JSON object to ``path`` (nothing when ``path`` is None)."""
+    if path:
+        with open(path, "w") as f:
+            json.dump(fields, f, indent=1)
 
 
 def map_checkout(root) -> None:

@@ -19,11 +19,11 @@ divided by the calls, so it is CPU time, not kernel time:
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import torch
 from bench_kv_quant_decode import random_state
+from cuda_timing import gpu_meta, save_json
 
 
 def enqueue_us(fn, calls: int) -> float:
@@ -79,19 +79,10 @@ def main(argv=None) -> int:
     v = torch.randn_like(k)
     out["append op"] = enqueue_us(lambda: kv_op.APPEND(*big.tensors(), k, v, 4, 64), args.calls)
     out["append impl (triton.append)"] = enqueue_us(lambda: T.append(big, k, v), args.calls)
-    meta = {"torch": torch.__version__, "gpu": torch.cuda.get_device_name(),
-            "date": time.strftime("%Y-%m-%d")}
-    try:
-        import triton
-        meta["triton"] = triton.__version__
-    except Exception:  # noqa: BLE001
-        pass
     for name, us in out.items():
         print(f"{name}: {us} us", flush=True)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"host_us_per_call": out, "length": args.length, "calls": args.calls,
-                       "meta": meta}, f, indent=1)
+    save_json(args.out, host_us_per_call=out, length=args.length, calls=args.calls,
+              meta=gpu_meta())
     return 0
 
 

@@ -20,12 +20,12 @@ mask (grouped.py).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 
 import torch
 import torch.nn.functional as F
+from cuda_timing import gpu_meta, save_json
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
@@ -89,11 +89,7 @@ def main(argv=None) -> int:
                 row[name] = {"error": str(e).splitlines()[0][:200]}
             print(L, name, row[name], flush=True)
         rows.append(row)
-    meta = {"torch": torch.__version__, "gpu": torch.cuda.get_device_name(),
-            "cudnn": torch.backends.cudnn.version(), "date": time.strftime("%Y-%m-%d")}
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"rows": rows, "meta": meta}, f, indent=1)
+    save_json(args.out, rows=rows, meta=gpu_meta())
     return 0
 
 

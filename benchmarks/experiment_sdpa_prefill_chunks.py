@@ -13,11 +13,11 @@ sync (host + device), median; each variant gets its own lengths (no shared plan 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 
 import torch
+from cuda_timing import gpu_meta, save_json
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from longfx.kernels.attention import dense
@@ -61,12 +61,8 @@ def main(argv=None) -> int:
         rows[name] = {"median_ms": round(statistics.median(walls), 3),
                       "walls_ms": [round(w, 3) for w in walls]}
         print(name, rows[name], flush=True)
-    meta = {"torch": torch.__version__, "gpu": torch.cuda.get_device_name(),
-            "cudnn": torch.backends.cudnn.version(), "date": time.strftime("%Y-%m-%d"),
-            "chunk": args.chunk, "chunks": args.chunks, "start": args.start}
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"rows": rows, "meta": meta}, f, indent=1)
+    save_json(args.out, rows=rows,
+              meta=gpu_meta(chunk=args.chunk, chunks=args.chunks, start=args.start))
     return 0
 
 

@@ -325,14 +325,9 @@ def kernels(results: Path) -> str:
                 "|---|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
             pk = r["step_peak_extra_mb"]
-            lo = {k: min(v) for k, v in r.get("times_ms", {}).items()}
-
-            def cell(key, name):
-                med = r.get(key, float("nan"))
-                return f"{med:.1f}" + (f" ({lo[name]:.1f})" if name in lo else "")
-            out.append(f"| {r['length']} | {r['batch']} | {cell('fused_ms', 'fused')} | "
-                       f"{cell('unfused_ms', 'unfused')} | {cell('dense_ms', 'dense')} | "
-                       f"{cell('dense_compiled_ms', 'dense_compiled')} | "
+            out.append(f"| {r['length']} | {r['batch']} | {_step_ms(r, 'fused')} | "
+                       f"{_step_ms(r, 'unfused')} | {_step_ms(r, 'dense')} | "
+                       f"{_step_ms(r, 'dense_compiled')} | "
                        f"{r['fused_vs_unfused']:.2f}× | {pk['fused']:.0f} / {pk['unfused']:.0f} / "
                        f"{pk.get('dense_compiled', float('nan')):.0f} | "
                        f"{r['kv_bytes_quant'] / r['kv_bytes_dense']:.3f}× | "
@@ -364,6 +359,14 @@ def kernels(results: Path) -> str:
                        f"{r['rel_err_grouped']:.1e} / {'—' if err is None else f'{err:.1e}'} |")
         out += [""]
     return "\n".join(out)
+
+
+def _step_ms(row: dict, model: str) -> str:
+    """A model's median ms a step (``{model}_ms``), its fastest step in parentheses when the
+    row kept every step's time."""
+    med = row.get(f"{model}_ms", float("nan"))
+    steps = row.get("times_ms", {}).get(model)
+    return f"{med:.1f}" + (f" ({min(steps):.1f})" if steps else "")
 
 
 def independent(results: Path, rows: list[dict]) -> str:
