@@ -3,7 +3,10 @@ decode (``longfx::kv_quant_attention`` over the packed state, passes/kv_quant_de
 same recipe with ``fuse=false`` (each layer's state dequantized into a transient copy, then
 attention) vs the plain model with HF's ``DynamicCache``, run as HF runs it (``dense``: eager
 Python) and through ``longfx.compile(model, "")`` (``dense_compiled``: the same Dynamo capture
-and canonical ops as the quantized models, no recipe).
+and canonical ops as the quantized models, no recipe). ``fused_graph``: the lowered step
+replayed as a CUDA graph by ``runtime/decode_graph.py`` (``DecodeGraph``; its counters and the
+reason it last ran a step normally are in the row). ``--static`` adds HF's own fast dense
+decode, ``StaticCache`` + ``torch.compile(mode="reduce-overhead")`` (``dense_static_graph``).
 
     python benchmarks/bench_kv_quant_model_decode.py --out benchmarks/results/kv_quant_model_decode_h100.json
 
@@ -11,8 +14,8 @@ The model is Llama-3-8B-shaped (hidden 4096, 32 query / 8 KV heads, head_dim 128
 rope theta 500000) with ``--layers`` decoder layers, ``--vocab`` tokens and random weights
 (speed does not depend on them), bf16, SDPA attention. Each case (``--cases``, length:batch)
 prefills random ids in ``--chunk``-token chunks once into a quantized cache (shared by the
-fused and unfused models: both read the same state, each step appends one token) and once
-into a DynamicCache, then times ``--steps`` greedy decode steps per model in ``--rounds``
+fused and unfused models and the CUDA-graph runner: all read the same state, each step appends one token)
+and once into a DynamicCache, then times ``--steps`` greedy decode steps per model in ``--rounds``
 alternating rounds (CUDA events around each step, synchronized; median per model). Also
 recorded: the peak memory a decode step allocates beyond what was allocated before it (the
 unfused path's dequantized copy of one layer), the KV bytes each cache holds, and the largest
@@ -79,11 +82,42 @@ def step(model, cache, tok: torch.Tensor, device: str) -> tuple[float, torch.Ten
         base = torch.cuda.memory_allocated()
     t0 = time.perf_counter()
     with torch.no_grad():
-        logits = model(input_ids=tok, past_key_values=cache, use_cache=True).logits
+        if callable(getattr(model, "step", None)):            # a DecodeGraph runner
+            logits = model.step(tok)
+        elif isinstance(model, StaticDecode):
+            logits = model(tok)
+        else:
+            logits = model(input_ids=tok, past_key_values=cache, use_cache=True).logits
     sync(device)
     ms = (time.perf_counter() - t0) * 1e3
     peak = torch.cuda.max_memory_allocated() - base if device == "cuda" else 0
     return ms, logits, peak
+
+
+class StaticDecode:
+    """HF's own fast dense decode: a ``StaticCache`` and ``torch.compile(mode=
+    "reduce-overhead")`` (Inductor + CUDA graphs), positions passed as tensors."""
+
+    def __init__(self, model, ids: torch.Tensor, chunk: int, extra: int):
+        from transformers import StaticCache
+
+        self.cache = StaticCache(config=model.config, max_cache_len=ids.shape[1] + extra)
+        self.pos = ids.shape[1]
+        with torch.no_grad():
+            for s in range(0, ids.shape[1], chunk):
+                part = ids[:, s:s + chunk]
+                n = part.shape[1]
+                out = model(input_ids=part, past_key_values=self.cache, use_cache=True,
+                            position_ids=torch.arange(s, s + n, device=ids.device)[None])
+        self.first = out.logits[:, -1:].argmax(-1)
+        self.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
+
+    def __call__(self, tok: torch.Tensor) -> torch.Tensor:
+        pos = torch.full_like(tok, self.pos)
+        out = self.forward(input_ids=tok, position_ids=pos, past_key_values=self.cache,
+                           use_cache=True)
+        self.pos += 1
+        return out.logits.clone()
 
 
 def run_case(args, model, length: int, batch: int) -> dict:
@@ -105,16 +139,37 @@ def run_case(args, model, length: int, batch: int) -> dict:
     canon = longfx.compile(model, "")                  # no recipe: canonical ops only
     ccache = DynamicCache(config=model.config)
     tok_c = prefill(canon, ids, ccache, args.chunk)
-    prefill_s = time.perf_counter() - t0
+    from longfx.runtime.decode_graph import DecodeGraph
+
+    # the lowered step replayed as a CUDA graph, over the same state (it records again if
+    # another path's append grows the storage)
+    runner = DecodeGraph(fused, qcache, headroom=args.steps * args.rounds * 4 + 64)
     kinds = {"fused": (fused, qcache), "unfused": (plain, qcache), "dense": (model, dcache),
-             "dense_compiled": (canon, ccache)}
-    toks = {"fused": tok_q, "unfused": tok_q, "dense": tok_d, "dense_compiled": tok_c}
+             "dense_compiled": (canon, ccache), "fused_graph": (runner, qcache)}
+    toks = {"fused": tok_q, "unfused": tok_q, "dense": tok_d, "dense_compiled": tok_c,
+            "fused_graph": tok_q}
+    static_error = None
+    if args.static:
+        try:
+            static = StaticDecode(model, ids, args.chunk, (args.warmup + args.steps
+                                                            * args.rounds) * 2 + 8)
+            kinds["dense_static_graph"] = (static, None)
+            toks["dense_static_graph"] = static.first
+        except Exception as e:  # noqa: BLE001 - recorded in the row, the rest still runs
+            static_error = f"{type(e).__name__}: {e}"[:500]
+    prefill_s = time.perf_counter() - t0
     times = {k: [] for k in kinds}
     peaks = {k: [] for k in kinds}
-    for name, (m, c) in kinds.items():                 # warm up: compiles each decode graph
-        for _ in range(args.warmup):
-            _, logits, _ = step(m, c, toks[name], args.device)
-            toks[name] = logits[:, -1:].argmax(-1)
+    for name, (m, c) in list(kinds.items()):           # warm up: compiles each decode graph
+        try:
+            for _ in range(args.warmup):
+                _, logits, _ = step(m, c, toks[name], args.device)
+                toks[name] = logits[:, -1:].argmax(-1)
+        except Exception as e:  # noqa: BLE001 - only the static baseline may fail here
+            if name != "dense_static_graph":
+                raise
+            static_error = f"{type(e).__name__}: {e}"[:500]
+            del kinds[name]
     for _ in range(args.rounds):
         for name, (m, c) in kinds.items():
             for _ in range(args.steps):
@@ -122,6 +177,7 @@ def run_case(args, model, length: int, batch: int) -> dict:
                 times[name].append(ms)
                 peaks[name].append(peak)
                 toks[name] = logits[:, -1:].argmax(-1)
+    times = {k: v for k, v in times.items() if v}
     med = {k: statistics.median(v) for k, v in times.items()}
     # each step appends, so two paths cannot step from one state: the lowered op is compared
     # with the unfused read + attention on every layer's final state instead
@@ -136,6 +192,12 @@ def run_case(args, model, length: int, batch: int) -> dict:
             "fused_vs_unfused": round(med["unfused"] / med["fused"], 3),
             "fused_vs_dense": round(med["dense"] / med["fused"], 3),
             "fused_vs_dense_compiled": round(med["dense_compiled"] / med["fused"], 3),
+            "fused_graph_ms": round(med["fused_graph"], 3),
+            "fused_graph_vs_dense_compiled": round(med["dense_compiled"] / med["fused_graph"], 3),
+            "dense_static_graph_ms": round(med["dense_static_graph"], 3)
+            if "dense_static_graph" in med else None, "static_error": static_error,
+            "graph_runner": {"replays": runner.replays, "captures": runner.captures,
+                             "normal_steps": runner.normal_steps, "reason": runner.reason},
             "kv_bytes_dense_compiled": infer.kv_bytes(ccache),
             "step_peak_extra_mb": {k: round(max(v) / 2**20, 1) for k, v in peaks.items()},
             "kv_bytes_quant": infer.kv_bytes(qcache), "kv_bytes_dense": infer.kv_bytes(dcache),
@@ -201,6 +263,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--warmup", type=int, default=4)
+    p.add_argument("--static", action="store_true", help="also time HF's StaticCache with "
+                   "torch.compile(mode='reduce-overhead') (dense, Inductor + CUDA graphs)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)

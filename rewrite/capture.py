@@ -38,6 +38,12 @@ class Backend:
         self.keep_graphs = keep_graphs
         self.report = RewriteReport(recipe=recipe)
         self.graphs: list[tuple[fx.GraphModule, fx.GraphModule]] = []   # (original, rewritten)
+        # per graph handed back, in order: the positions of its integer inputs (Dynamo's
+        # SymInts: a cache length, a batch size) that some node still reads after rewriting
+        self.int_inputs_read: list[tuple[int, ...]] = []
+        # while a list (set by runtime/decode_graph.py): each call of a graph handed back
+        # appends (its index, {position: value} of its integer inputs)
+        self.calls: list[tuple[int, dict[int, int]]] | None = None
 
     def __call__(self, gm: fx.GraphModule, example_inputs: list[Any]) -> Callable:
         name = f"graph {len(self.report.graphs)}"
@@ -50,11 +56,26 @@ class Backend:
             msg = f"longfx: {name} left unrewritten: {detail}"
             warn(msg)
             self.report.warnings.append(msg)
-            return self._lower(gm, example_inputs)
+            return self._recorded(gm, self._lower(gm, example_inputs))
         self.report.graphs.append(graph_report)
         if self.keep_graphs:
             self.graphs.append((gm, new))
-        return self._lower(new, example_inputs)
+        return self._recorded(new, self._lower(new, example_inputs))
+
+    def _recorded(self, gm: fx.GraphModule, fn: Callable) -> Callable:
+        """``fn`` that notes its calls in ``self.calls`` while that is a list, so a caller can
+        tell which graphs ran and with which integer inputs (a CUDA graph replays one call with
+        those integers frozen: runtime/decode_graph.py)."""
+        index = len(self.int_inputs_read)
+        self.int_inputs_read.append(int_inputs_read(gm))
+
+        def run(*args: Any) -> Any:
+            if self.calls is not None:
+                self.calls.append((index, {i: a for i, a in enumerate(args)
+                                           if isinstance(a, int) and not isinstance(a, bool)}))
+            return fn(*args)
+
+        return run
 
     def _lower(self, gm: fx.GraphModule, example_inputs: list[Any]) -> Callable:
         if self.inner == "inductor":
@@ -62,6 +83,34 @@ class Backend:
 
             return compile_fx(gm, example_inputs)
         return gm.forward
+
+
+def _is_int(val: Any) -> bool:
+    return isinstance(val, (int, torch.SymInt)) and not isinstance(val, bool)
+
+
+def int_inputs_read(gm: fx.GraphModule) -> tuple[int, ...]:
+    """Positions of ``gm``'s placeholders that carry an integer (a SymInt Dynamo lifted: a
+    Python int that changed between calls, a dynamic size) and that some computation other
+    than integer arithmetic reaches. Integer arithmetic that only ends in the graph's outputs
+    (a cache layer's ``self.length = past + s``, which Dynamo computes in the graph and writes
+    back after it) does not count. A node without a recorded value counts (conservative)."""
+    out = []
+    for i, node in enumerate(n for n in gm.graph.nodes if n.op == "placeholder"):
+        if not _is_int(node.meta.get("example_value", node.meta.get("val"))):
+            continue
+        stack, seen = list(node.users), set()
+        while stack:
+            user = stack.pop()
+            if user in seen or user.op == "output":
+                continue
+            seen.add(user)
+            if _is_int(user.meta.get("example_value", user.meta.get("val"))):
+                stack.extend(user.users)                 # still an integer: follow it
+                continue
+            out.append(i)
+            break
+    return tuple(out)
 
 
 def graph_breaks() -> Counter:
