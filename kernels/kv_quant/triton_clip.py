@@ -8,9 +8,11 @@ keys are quantized per channel over groups of ``group`` tokens, values per token
 of ``group`` channels. The clip search (``reference.search_params``): each group's
 (min, max) is scaled by every ratio r of ``reference.CLIP_RATIOS``, and of the stored
 (scale, zero) those ranges give, the one with the lowest squared quantization error of the
-group is kept (ties: the earlier ratio, the larger range) — the per-group range (clipping)
-search of the weight quantizers (AWQ's ``auto_clip``, Lin et al. 2024; OmniQuant's learnable
-clipping, Shao et al. 2024), applied to the KV cache at quantization time.
+group is kept (ties: the earlier ratio, the larger range). ``reference.search_params`` names
+no source; docs/kv_compression.md ("2-bit within 0.15×: rotation and clipping") records it as
+a per-group MSE search over (min, max) × CLIP_RATIOS. It is the clipping-ratio grid search of
+weight quantizers (AWQ's ``auto_clip``, Lin et al. 2024, shrinks each group's range by a grid
+of ratios and keeps the lowest error), applied to the KV cache at quantization time.
 
 One program per (batch·kv head, group that leaves the ring in this append), as
 ``triton._append_quantize_kernel``; the tokens that stay in full precision go to their ring
@@ -33,10 +35,18 @@ too). The terms are identical, so the sums differ by at most their rounding (a f
 relative for 64 terms), and the choice between two ratios can differ only where their
 errors are that close: a near-tie, where either choice is as good. The tests require
 equality under the interpreter and, on CUDA, allow such near-ties only (the two choices'
-errors, summed exactly in fp64, within 1e-5 relative; codes always those of the chosen
-params). ``log2`` carries the same kind of risk at ulp level (a scale within an ulp of a
-1/8-octave step) where the reference runs on another library's log2 (the CPU reference
-against the GPU kernel); none was seen.
+errors, summed in fp64, within 1e-5 relative; codes always those of the chosen params).
+``log2`` carries the same kind of risk at ulp level (a scale within an ulp of a 1/8-octave
+step) where the reference runs on another library's log2 (the CPU reference against the GPU
+kernel). Neither was seen: the tests pass with equality under the interpreter and on an H100,
+and a 32k-token state filled through both appends on the H100 was identical (below).
+
+Measured on an H100 (2026-11-24, torch 2.11, Triton 3.6; B=1, 8 kv heads, D=128, bf16,
+``kv_quant(bits=2, clip=true, key_bits=4)``'s state (u8, group 64, residual 128) holding 32k
+tokens; benchmarks/bench_kv_quant_clip_append.py, results/kv_quant_clip_append_h100.json),
+reference / this append eager / in a CUDA graph of 10, ms an append: one token 0.316 / 0.101
+/ 0.0045 averaged over a 64-step group cycle (ring only 0.163 / 0.099 / 0.0042; the step that
+packs a group 9.92 / 0.222 / 0.020); 1024 tokens 11.45 / 0.438 / 0.377.
 """
 from __future__ import annotations
 
