@@ -13,10 +13,12 @@ runtime (HF ``Cache``, ONNX runner) can own it:
   (``reference.search_params``); the Triton append does not search, so a clipping append runs
   the reference on every device. Under torch.compile / export it is functionalized like any
   in-place cache update.
-* ``kv_quant_attention(q, *state, scale, bits, group, sink_k=None, sink_v=None)`` — the last S
-  positions of the state attend to all of it (bottom-right causal, GQA), reading the packed
-  codes; with the exact sink copy a ``QuantizedKVLayer`` keeps (``sink_k``, ``sink_v``
-  [B, Hkv, n, D]) positions < n read that copy instead. ``kv_quant(...)``'s lowering rule
+* ``kv_quant_attention(q, *state, scale, bits, group, sink_k=None, sink_v=None, window=0)`` —
+  the last S positions of the state attend to all of it (bottom-right causal, GQA), reading
+  the packed codes; with the exact sink copy a ``QuantizedKVLayer`` keeps (``sink_k``,
+  ``sink_v`` [B, Hkv, n, D]) positions < n read that copy instead; ``window`` > 0 (a
+  sliding-window layer, whose trimmed cache holds more than its window) each query sees only
+  the ``window`` most recent held keys up to its own position (``reference.decode_mask``). ``kv_quant(...)``'s lowering rule
   (passes/kv_quant_decode.py) puts it in a decode step in place of read → attention.
 * ``kv_rotate(x, rot, inverse=False)`` — ``x [..., D] @ rot`` (``@ rotᵀ`` when ``inverse``),
   in fp32, in x's dtype (``reference.rotate_as``): the rotation of a ``rotate=true`` cache
@@ -97,29 +99,33 @@ def kv_quant_attention(q: torch.Tensor, k_codes: torch.Tensor, k_params: torch.T
                        v_codes: torch.Tensor, v_params: torch.Tensor, k_ring: torch.Tensor,
                        v_ring: torch.Tensor, length: torch.Tensor, scale: float, bits: int,
                        group: int, sink_k: torch.Tensor | None = None,
-                       sink_v: torch.Tensor | None = None) -> torch.Tensor:
+                       sink_v: torch.Tensor | None = None, window: int = 0) -> torch.Tensor:
     tensors = (k_codes, k_params, v_codes, v_params, k_ring, v_ring, length)
     state = reference.QuantizedKV.from_tensors(tensors, bits, group)
     impl = _impl_for(q)
-    if impl is not None and impl.supports_attention(q, state, sinks=sink_k is not None):
-        return impl.attention_decode(q, state, scale, sink_k=sink_k, sink_v=sink_v)
+    if impl is not None and impl.supports_attention(q, state, sinks=sink_k is not None,
+                                                    window=window):
+        return impl.attention_decode(q, state, scale, sink_k=sink_k, sink_v=sink_v,
+                                     window=window)
     if q.is_cuda:
-        return dequantized_attention(q, state, scale, sink_k, sink_v)
-    return reference.attention_decode(q, state, scale, sink_k, sink_v)
+        return dequantized_attention(q, state, scale, sink_k, sink_v, window)
+    return reference.attention_decode(q, state, scale, sink_k, sink_v, window)
 
 
 @kv_quant_attention.register_fake
 def _(q, k_codes, k_params, v_codes, v_params, k_ring, v_ring, length, scale, bits, group,
-      sink_k=None, sink_v=None):
+      sink_k=None, sink_v=None, window=0):
     return q.new_empty((*q.shape[:-1], k_ring.shape[-1]))
 
 
 def dequantized_attention(q: torch.Tensor, state: reference.QuantizedKV, scale: float,
                           sink_k: torch.Tensor | None = None,
-                          sink_v: torch.Tensor | None = None) -> torch.Tensor:
+                          sink_v: torch.Tensor | None = None, window: int = 0) -> torch.Tensor:
     """``reference.attention_decode`` through a dequantized copy and SDPA (``dense.sdpa``:
     memory linear in the length): the GPU's path for what the Triton decode does not take
-    (8-bit codes with sinks, head dims it refuses). It reads the length on the host."""
+    (8-bit codes with sinks, head dims it refuses, a window over one-width 8-bit codes). It
+    reads the length on the host. ``window`` > 0: keys before the first any query sees are
+    not passed to SDPA at all (one query: the last ``window`` held keys, no mask)."""
     from longfx.kernels.attention import dense
 
     L = int(state.length)
@@ -127,8 +133,10 @@ def dequantized_attention(q: torch.Tensor, state: reference.QuantizedKV, scale: 
     reference.check_sinks(sink_k, sink_v, state)
     k, v = reference.with_sinks(*reference.dequantize_state(state), sink_k, sink_v)
     S = q.shape[2]
-    mask = None if S == 1 else \
-        torch.ones(S, L, dtype=torch.bool, device=q.device).tril(L - S)   # bottom-right causal
+    lo = max(0, L - S - window + 1) if window else 0        # first key any query sees
+    k, v = k[:, :, lo:], v[:, :, lo:]                       # [B, Hkv, L - lo, D]
+    # one query sees every key from lo on; more: bottom-right causal (and the window)
+    mask = None if S == 1 else reference.decode_mask(S, L, window, q.device)[:, lo:]
     return dense.sdpa(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=scale)
 
 

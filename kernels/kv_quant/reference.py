@@ -708,19 +708,38 @@ def with_sinks(k: torch.Tensor, v: torch.Tensor, sink_k: torch.Tensor | None,
             torch.cat((sink_v[:, :, :n].to(v.dtype), v[:, :, n:]), 2))
 
 
+def check_window(window: int) -> None:
+    if not isinstance(window, int) or isinstance(window, bool) or window < 0:
+        raise ValueError(f"window must be an integer >= 0 (0: no window), got {window!r}")
+
+
+def decode_mask(S: int, L: int, window: int = 0, device=None) -> torch.Tensor:
+    """[S, L] bool: which of the L held keys each of the last S positions of a state sees —
+    bottom-right causal (query i sits at held index L − S + i, keys j <= L − S + i), and with
+    ``window`` > 0 only the ``window`` most recent of them (j >= L − S + i − window + 1; HF's
+    sliding mask, ``kv > q − window``, on held indices)."""
+    check_window(window)
+    keep = torch.ones(S, L, dtype=torch.bool, device=device).tril(L - S)     # [S, L]
+    if window:
+        keep &= ~torch.ones(S, L, dtype=torch.bool, device=device).tril(L - S - window)
+    return keep
+
+
 def attention_decode(q: torch.Tensor, state: QuantizedKV, scale: float | None = None,
                      sink_k: torch.Tensor | None = None,
-                     sink_v: torch.Tensor | None = None) -> torch.Tensor:
+                     sink_v: torch.Tensor | None = None, window: int = 0) -> torch.Tensor:
     """Attention of q [B, H, S, D] — the last S positions of the state, bottom-right causal —
     over everything the state holds, dequantized (GQA: head h reads kv head h // (H / Hkv)).
     With ``sink_k``, ``sink_v`` [B, Hkv, n, D] (an exact copy of the first n tokens, the ring's
-    dtype), positions < min(n, L) read the copy instead of their stored (quantized) form."""
+    dtype), positions < min(n, L) read the copy instead of their stored form (quantized).
+    ``window`` > 0 (a sliding-window layer, its cache trimmed to whole groups: it holds more
+    than the window): each query sees only the ``window`` most recent held keys up to its own
+    position (``decode_mask``), sink positions included."""
     L = int(state.length)
     check_query(q, state.k_ring.shape[1], state.head_dim, L)
     check_sinks(sink_k, sink_v, state)
     k, v = with_sinks(*dequantize_state(state), sink_k, sink_v)
-    S = q.shape[2]
-    mask = torch.ones(S, L, dtype=torch.bool, device=q.device).tril(L - S)   # [S, L]
+    mask = decode_mask(q.shape[2], L, window, q.device)                  # [S, L]
     return attention(q, k.to(q.dtype), v.to(q.dtype), mask, scale)
 
 

@@ -241,17 +241,17 @@ def supports_append(state: reference.QuantizedKV, k: torch.Tensor, v: torch.Tens
 
 
 def supports_attention(q: torch.Tensor, state: reference.QuantizedKV, sinks: bool = False,
-                       variant: str | None = None) -> bool:
+                       variant: str | None = None, window: int = 0) -> bool:
     """Whether ``attention_decode(q, state, variant=variant)`` takes q over this state
-    (variant None: DEFAULT_VARIANT). ``sinks``: with an exact sink copy, which only "asmt"
-    reads (2- and 4-bit codes, and two-width states; shapes that ``planes_ok``; one width of
-    8 bits and the other variants do not take one). A state whose keys are wider or narrower
-    than its values (``key_bits``) is taken by "asmt" only, over ``planes_ok`` shapes
-    (``_widths_ok``); the other variants refuse it."""
+    (variant None: DEFAULT_VARIANT). ``sinks``: with an exact sink copy, and ``window`` > 0:
+    a sliding window, which only "asmt" reads (2- and 4-bit codes, and two-width states;
+    shapes that ``planes_ok``; one width of 8 bits and the other variants take neither). A
+    state whose keys are wider or narrower than its values (``key_bits``) is taken by "asmt"
+    only, over ``planes_ok`` shapes (``_widths_ok``); the other variants refuse it."""
     variant = DEFAULT_VARIANT if variant is None else variant
     ok = _query_ok(q, state) and _widths_ok(q, state, variant)
-    if ok and sinks:
-        return _sinks_ok(q, state, variant)
+    if ok and (sinks or window):
+        return _runs_asmt(q, state, variant)
     return ok
 
 
@@ -271,9 +271,10 @@ def _widths_ok(q: torch.Tensor, state: reference.QuantizedKV, variant: str) -> b
     return key_bits(state) == state.config.bits or (variant == "asmt" and planes_ok(q, state))
 
 
-def _sinks_ok(q: torch.Tensor, state: reference.QuantizedKV, variant: str) -> bool:
-    # the variant attention_decode runs with sinks: "asmt" over planes_ok shapes, with codes
-    # < 8 bits or two widths (one width of 8 bits runs "asm", which takes no sinks)
+def _runs_asmt(q: torch.Tensor, state: reference.QuantizedKV, variant: str) -> bool:
+    # whether attention_decode runs "asmt", the one kernel with sinks and windows: "asmt"
+    # over planes_ok shapes, with codes < 8 bits or two widths (one width of 8 bits runs
+    # "asm", which takes neither)
     one_8bit = state.config.bits == 8 and key_bits(state) == 8
     return variant == "asmt" and not one_8bit and planes_ok(q, state)
 
@@ -982,13 +983,15 @@ if triton is not None:
 
     @triton.jit
     def _exact_tile_t(m_i, l_i, acc_z, acc0, acc1, acc2, acc3, q0, q1, q2, q3, kr, vr, slot, t,
-                      tok, qpos, qk_scale, dt: tl.constexpr, D: tl.constexpr, PB: tl.constexpr,
-                      DP: tl.constexpr, PREC: tl.constexpr, RING_N: tl.constexpr,
-                      BLOCK_C: tl.constexpr, KPB: tl.constexpr, KDP: tl.constexpr):
+                      tok, qpos, qlo, qk_scale, dt: tl.constexpr, D: tl.constexpr,
+                      PB: tl.constexpr, DP: tl.constexpr, PREC: tl.constexpr,
+                      RING_N: tl.constexpr, BLOCK_C: tl.constexpr, KPB: tl.constexpr,
+                      KDP: tl.constexpr):
         """One online-softmax step of ``_decode_tposed_kernel`` over RING_N full-precision
         tokens (positions t, rows ``slot`` of kr / vr, [rows, D]; ``tok`` the live ones): the
-        ring, and the exact sink copy. The query planes q0..q3 [KDP, C] are the keys' (KPB
-        planes), the accumulators acc0..acc3 [DP, C] the values' (PB planes)."""
+        ring, and the exact sink copy. Column c sees positions qlo[c] <= t <= qpos[c] (qlo: its
+        window's first key). The query planes q0..q3 [KDP, C] are the keys' (KPB planes), the
+        accumulators acc0..acc3 [DP, C] the values' (PB planes)."""
         scores = tl.zeros([RING_N, BLOCK_C], tl.float32)
         scores = _ring_plane_scores_t(scores, q0, kr, slot, tok, 0, dt, D, KPB, KDP, PREC)
         if KPB >= 2:
@@ -996,8 +999,8 @@ if triton is not None:
         if KPB == 4:
             scores = _ring_plane_scores_t(scores, q2, kr, slot, tok, 2, dt, D, KPB, KDP, PREC)
             scores = _ring_plane_scores_t(scores, q3, kr, slot, tok, 3, dt, D, KPB, KDP, PREC)
-        scores = tl.where(tok[:, None] & (t[:, None] <= qpos[None, :]), scores * qk_scale,
-                          float("-inf"))
+        seen = (t[:, None] <= qpos[None, :]) & (t[:, None] >= qlo[None, :])   # [N, C]
+        scores = tl.where(tok[:, None] & seen, scores * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, 0))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_safe)
@@ -1028,7 +1031,7 @@ if triton is not None:
             RING_N: tl.constexpr = 16, SK=None, SV=None, NSINK: tl.constexpr = 0,
             RAW: tl.constexpr = False, ASM: tl.constexpr = "", nsink=0,
             WAIT_SPLIT: tl.constexpr = True, KBITS: tl.constexpr = 0, KCENTER: tl.constexpr = 0,
-            KASM: tl.constexpr = ""):
+            KASM: tl.constexpr = "", wnd=1 << 30):
         """``_decode_planes_kernel`` transposed ("asmt"): the tokens are the dots' M side and
         the query rows (repeated once per value group, as there) their N side, which may be 8
         wide: scoresᵀ [N, C] = Σ_i c_i [N, DP] · (q_i∘a_i)ᵀ [DP, C], accᵀ_i [DP, C] +=
@@ -1047,7 +1050,16 @@ if triton is not None:
         KCENTER and KASM the keys' when they are stored wider or narrower (KBITS 0: the keys
         use BITS, CENTER and ASM — the single-width kernel, unchanged). The query planes, the
         key tiles and the ring's key loads follow the keys' KPB = 8 / KBITS planes; the
-        accumulators, the value tiles and the ring's value loads the values' PB."""
+        accumulators, the value tiles and the ring's value loads the values' PB.
+
+        Sliding window (``wnd``, a run-time int; 2^30 = none, which no held length reaches):
+        column c, at position qpos[c], sees positions >= qlo[c] = qpos[c] − wnd + 1 only (the
+        same lower bound for the ring and the sinks). The packed tokens the programs split
+        start at the tile that holds lo = max(0, L − S − wnd + 1), the first position any
+        query sees (computed from the length on the device): the tiles before it are not
+        visited, so the work follows the window, not the held length. Tiles that start below
+        max(nsink, L − wnd) (the last query's bound) take the mask under the scalar branch
+        that sinks use; the ring starts at lo too."""
         PB: tl.constexpr = 8 // BITS
         QMAX: tl.constexpr = (1 << BITS) - 1
         KB: tl.constexpr = BITS if KBITS == 0 else KBITS                    # the keys' width
@@ -1091,9 +1103,12 @@ if triton is not None:
                                 KDP).to(tl.float32)
         L = tl.load(LEN).to(tl.int32)
         n = _n_packed(L, GROUP, RING)
-        chunk = tl.cdiv(tl.cdiv(n, NSPLIT), BLOCK_N) * BLOCK_N                # BLOCK_N | GROUP
-        start = split * chunk
+        lo = tl.maximum(L - S - wnd + 1, 0)                  # first position any query sees
+        plo = tl.minimum(lo // BLOCK_N * BLOCK_N, n)         # its packed tile (BLOCK_N | GROUP)
+        chunk = tl.cdiv(tl.cdiv(n - plo, NSPLIT), BLOCK_N) * BLOCK_N
+        start = plo + split * chunk
         end = tl.minimum(start + chunk, n)
+        mlo = tl.maximum(nsink, L - wnd)                     # tiles below it take the mask
         c = tl.arange(0, BLOCK_C)
         qpos = L - S + (c % M) % S                                           # [C] positions
         cg = (c // M)[None, :]                                               # column's v group
@@ -1143,12 +1158,14 @@ if triton is not None:
             if S > 1:
                 scores = tl.where(t[:, None] <= qpos[None, :], scores, float("-inf"))
             if WAIT_SPLIT or NSINK > 0:
-                # sink positions read the exact copy instead (program NSPLIT). A scalar branch
-                # on the tile start: other tiles pay nothing. nsink is a run-time 0 without
-                # sinks, and the branch stays: it keeps Triton from merging the wait for the
-                # value tile into the key tile's at the top of the loop (see the docstring)
-                if n0 < nsink:
-                    scores = tl.where(t[:, None] >= nsink, scores, float("-inf"))
+                # sink positions read the exact copy instead (program NSPLIT), and positions
+                # before a column's window are not seen. A scalar branch on the tile start:
+                # other tiles pay nothing. Without sinks or a window mlo is <= 0 and the branch
+                # stays: it keeps Triton from merging the wait for the value tile into the key
+                # tile's at the top of the loop (see the docstring)
+                if n0 < mlo:
+                    tlo = tl.maximum(qpos - wnd + 1, nsink)                  # [C]
+                    scores = tl.where(t[:, None] >= tlo[None, :], scores, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(scores, 0))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             alpha = tl.exp2(m_i - m_safe)
@@ -1196,12 +1213,14 @@ if triton is not None:
             kr = KR + bh64 * RING * D
             vr = VR + bh64 * RING * D
             nr = tl.arange(0, RING_N)
-            for n0 in range(tl.where(split == NSPLIT, n, L), L, RING_N):
+            qlo = qpos - wnd + 1                                             # [C] window start
+            for n0 in range(tl.where(split == NSPLIT, tl.maximum(n, lo), L), L, RING_N):
                 t = n0 + nr
                 tok = (t < L) & (t >= NSINK)        # positions < NSINK: the sink copy below
                 m_i, l_i, acc_z, acc0, acc1, acc2, acc3 = _exact_tile_t(
                     m_i, l_i, acc_z, acc0, acc1, acc2, acc3, q0, q1, q2, q3, kr, vr, t % RING,
-                    t, tok, qpos, qk_scale, dt, D, PB, DP, PREC, RING_N, BLOCK_C, KPB, KDP)
+                    t, tok, qpos, qlo, qk_scale, dt, D, PB, DP, PREC, RING_N, BLOCK_C, KPB,
+                    KDP)
             if NSINK > 0:   # the exact sink copy [B, Hkv, NSINK, D]: positions < min(NSINK, L)
                 sk = SK + bh64 * NSINK * D
                 sv = SV + bh64 * NSINK * D
@@ -1210,7 +1229,7 @@ if triton is not None:
                     t = n0 + nr
                     m_i, l_i, acc_z, acc0, acc1, acc2, acc3 = _exact_tile_t(
                         m_i, l_i, acc_z, acc0, acc1, acc2, acc3, q0, q1, q2, q3, sk, sv, t,
-                        t, t < ns, qpos, qk_scale, dt, D, PB, DP, PREC, RING_N, BLOCK_C,
+                        t, t < ns, qpos, qlo, qk_scale, dt, D, PB, DP, PREC, RING_N, BLOCK_C,
                         KPB, KDP)
         base = (bh * (NSPLIT + 1) + split) * M
         full = l_i > 0
@@ -1348,6 +1367,7 @@ DEFAULT_VARIANT = "asmt"      # measured fastest at both shapes: see the module 
 # wait_split — the run-time sink branch that splits the key / value tile waits: on
 _ASMT = dict(raw=False, wait_split=True)
 _COMBINE_TILE = 8192          # [splits, channels] values a combine program takes at most
+_NO_WINDOW = 1 << 30          # "asmt"'s wnd without a window: more than any held length
 
 
 def planes_ok(q: torch.Tensor, state: reference.QuantizedKV) -> bool:
@@ -1373,7 +1393,7 @@ def attention_decode(q: torch.Tensor, state: reference.QuantizedKV, scale: float
                      num_stages: int | None = None, variant: str | None = None,
                      block_n: int | None = None, maxnreg: int | None = None,
                      fuse_ring: bool = True, sink_k: torch.Tensor | None = None,
-                     sink_v: torch.Tensor | None = None) -> torch.Tensor:
+                     sink_v: torch.Tensor | None = None, window: int = 0) -> torch.Tensor:
     """``reference.attention_decode`` reading the packed state: q [B, H, S, D] (S ≤ 16 or so:
     G·S ≤ 128 rows per kv head) -> [B, H, S, D] in q's dtype.
 
@@ -1393,7 +1413,12 @@ def attention_decode(q: torch.Tensor, state: reference.QuantizedKV, scale: float
     sinks=True)``; other variants and one width of 8 bits raise). Keys wider or narrower than
     the values (``key_bits``, read off ``k_codes``: ``key_bits``): "asmt" only, any pair of
     2/4/8 bits (an 8-bit side takes exact fp32-magic operands instead of the PTX); the other
-    variants, and shapes that are not ``planes_ok``, raise.
+    variants, and shapes that are not ``planes_ok``, raise. ``window`` > 0: each query sees
+    only the ``window`` most recent held keys up to its own position
+    (``reference.decode_mask``), sink positions included; "asmt" only, like the sinks (the
+    others raise; ``supports_attention(q, state, window=w)`` says which). The packed tiles
+    before the window are skipped on the device (``_decode_tposed_kernel``), and the default
+    splits follow the window, not the capacity.
     Defaults for tiles of at most 16 rows (G·S ≤ 16: one query token with GQA groups up to 16,
     the decode case): 1 warp, 3 stages, block_n 64 (32 for "joined"), ``_small_tile_splits``
     — the fastest setting of the H100 sweeps (2026-11-23/24); larger tiles: 8 warps, 4
@@ -1414,10 +1439,16 @@ def attention_decode(q: torch.Tensor, state: reference.QuantizedKV, scale: float
                          f'{planes_ok(q, state)})')
     reference.check_query(q, state.k_ring.shape[1], state.head_dim, None)
     reference.check_sinks(sink_k, sink_v, state)
+    reference.check_window(window)
+    if window and not _runs_asmt(q, state, variant):
+        raise ValueError(f'only variant "asmt" with 2/4-bit codes (or two widths) over planes_ok '
+                         f'shapes applies a window (got {variant!r}, {kb}-bit keys, {c.bits}-bit '
+                         f'values, planes_ok {planes_ok(q, state)}; supports_attention(..., '
+                         f'window=w) says which)')
     if sink_k is not None and sink_k.shape[2] == 0:
         sink_k = sink_v = None
     if sink_k is not None:
-        if not _sinks_ok(q, state, variant):
+        if not _runs_asmt(q, state, variant):
             raise ValueError(f'only variant "asmt" with 2/4-bit codes (or two widths) reads an '
                              f'exact sink copy (got {variant!r}, {kb}-bit keys, {c.bits}-bit '
                              f'values; supports_attention(..., sinks=True) says which)')
@@ -1449,8 +1480,11 @@ def attention_decode(q: torch.Tensor, state: reference.QuantizedKV, scale: float
     block_m = max(16, _pow2(M * jv if variant in _OPERAND else M))
     if variant == "asmt":
         block_m = max(_MIN_COLS, _pow2(M * jv))
-    splits = num_splits or (_small_tile_splits(sp) if small else
-                            _num_splits(B * hkv, sp, block_n, q.device))
+    # packed tokens a step may visit: all of them, or with a window at most the window, the
+    # queries' spread and the partial tile before (the kernel skips the rest)
+    visit = sp if not window else min(sp, window + S - 1 + block_n)
+    splits = num_splits or (_small_tile_splits(visit) if small else
+                            _num_splits(B * hkv, visit, block_n, q.device))
     acc = torch.empty(B * hkv, splits + 1, M, D, device=q.device, dtype=torch.float32)
     lse = torch.empty(B * hkv, splits + 1, M, device=q.device, dtype=torch.float32)
     out = torch.empty(B, H, S, D, device=q.device, dtype=q.dtype)
@@ -1480,8 +1514,10 @@ def attention_decode(q: torch.Tensor, state: reference.QuantizedKV, scale: float
             common_main.update(SK=sink_k, SV=sink_v, NSINK=sink_k.shape[2])
         if variant == "asmt":
             raw = bool(_ASMT["raw"])
-            common_main.update(RAW=raw, WAIT_SPLIT=bool(_ASMT["wait_split"]),
-                               nsink=0 if sink_k is None else sink_k.shape[2])
+            # the window's mask lives in the wait-split branch: a window keeps it
+            common_main.update(RAW=raw, WAIT_SPLIT=bool(_ASMT["wait_split"]) or window > 0,
+                               nsink=0 if sink_k is None else sink_k.shape[2],
+                               wnd=window or _NO_WINDOW)
             fp16 = q.dtype == torch.float16
             if operand == 3 and c.bits < 8:
                 common_main["ASM"] = _asm_planes_source(c.bits, fp16, raw)

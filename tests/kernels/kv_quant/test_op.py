@@ -96,3 +96,22 @@ def test_rotated_query_attention_over_the_rotated_state_is_attention_over_the_re
     assert _rel(lowered(out_back=False), want) > 0.1
     if sinks:
         assert _rel(lowered(rotate_sinks=False), want) > 0.1
+
+
+@pytest.mark.parametrize("S,window", [(1, 9), (1, 0), (3, 9), (2, 1), (1, 500)])
+def test_dequantized_attention_applies_the_window_like_the_reference(S, window):
+    """The GPU's fallback (``dequantized_attention``: the dequantized copy from the window's
+    first key on, SDPA) gives the reference's windowed answer, with and without the exact sink
+    copy (sinks outside the window unseen); the op's schema takes ``window`` and traces."""
+    k, v = _kv(1, 2, 70, 16, seed=4)
+    st = R.append(R.QuantizedKV.empty(1, 2, 16, 96, R.KVQuantConfig(4, 16, 16), torch.float32),
+                  k, v)
+    q = torch.randn(1, 4, S, 16, generator=torch.Generator().manual_seed(5))
+    for sk, sv in ((None, None), (3 * k[:, :, :4], v[:, :, :4] + 2)):
+        want = R.attention_decode(q, st, 0.3, sk, sv, window)
+        assert _rel(op.dequantized_attention(q, st, 0.3, sk, sv, window), want) < 1e-5
+        if 0 < window < 70:
+            assert _rel(R.attention_decode(q, st, 0.3, sk, sv), want) > 0.05
+    compiled = torch.compile(lambda *a: op.ATTENTION(*a, 0.3, 4, 16, None, None, window),
+                             backend="aot_eager", fullgraph=True)            # the fake traces
+    assert _rel(compiled(q, *st.tensors()), R.attention_decode(q, st, 0.3, window=window)) < 1e-6

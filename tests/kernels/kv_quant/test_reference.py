@@ -435,3 +435,61 @@ def test_a_scale_code_gives_the_same_float_wherever_it_sits():
             assert torch.equal(R.scale_of_code(part), full[part.long()])
     want = torch.tensor([2.0 ** ((c - 160) / 8) for c in range(256)], dtype=torch.float64)
     assert torch.equal(full, want.float())
+
+
+def _brute_force_window(q, kd, vd, scale, window):
+    """Attention one query row and one key at a time: query i of S at held index L − S + i
+    sees the keys j with j <= L − S + i and, for window > 0, j >= L − S + i − window + 1
+    (GQA: head h reads kv head h // G). fp64, no masks, no matmuls."""
+    B, H, S, D = q.shape
+    L, G = kd.shape[2], H // kd.shape[1]
+    out = torch.zeros(B, H, S, D, dtype=torch.float64)
+    for b in range(B):
+        for h in range(H):
+            for i in range(S):
+                p = L - S + i
+                lo = max(0, p - window + 1) if window else 0
+                keys = range(lo, p + 1)
+                s = torch.tensor([float(q[b, h, i].double() @ kd[b, h // G, j].double()) * scale
+                                  for j in keys], dtype=torch.float64)
+                w = torch.softmax(s, 0)
+                for wj, j in zip(w, keys):
+                    out[b, h, i] += wj * vd[b, h // G, j].double()
+    return out
+
+
+@pytest.mark.parametrize("S,window", [(1, 5), (1, 17), (1, 40), (1, 200), (3, 6), (4, 1),
+                                      (2, 0)])
+def test_windowed_decode_equals_brute_force_attention(S, window):
+    """``attention_decode(..., window=w)`` against attention computed one key at a time over the
+    dequantized state (and the exact sink copy): windows inside one group, across the packed /
+    ring boundary, longer than the held length (= no window), one key, S > 1 queries, 0 = none.
+    A window that was ignored moves the answer by far more than the tolerance (checked)."""
+    D, group, L = 16, 16, 61
+    k, v = _kv(1, 2, L, D, seed=21)
+    st = R.append(R.QuantizedKV.empty(1, 2, D, 80, R.KVQuantConfig(4, group, 16), torch.float32),
+                  k, v)
+    q = torch.randn(1, 4, S, D, generator=torch.Generator().manual_seed(22))
+    kd, vd = R.dequantize_state(st)
+    want = _brute_force_window(q, kd, vd, 0.3, window)
+    got = R.attention_decode(q, st, 0.3, window=window)
+    assert _rel(got, want) < 1e-5
+    assert _rel(torch.ops.longfx.kv_quant_attention(q, *st.tensors(), 0.3, 4, group, None, None,
+                                                    window), want) < 1e-5
+    sk, sv = 3 * k[:, :, :3], v[:, :, :3] + 2                 # a sink copy unlike the state
+    with_sinks = R.with_sinks(kd, vd, sk, sv)
+    assert _rel(R.attention_decode(q, st, 0.3, sk, sv, window),
+                _brute_force_window(q, *with_sinks, 0.3, window)) < 1e-5
+    if 0 < window < L:
+        assert _rel(R.attention_decode(q, st, 0.3), want) > 0.05     # the window matters
+
+
+def test_decode_mask_and_window_errors():
+    m = R.decode_mask(3, 8, 4)
+    assert m.tolist() == [[j <= 5 + i and j >= 5 + i - 3 for j in range(8)] for i in range(3)]
+    assert torch.equal(R.decode_mask(2, 5, 0), torch.ones(2, 5, dtype=torch.bool).tril(3))
+    st = R.QuantizedKV.empty(1, 2, 16, 32, R.KVQuantConfig(4, 16, 16), torch.float32)
+    R.append(st, *_kv(1, 2, 5, 16))
+    for bad in (-1, 2.0, True):
+        with pytest.raises(ValueError, match="window"):
+            R.attention_decode(torch.zeros(1, 2, 1, 16), st, window=bad)
