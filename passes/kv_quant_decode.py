@@ -58,12 +58,12 @@ import torch.fx as fx
 
 from longfx.kernels.attention.op import OP as DENSE
 from longfx.kernels.kv_quant import op as kv_op
-from longfx.passes.sparse import mask_from_sizes, native_window
+from longfx.passes.sparse import mask_from_sizes
 from longfx.rewrite import graph as G
 from longfx.rewrite.rule import Rule, replace_uses
 from longfx.rewrite.sites import Site
 
-__all__ = ["FusedQuantDecode"]
+__all__ = ["FusedQuantDecode", "decode_read", "decode_window"]
 
 SEQ_DIM = 2          # [B, Hkv, L, D]
 
@@ -177,6 +177,54 @@ def _decode_read(k: Any) -> tuple[fx.Node, fx.Node, fx.Node | None, Any, fx.Node
     return read, append, sink, m, rot
 
 
+def _declared_window(site: Site) -> int:
+    """The window the config declares for the site's layer (``layer_windows`` facts, from
+    ``longfx/api.py:model_facts``; 0: none): the one ``QuantizedCache`` gives that layer's
+    cache (runtime/cache.py reads the same config fields for sliding layers)."""
+    windows = site.facts.get("layer_windows") or {}
+    w = windows.get(site.layer, windows.get(str(site.layer))) if site.layer is not None else None
+    return int(w) if w else 0
+
+
+def decode_window(site: Site, mask: Any) -> int | str:
+    """Which held keys a one-query decode step's ``mask`` lets the query see: 0 (all of them)
+    or W (the last W: a sliding layer), or why neither is proven.
+
+    * no mask, or a mask from sizes (``mask_from_sizes``: no tensor input that could carry
+      padding) that the analysis names "full", on a layer with no declared window: 0;
+    * a mask from sizes the analysis read as ``sliding_window(W)`` (no padding; HF's sliding
+      overlay ``kv_idx > q_idx − W``, built from the cache's (length, offset) sizes, so it
+      lines up with the held keys), W the window the config declares for the layer: W;
+    * the same mask on an example no longer than the window (it showed every key visible,
+      "full"), on a layer the config declares sliding with W >= the keys it saw: W.
+
+    Anything else is refused: a mask with tensor inputs, a window that is not the config's
+    (or one the config declares but the mask did not show at a longer example), a sliding layer
+    with no mask."""
+    if isinstance(mask, fx.Node) and not mask_from_sizes(mask):
+        return "the mask has tensor inputs (padding?): not every cached key is visible"
+    spec, kind = site.facts.get("mask_spec") or {}, site.facts.get("mask_kind")
+    declared = _declared_window(site)
+    if spec.get("window") and not spec.get("padding"):
+        w = int(spec["window"])
+        if w != declared:
+            return f"the mask's window of {w} is not the one the config gives the layer's " \
+                   f"cache ({declared or 'none'})"
+        return w
+    if spec or kind not in (None, "full"):
+        return f"mask {kind!r}: not every cached key is visible"
+    if not declared:
+        return 0
+    if not isinstance(mask, fx.Node):
+        return f"the config gives the layer a window of {declared} but its decode step has " \
+               "no mask: the cache holds keys the model attends and the window would hide"
+    seen = site.facts.get("mask_seen_len")
+    if not isinstance(seen, int) or seen > declared:
+        return f"the config gives the layer a window of {declared}, but its mask showed " \
+               f"all of {seen} keys visible"
+    return declared
+
+
 def _append_of(read: fx.Node) -> fx.Node | None:
     """The ``kv_quant_append`` that wrote the state ``read`` reads, before it in the graph."""
     codes = read.args[0]
@@ -220,20 +268,16 @@ class FusedQuantDecode(Rule):
             return "the rotation is not a [D, D] state input"
         if is_causal or softcap:
             return "is_causal/softcap attention: the fused decode computes plain attention"
-        if isinstance(mask, fx.Node) and not mask_from_sizes(mask):
-            return "the mask has tensor inputs (padding?): not every cached key is visible"
-        if site.facts.get("mask_spec") or site.facts.get("mask_kind") not in (None, "full"):
-            return f"mask {site.facts.get('mask_kind')!r}: not every cached key is visible"
-        if native_window(site):
-            return f"the layer attends a native window of {native_window(site)}: its cache " \
-                   "holds keys the mask hides"
+        window = decode_window(site, mask)
+        if isinstance(window, str):
+            return window
         state = kread.args[:6]
         qv_dtype, ring = qv.dtype, G.val(state[4])
         if isinstance(ring, torch.Tensor) and ring.dtype != qv_dtype:
             return f"queries are {qv_dtype}, the state holds {ring.dtype}"
         return {"node": node, "state": state, "length": append.args[6],
                 "bits": kread.args[7], "group": kread.args[8], "scale": scale,
-                "sink_k": ksink, "sink_v": vsink, "rot": krot}
+                "sink_k": ksink, "sink_v": vsink, "rot": krot, "window": window}
 
     @staticmethod
     def _rotation_ok(rot: fx.Node, qv: torch.Tensor) -> bool:
@@ -260,12 +304,14 @@ class FusedQuantDecode(Rule):
                 if sink_k is not None:
                     sink_k = G.call(gm.graph, made, kv_op.ROTATE, sink_k, rot, False)
                     sink_v = G.call(gm.graph, made, kv_op.ROTATE, sink_v, rot, False)
+            window = (facts["window"],) if facts["window"] else ()       # 0: the default
             new = G.call(gm.graph, made, kv_op.ATTENTION, q, *facts["state"],
                          facts["length"], facts["scale"], facts["bits"], facts["group"],
-                         sink_k, sink_v)
+                         sink_k, sink_v, *window)
             if rot is not None:      # softmax·(V·Q) = (softmax·V)·Q: back by Qᵀ
                 new = G.call(gm.graph, made, kv_op.ROTATE, new, rot, True)
         replace_uses(node, new)
         site.nodes["canonical"] = new
         site.facts["kv_decode"] = "fused"
+        site.facts["kv_decode_window"] = facts["window"]
         return made

@@ -69,9 +69,9 @@ def test_the_fused_op_runs_with_the_sink_copy(monkeypatch):
     seen = []
     real = reference.attention_decode
 
-    def spy(q, state, scale=None, sink_k=None, sink_v=None):
+    def spy(q, state, scale=None, sink_k=None, sink_v=None, window=0):
         seen.append(None if sink_k is None else tuple(sink_k.shape))
-        return real(q, state, scale, sink_k, sink_v)
+        return real(q, state, scale, sink_k, sink_v, window)
 
     monkeypatch.setattr(reference, "attention_decode", spy)
     _compare("llama", "kv_quant(bits=2, group=16, residual=16, sink=3)", total=84)
@@ -170,14 +170,74 @@ def test_sink_window_decode_steps_over_a_quantized_cache_are_sparse(options):
     assert float((got[:, 40:] - dense[:, 40:]).abs().max()) > 1e-3   # the decode really is sparse
 
 
-def test_sliding_window_layers_keep_their_mask():
-    """Gemma-3's local layers: their cache holds more than the window (whole groups), the mask
-    hides the rest, so only the global layer's decode is fused."""
-    _, rows = _compare("gemma3", "kv_quant(bits=4, group=16, residual=16)")
+@pytest.mark.parametrize("prefill,total", [(80, 88), (3, 45)])
+def test_sliding_window_layers_are_lowered_with_their_window(prefill, total, monkeypatch):
+    """Gemma-3's local layer (zoo: layer 0, window 4): its cache holds more than the window
+    (whole groups: up to W − 1 + group − 1 + ring), its mask hides the rest, and the lowering
+    passes ``window=4`` to the fused op, so both layers' decode steps are lowered with the
+    unlowered logits (fp32, 1e-5). Prefill in chunks of 40 (> the window) then 8 decode steps;
+    or 3 tokens then 42 steps: the first steps hold the exact sink copy (sink=4, outside the
+    window from the 5th token on) until the first trim drops it, and the graph changes there.
+    The same lowered model with the window ignored by the op is far off, so the window is
+    what makes these equal."""
+    recipe = "kv_quant(bits=4, group=16, residual=16)"
+    fast, rows = _compare("gemma3", recipe, prefill=prefill, total=total)
     decode = [r for r in rows if "one-token decode" not in (r.reason or "")]
-    assert decode and {r.site.layer for r in decode if r.status == "rewritten"} == {1}
+    assert decode and all(r.status == "rewritten" for r in decode), \
+        [(r.site.layer, r.reason) for r in decode]
+    assert {r.site.layer for r in decode} == {0, 1}
+    assert {r.site.facts["kv_decode_window"] for r in decode if r.site.layer == 0} == {4}
+    assert {r.site.facts["kv_decode_window"] for r in decode if r.site.layer == 1} == {0}
+    for g in fast.longfx_backend.report.graphs:
+        calls = [ln for ln in g.code_after.splitlines() if "kv_quant_attention.default(" in ln]
+        assert len(calls) in (0, 2) and "kv_quant_read" not in g.code_after * bool(calls)
+        assert sum(ln.split(";")[0].endswith(", 4)") for ln in calls) == len(calls) // 2
+
+    from longfx.kernels.kv_quant import reference
+
+    real = reference.attention_decode
+    monkeypatch.setattr(reference, "attention_decode",
+                        lambda q, st, scale=None, sk=None, sv=None, window=0:
+                        real(q, st, scale, sk, sv))                      # the window ignored
+    model, _ = zoo.build("gemma3")
+    ids = torch.randint(3, 120, (1, total), generator=torch.Generator().manual_seed(0))
+    plain = longfx.compile(model, recipe.replace("kv_quant(", "kv_quant(fuse=false, "))
+    want = _run(plain, ids, plain.longfx_new_cache(), prefill, 40)
+    torch._dynamo.reset()
+    ignored = longfx.compile(model, recipe)
+    got = _run(ignored, ids, ignored.longfx_new_cache(), prefill, 40)
+    assert float((got[:, prefill:] - want[:, prefill:]).abs().max()) > 1e-2
+
+
+def test_a_window_that_is_not_the_configs_is_not_lowered():
+    """The mask's window must be the one the config gives the layer's cache: with the config
+    facts saying 6 for layer 0 (its mask hides all but 4), the local layer stays unlowered,
+    with the reason; the global layer is lowered."""
+    from longfx.passes.kv_quant_decode import decode_window
+    from longfx.rewrite.sites import Site
+
+    model, _ = zoo.build("gemma3")
+    ids = torch.randint(3, 120, (1, 44), generator=torch.Generator().manual_seed(0))
+    fast = longfx.compile(model, "kv_quant(bits=4, group=16, residual=16)")
+    fast.longfx_backend.model_facts["layer_windows"] = {0: 6}
+    _run(fast, ids, fast.longfx_new_cache(), 40, 40)
+    decode = [r for r in _results(fast) if "one-token decode" not in (r.reason or "")]
     local = [r for r in decode if r.site.layer == 0]
-    assert local and all("window" in r.reason for r in local)
+    assert local and all(r.status == "rejected" and "window of 4 is not" in r.reason
+                         for r in local)
+    assert {r.site.layer for r in decode if r.status == "rewritten"} == {1}
+
+    mask = torch.fx.Graph().call_function(torch.arange, (9,))     # a mask from sizes alone
+    site = Site(kind="attention", layer=0)
+    site.facts.update(mask_kind="full", layer_windows={0: 4}, mask_seen_len=9)
+    assert "showed all of 9" in decode_window(site, mask)
+    site.facts.update(mask_seen_len=4)
+    assert decode_window(site, mask) == 4
+    assert "no mask" in decode_window(site, None)
+    site.facts.update(mask_seen_len=3)
+    assert "no mask" in decode_window(site, None)
+    site.facts.update(layer_windows={})
+    assert decode_window(site, None) == 0
 
 
 def test_padded_batches_are_not_fused_and_generate_is_unchanged():
