@@ -2,7 +2,8 @@
 torch, what ``longfx::kv_quant_append(..., clip=True)`` runs today) vs the Triton
 ``triton_clip.append_clip``; and check, at that size, that the two give the same state.
 
-    python benchmarks/bench_kv_quant_clip_append.py --out benchmarks/results/kv_quant_clip_append_h100.json
+    python benchmarks/bench_kv_quant_clip_append.py \
+        --out benchmarks/results/kv_quant_clip_append_h100.json
 
 The state is the recipe ``kv_quant(bits=2, clip=true, key_bits=4)``'s (2-bit values, 4-bit
 keys, group 64, residual 128, u8 scales; ``rotate`` is the caller's and does not change the
@@ -135,8 +136,8 @@ def main():
     for s in chunks:
         kn, vn = _data(B, H, s, D, dtype, seed=s)
         # ring: n_packed(L + 1) == n_packed(L); pack: the append quantizes a group
-        at = {"any": args.length} if s > 1 else \
-            {"ring": args.length + 1, "pack": args.length + c.ring - (args.length + c.ring) % c.group}
+        boundary = args.length + c.ring - (args.length + c.ring) % c.group
+        at = {"any": args.length} if s > 1 else {"ring": args.length + 1, "pack": boundary}
         if s == 1:
             assert R.n_packed(at["ring"] + 1, c) == R.n_packed(at["ring"], c)
             assert R.n_packed(at["pack"] + 1, c) > R.n_packed(at["pack"], c)

@@ -97,7 +97,8 @@ def _assert_same_state(tri, ref, k, v):
     kb, jv = T.key_bits(ref), c.value_groups(D)
     x = k[:, :, :n].float().view(B, H, n // g, g, D)                  # [B, Hkv, n/g, g, D]
     codes = R.unpack(tri.k_codes[:, :, :n], kb).view(B, H, n // g, g, D)
-    _group_check(x, torch.ones_like(x, dtype=torch.bool), tri.k_params[:, :, :n // g].transpose(-1, -2),
+    every = torch.ones_like(x, dtype=torch.bool)
+    _group_check(x, every, tri.k_params[:, :, :n // g].transpose(-1, -2),
                  ref.k_params[:, :, :n // g].transpose(-1, -2), codes, 3, kb)
     x = torch.nn.functional.pad(v[:, :, :n].float(), (0, jv * g - D)).view(B, H, n, jv, g)
     valid = (torch.arange(jv * g, device=DEV) < D).view(jv, g).expand_as(x)
