@@ -44,8 +44,8 @@ unrotated. Because the un-rotation of a decode read is one op node, the decode l
 (``passes/kv_quant_decode.py``) rotates the query and the sink copy instead, attends over the
 stored state and un-rotates the output (the read itself, unfused, is unchanged).
 Clipping (``clip=True``): the per-group range search of ``reference.search_params``, through
-the append op's ``clip`` argument (the reference on every device: the Triton append does not
-search).
+the append op's ``clip`` argument (on CUDA the Triton append of ``kernels/kv_quant/triton_clip.py``,
+elsewhere the reference).
 
 Sliding-window layers (``window=W``; :class:`QuantizedCache` gives every layer the model's
 config marks ``sliding_attention`` or ``chunked_attention`` the window transformers' own

@@ -10,8 +10,8 @@ runtime (HF ``Cache``, ONNX runner) can own it:
 * ``kv_quant_append(*state, k, v, bits, group, clip=False)`` mutates the state in place
   (quantize-on-append: whole groups leaving the full-precision ring are packed; the length
   advances by k's S). ``clip=True``: each packed group's range is searched
-  (``reference.search_params``); the Triton append does not search, so a clipping append runs
-  the reference on every device. Under torch.compile / export it is functionalized like any
+  (``reference.search_params``; on CUDA by ``triton_clip.append_clip``, which gives the
+  reference's codes and params). Under torch.compile / export it is functionalized like any
   in-place cache update.
 * ``kv_quant_attention(q, *state, scale, bits, group, sink_k=None, sink_v=None, window=0)`` —
   the last S positions of the state attend to all of it (bottom-right causal, GQA), reading
@@ -79,13 +79,19 @@ def kv_quant_append(k_codes: torch.Tensor, k_params: torch.Tensor, v_codes: torc
                     group: int, clip: bool = False) -> None:
     tensors = (k_codes, k_params, v_codes, v_params, k_ring, v_ring, length)
     state = reference.QuantizedKV.from_tensors(tensors, bits, group)
-    if clip:                            # the range search: the reference's (Triton has none)
+    if clip:                            # the per-group range search (reference.search_params)
         state.config = dataclasses.replace(state.config, clip=True)
-    impl = _impl_for(k) if TRITON_APPEND and not clip else None
-    if impl is not None and impl.supports_append(state, k, v):
+    impl = _impl_for(k) if TRITON_APPEND else None
+    if impl is not None and clip:
+        from longfx.kernels.kv_quant import triton_clip
+
+        if triton_clip.supports_append_clip(state, k, v):
+            triton_clip.append_clip(state, k, v)
+            return
+    elif impl is not None and impl.supports_append(state, k, v):
         impl.append(state, k, v)
-    else:
-        reference.append(state, k, v)
+        return
+    reference.append(state, k, v)
 
 
 @kv_quant_append.register_fake

@@ -58,6 +58,28 @@ def test_append_op_takes_clip_and_defaults_to_no_clip():
     assert not torch.equal(states[True].k_params, states[False].k_params)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the op's Triton path is CUDA only")
+def test_append_op_with_clip_runs_the_triton_search_on_cuda(monkeypatch):
+    """On CUDA ``clip=True`` goes to ``triton_clip.append_clip`` (not the reference), and the
+    state it packs is the reference's (a near-tie of two ratios could differ in principle,
+    tests/kernels/kv_quant/test_triton_clip.py bounds that; none on this data)."""
+    from longfx.kernels.kv_quant import triton_clip
+
+    called = []
+    real = triton_clip.append_clip
+    monkeypatch.setattr(triton_clip, "append_clip",
+                        lambda *a: called.append(1) or real(*a))
+    k, v = _kv(1, 2, 70, 64, seed=2, dtype=torch.float16)
+    c = R.KVQuantConfig(bits=2, group=32, residual=32, clip=True)
+    ref = R.append(R.QuantizedKV.empty(1, 2, 64, 96, c, torch.float16), k, v)
+    st = R.QuantizedKV.empty(1, 2, 64, 96, c, torch.float16, "cuda")
+    op.APPEND(*st.tensors(), k.cuda(), v.cuda(), 2, 32, True)
+    assert called
+    assert int(st.length) == int(ref.length) == 70
+    for name, a, b in zip(R.QuantizedKV.NAMES, st.tensors(), ref.tensors()):
+        assert torch.equal(a.cpu(), b), name
+
+
 @pytest.mark.parametrize("sinks", [0, 3])
 @pytest.mark.parametrize("bits,key_bits", [(4, None), (2, None), (2, 4)])
 @pytest.mark.parametrize("S", [1, 2])
