@@ -11,9 +11,11 @@ A replay repeats the recorded kernels with the recorded arguments: same buffers,
 integers. That is right only when nothing a step computes depends on a value the host
 changes between steps. This runner replays a step only when that is shown, not assumed:
 
-* **The step's graph reads no host integer.** Dynamo hands the compiled step the cache's
-  Python-int lengths as SymInt inputs; ``Backend.int_inputs_read`` lists those that reach a
-  tensor computation (rewrite/capture.py). A lowered ``kv_quant`` decode step reads none: its
+* **The step's graph reads no host integer that changes.** Dynamo hands the compiled step the
+  cache's Python-int lengths as SymInt inputs; ``Backend.int_inputs_read`` lists those that
+  reach a tensor computation (rewrite/capture.py). Only a size of one of the graph's tensor
+  inputs (a dynamic batch, ``Backend.size_inputs``) that kept its value over the warm-up
+  steps is excused: the runner records again when the ids' shape or the storage changes. A lowered ``kv_quant`` decode step reads none: its
   ops (``longfx::kv_quant_append``, ``longfx::kv_quant_attention``) read the length the state
   keeps on the device, and the only integer work left is the new Python length Dynamo writes
   back. An unlowered step (``fuse=false``, GEAR, a site another recipe took) reads the length
@@ -191,15 +193,25 @@ class DecodeGraph:
             return (f"the compiled graphs changed between steps ({graphs}): Dynamo recompiles, "
                     f"so a step's integers may be baked in")
         for index in graphs[-1]:
-            read = self.backend.int_inputs_read[index]
-            if read:
-                return (f"compiled graph {index} reads host integers (inputs {list(read)}): "
-                        f"its decode is not lowered onto a state that keeps its length on the "
-                        f"device (e.g. fuse=false, gear, or a site another recipe took)")
+            if self._reads_changing_ints(index):
+                return (f"compiled graph {index} reads host integers (inputs "
+                        f"{self._reads_changing_ints(index)}): its decode is not lowered onto a "
+                        f"state that keeps its length on the device (e.g. fuse=false, gear, "
+                        f"or a site another recipe took)")
         if any(getattr(layer, "sink", 0) > getattr(layer, "length", 0)
                for layer in self.cache.layers):
             return "the sink copy is still filling"
         return None
+
+    def _reads_changing_ints(self, index: int) -> list[int]:
+        """Integer inputs of compiled graph ``index`` that a tensor computation reads, except
+        sizes of its tensor inputs that kept their value over the warm-up steps (the batch,
+        a storage capacity: a recording is dropped when the ids' shape or the storage
+        changes). A length is never excused: it changes every step."""
+        seen = [args for calls in self._runs for i, args in calls if i == index]
+        steady = {p for p in self.backend.size_inputs[index]
+                  if len({args.get(p) for args in seen}) == 1}
+        return [p for p in self.backend.int_inputs_read[index] if p not in steady]
 
     def _snapshot(self) -> dict[tuple[int, str], Any]:
         out = {}

@@ -59,6 +59,28 @@ def test_positions_made_from_the_cache_length_are_read():
     assert any(r for r in read)
 
 
+def test_a_dynamic_batch_is_read_as_a_size_of_the_inputs():
+    """After batches of 1 and 3 Dynamo makes the batch a SymInt the decode graph reads (view
+    shapes); it is a size of the graph's tensor inputs (``size_inputs``), which the runner
+    excuses while it stays the same, so a decode step over a second batch size is still
+    replayable. The lengths stay unread."""
+    fast = _compiled(RECIPE)
+    be = fast.longfx_backend
+    for batch in (1, 3):
+        cache = fast.longfx_new_cache()
+        with torch.no_grad():
+            tok = fast(input_ids=torch.randint(3, 100, (batch, 40)), past_key_values=cache,
+                       use_cache=True).logits[:, -1:].argmax(-1)
+            for _ in range(2):
+                be.calls = []
+                tok = fast(input_ids=tok, position_ids=torch.full_like(tok, cache.get_seq_length()),
+                           past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+                calls, be.calls = be.calls, None
+    (index, args), = calls
+    read, sizes = be.int_inputs_read[index], be.size_inputs[index]
+    assert read and set(read) <= set(sizes) and {args[p] for p in read} == {3}
+
+
 def _greedy_plain(fast, cache, ids, n):
     with torch.no_grad():
         out = fast(input_ids=ids, past_key_values=cache, use_cache=True)
