@@ -12,7 +12,8 @@ spelling of the attention that canonicalization turned into ``longfx::attention`
     out    = longfx::attention(q, keys, values, mask, scale, False, 0.0)
 
 :class:`FusedQuantDecode` replaces ``read → cat → attention`` by
-``longfx::kv_quant_attention(q, k_codes, ..., length_t, scale, bits, group, sink_k, sink_v)``:
+``longfx::kv_quant_attention(q, k_codes, ..., length_t, scale, bits, group, sink_k, sink_v
+[, window])``:
 on CUDA the split-KV Triton decode over the packed codes, dequantized in registers (KIVI's
 fused kernel, Liu et al. 2024, arXiv:2402.02750; Flash-Decoding's split-KV, Dao et al. 2023),
 so a decode step no longer writes and reads a dequantized copy of every layer's cache; the
@@ -34,15 +35,28 @@ two of the sink copy's n tokens, against un-rotating the whole read. The rotatio
 input Dynamo lifts from the cache layer's ``rot`` (a placeholder; a get_attr is taken too).
 ``clip=true`` changes only the append (its ``clip`` argument), not the read.
 
+Sliding-window layers (Gemma's local layers, Mistral): the layer's cache (``QuantizedKVLayer``
+with ``window=W`` from the config, runtime/cache.py ``_trim``) drops only whole packed groups,
+so it holds up to W − 1 + group − 1 + ring tokens, and the model's sliding mask
+(``kv_idx > q_idx − W``, built from the cache's (length, offset) sizes, so it lines up with
+the held keys) hides the excess. :func:`decode_window` proves that the mask is that mask
+with the W the config gives the layer's cache, and the op gets ``window=W``: the query, at
+held index L − 1, sees held keys >= L − W, the exact sink copy included (before the layer's
+first trim drops it). On CUDA the Triton decode then visits only the packed tiles from the
+window's on (``kernels/kv_quant/triton.py``, ``wnd``), so the step's cost follows W, not what
+the layer holds.
+
 It is a ``lower``-stage rule: it runs after every recipe's transforms, so it takes only an
 attention no other recipe changed (a ``sink_window`` or ``self_extend`` site, or keys a RoPE
 recipe re-rotates, break the chain and stay as they are). It also leaves alone, with the
 reason in the report:
 
 * prefill chunks (more than one query, or keys that are the read *and* the chunk);
-* a mask that is not provably "every key visible": a mask with tensor inputs (padding), a
-  window the analysis found or the config declares (Gemma's local layers: their cache keeps
-  more than the window and the mask hides the rest), ``is_causal`` (top-left for one query);
+* a mask that is neither provably "every key visible" nor the layer's sliding window
+  (:func:`decode_window`): a mask with tensor inputs (padding), a window that is not the one
+  the config gives the layer (``layer_windows`` facts), a sliding layer whose mask showed
+  more keys visible than its window or that has no mask, ``is_causal`` (top-left for one
+  query);
 * GEAR states (``gear_read``: the correction is added on read), softcap.
 
 Key width (``key_bits``, ``key_layers``) is not the rule's business: the op reads it off the

@@ -163,6 +163,21 @@ block_n 32/64 x splits heuristic/64/128 at 1 warp, 3 stages, then the best point
 for K4V2 (4-bit 3.8e-3 / 3.5e-3). A one-token append, K4V2: 0.0153 / 0.0105 ms (4-bit 0.0166 /
 0.0176). tests/kernels/kv_quant/test_triton_key_bits.py passed on that H100 (28 tests,
 compiled kernels with the PTX planes; bf16/fp16/fp32, block_n 32 and 64).
+
+Sliding window (``attention_decode(..., window=W)``, 2026-11-24): a query at held index p
+sees held keys p − W + 1 .. p (a Gemma-3 local layer, whose trimmed cache holds up to W − 1 +
+group − 1 + ring tokens). "asmt" only (one run-time int, ``wnd``; 2^30 without a window):
+the programs split the packed tokens from the tile holding L − S − W + 1 on, computed from the
+length on the device (no host sync), the partial tile is masked in the sinks' scalar branch,
+the ring and the sink copy are masked per query; the default splits follow min(capacity, W +
+S − 1 + block_n) (one split at W = 512). Measured on an H100 (torch 2.11, Triton 3.6, bf16,
+4-bit, u8 scales, group 64, 32/8 heads, D 128, B=1, a 128k-token state, CUDA-graph replays of
+50 calls, medians of 3): W = 512 0.0209 ms against 0.0826 ms for the whole state (1, 2, 4, 8,
+16 splits: 0.0209 / 0.0212 / 0.0212 / 0.0219 / 0.0221); max rel. error vs the reference
+3.7e-3. The full-state decode with the window code in: 0.0826 / 0.0825 ms against the kernel
+before it 0.0819 / 0.0821 (two rounds each, +0.5–0.9%). A one-off script (not kept); the
+compiled test_triton_window.py was not run on CUDA (the run's pytest picked up the source
+tree's ``longfx`` folder instead of the installed package and stopped at collection).
 """
 from __future__ import annotations
 

@@ -3,7 +3,9 @@ index p sees held keys p − w + 1 .. p), against ``reference.attention_decode(.
 
 Runs under the Triton interpreter on CPU, and on CUDA (compiled kernels, inline-PTX planes)
 when a GPU is there and TRITON_INTERPRET is not set: run it alone there, after ``pip install
-.``, e.g. ``python -m pytest -q -p no:logging tests/kernels/kv_quant/test_triton_window.py``.
+.``, from outside the checkout (inside it, ``python -m pytest`` imports the source tree's
+``longfx`` folder, which is not the package), e.g. ``cd /tmp && python -m pytest -c /dev/null
+--rootdir=/tmp -p no:logging <repo>/tests/kernels/kv_quant/test_triton_window.py``.
 
 Odd shapes: windows smaller than a tile (and of one key), starting inside a tile (the partial
 tile is masked), across the packed / ring boundary, inside the ring only, and longer than the
