@@ -18,8 +18,9 @@ runtime (HF ``Cache``, ONNX runner) can own it:
   the packed codes; with the exact sink copy a ``QuantizedKVLayer`` keeps (``sink_k``,
   ``sink_v`` [B, Hkv, n, D]) positions < n read that copy instead; ``window`` > 0 (a
   sliding-window layer, whose trimmed cache holds more than its window) each query sees only
-  the ``window`` most recent held keys up to its own position (``reference.decode_mask``). ``kv_quant(...)``'s lowering rule
-  (passes/kv_quant_decode.py) puts it in a decode step in place of read → attention.
+  the ``window`` most recent held keys up to its own position (``reference.decode_mask``).
+  ``kv_quant(...)``'s lowering rule (passes/kv_quant_decode.py) puts it in a decode step in
+  place of read → attention.
 * ``kv_rotate(x, rot, inverse=False)`` — ``x [..., D] @ rot`` (``@ rotᵀ`` when ``inverse``),
   in fp32, in x's dtype (``reference.rotate_as``): the rotation of a ``rotate=true`` cache
   (QuaRot, Ashkboos et al. 2024). One node in a graph, so the lowering rule can see that a
