@@ -178,6 +178,7 @@ def run_case(args, model, length: int, batch: int) -> dict:
                 peaks[name].append(peak)
                 toks[name] = logits[:, -1:].argmax(-1)
     times = {k: v for k, v in times.items() if v}
+    peaks = {k: v for k, v in peaks.items() if v}
     med = {k: statistics.median(v) for k, v in times.items()}
     # each step appends, so two paths cannot step from one state: the lowered op is compared
     # with the unfused read + attention on every layer's final state instead

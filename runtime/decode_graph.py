@@ -23,6 +23,9 @@ changes between steps. This runner replays a step only when that is shown, not a
 * **The same compiled graph ran for two steps in a row**, so Dynamo's guards and automatic
   dynamic shapes have settled (a graph that recompiles every step bakes its lengths in as
   constants, which no input check can see).
+* **The step never makes the host wait for the GPU** (CUDA's sync debug mode watches the
+  warm-up steps): an op that falls back to a path reading the length on the host (the
+  dequantized decode for shapes the Triton kernels do not take) would break a recording.
 * **Positions are inputs**: the runner passes ``position_ids`` (and ``cache_position`` where
   the model takes it) from static buffers it refills before each replay.
 * **The storage does not move**: before warming up the runner reserves ``headroom`` tokens
@@ -43,12 +46,37 @@ step instead, so results never depend on whether a graph was used; ``reason`` sa
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
+import warnings
 from typing import Any
 
 import torch
 
 __all__ = ["DecodeGraph", "DecodeGraphError"]
+
+
+@contextlib.contextmanager
+def _host_syncs():
+    """Collect the warnings of CUDA's sync debug mode (``torch.cuda.set_sync_debug_mode``)
+    raised inside: every operation that makes the host wait for the GPU (``.item()``, a
+    device-to-host copy) — what a CUDA graph recording refuses. Nothing is collected off CUDA."""
+    found: list[str] = []
+    if not torch.cuda.is_available():
+        yield found
+        return
+    old = torch.cuda.get_sync_debug_mode()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            yield found
+        finally:
+            torch.cuda.set_sync_debug_mode(old)
+    found += [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+    for w in caught:                                 # hand the others on
+        if "synchroniz" not in str(w.message):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
 class DecodeGraphError(ValueError):
@@ -88,7 +116,7 @@ class DecodeGraph:
             model.forward).parameters
         self.normal_steps = self.replays = self.captures = 0
         self.reason: str | None = "not recorded yet"
-        self._failed: str | None = None      # a recording that raised: not tried again
+        self._failed: str | None = None      # why no recording can work: not tried again
         self._graph: torch.cuda.CUDAGraph | None = None
         self._ids = self._pos = self._cpos = None
         self._logits: torch.Tensor | None = None
@@ -168,9 +196,13 @@ class DecodeGraph:
         self._fill(input_ids)
         self.backend.calls = []
         try:
-            out = self.model(**self._kwargs())
+            with _host_syncs() as syncs:
+                out = self.model(**self._kwargs())
         finally:
             calls, self.backend.calls = self.backend.calls, None
+        if syncs:          # e.g. an op's fallback that reads the length on the host
+            self._failed = (f"a step waits for the GPU on the host ({syncs[0][:160]}), which a "
+                            f"recording cannot do (an op runs a fallback for these shapes?)")
         self._runs = (self._runs + [calls])[-self.warmup:]
         self.normal_steps += 1
         self.reason = self._failed or self._replayable(input_ids)
