@@ -101,21 +101,29 @@ class StaticDecode:
     def __init__(self, model, ids: torch.Tensor, chunk: int, extra: int):
         from transformers import StaticCache
 
+        import inspect
+
         self.cache = StaticCache(config=model.config, max_cache_len=ids.shape[1] + extra)
         self.pos = ids.shape[1]
+        # transformers 5.17 takes cache_position (else it reads the cache's Python length,
+        # and a fullgraph compile recompiles every step); 5.23 has no such argument
+        self.takes_cache_position = "cache_position" in inspect.signature(model.forward).parameters
         with torch.no_grad():
             for s in range(0, ids.shape[1], chunk):
                 part = ids[:, s:s + chunk]
                 n = part.shape[1]
+                where = torch.arange(s, s + n, device=ids.device)
+                extra_kw = {"cache_position": where} if self.takes_cache_position else {}
                 out = model(input_ids=part, past_key_values=self.cache, use_cache=True,
-                            position_ids=torch.arange(s, s + n, device=ids.device)[None])
+                            position_ids=where[None].expand(ids.shape[0], -1), **extra_kw)
         self.first = out.logits[:, -1:].argmax(-1)
         self.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
 
     def __call__(self, tok: torch.Tensor) -> torch.Tensor:
         pos = torch.full_like(tok, self.pos)
+        extra = {"cache_position": pos[0]} if self.takes_cache_position else {}
         out = self.forward(input_ids=tok, position_ids=pos, past_key_values=self.cache,
-                           use_cache=True)
+                           use_cache=True, **extra)
         self.pos += 1
         return out.logits.clone()
 

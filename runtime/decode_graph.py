@@ -24,7 +24,7 @@ changes between steps. This runner replays a step only when that is shown, not a
   dynamic shapes have settled (a graph that recompiles every step bakes its lengths in as
   constants, which no input check can see).
 * **The step never makes the host wait for the GPU** (CUDA's sync debug mode watches the
-  warm-up steps): an op that falls back to a path reading the length on the host (the
+  warm-up steps that compiled nothing: compiling reads example values): an op that falls back to a path reading the length on the host (the
   dequantized decode for shapes the Triton kernels do not take) would break a recording.
 * **Positions are inputs**: the runner passes ``position_ids`` (and ``cache_position`` where
   the model takes it) from static buffers it refills before each replay.
@@ -73,9 +73,10 @@ def _host_syncs():
             yield found
         finally:
             torch.cuda.set_sync_debug_mode(old)
-    found += [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+    mark = "called a synchronizing CUDA operation"
+    found += [str(w.message) for w in caught if mark in str(w.message)]
     for w in caught:                                 # hand the others on
-        if "synchroniz" not in str(w.message):
+        if mark not in str(w.message) and "Synchronization debug mode" not in str(w.message):
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
@@ -195,11 +196,14 @@ class DecodeGraph:
         self._buffers(input_ids)
         self._fill(input_ids)
         self.backend.calls = []
+        compiled = len(self.backend.int_inputs_read)
         try:
             with _host_syncs() as syncs:
                 out = self.model(**self._kwargs())
         finally:
             calls, self.backend.calls = self.backend.calls, None
+        if len(self.backend.int_inputs_read) > compiled:
+            syncs = []     # compiling reads example values on the host: says nothing of a step
         if syncs:          # e.g. an op's fallback that reads the length on the host
             self._failed = (f"a step waits for the GPU on the host ({syncs[0][:160]}), which a "
                             f"recording cannot do (an op runs a fallback for these shapes?)")
