@@ -5,8 +5,10 @@ attention) vs the plain model with HF's ``DynamicCache``, run as HF runs it (``d
 Python) and through ``longfx.compile(model, "")`` (``dense_compiled``: the same Dynamo capture
 and canonical ops as the quantized models, no recipe). ``fused_graph``: the lowered step
 replayed as a CUDA graph by ``runtime/decode_graph.py`` (``DecodeGraph``; its counters and the
-reason it last ran a step normally are in the row). ``--static`` adds HF's own fast dense
-decode, ``StaticCache`` + ``torch.compile(mode="reduce-overhead")`` (``dense_static_graph``).
+reason it last ran a step normally are in the row). (HF's own
+CUDA-graph decode, ``StaticCache`` + ``torch.compile(mode="reduce-overhead")``, was tried
+beside it on the H100 on 2026-11-24 and hit Dynamo's recompile limit under ``fullgraph``; it is
+not timed here.)
 
     python benchmarks/bench_kv_quant_model_decode.py --out benchmarks/results/kv_quant_model_decode_h100.json
 
@@ -84,48 +86,12 @@ def step(model, cache, tok: torch.Tensor, device: str) -> tuple[float, torch.Ten
     with torch.no_grad():
         if callable(getattr(model, "step", None)):            # a DecodeGraph runner
             logits = model.step(tok)
-        elif isinstance(model, StaticDecode):
-            logits = model(tok)
         else:
             logits = model(input_ids=tok, past_key_values=cache, use_cache=True).logits
     sync(device)
     ms = (time.perf_counter() - t0) * 1e3
     peak = torch.cuda.max_memory_allocated() - base if device == "cuda" else 0
     return ms, logits, peak
-
-
-class StaticDecode:
-    """HF's own fast dense decode: a ``StaticCache`` and ``torch.compile(mode=
-    "reduce-overhead")`` (Inductor + CUDA graphs), positions passed as tensors."""
-
-    def __init__(self, model, ids: torch.Tensor, chunk: int, extra: int):
-        from transformers import StaticCache
-
-        import inspect
-
-        self.cache = StaticCache(config=model.config, max_cache_len=ids.shape[1] + extra)
-        self.pos = ids.shape[1]
-        # transformers 5.17 takes cache_position (else it reads the cache's Python length,
-        # and a fullgraph compile recompiles every step); 5.23 has no such argument
-        self.takes_cache_position = "cache_position" in inspect.signature(model.forward).parameters
-        with torch.no_grad():
-            for s in range(0, ids.shape[1], chunk):
-                part = ids[:, s:s + chunk]
-                n = part.shape[1]
-                where = torch.arange(s, s + n, device=ids.device)
-                extra_kw = {"cache_position": where} if self.takes_cache_position else {}
-                out = model(input_ids=part, past_key_values=self.cache, use_cache=True,
-                            position_ids=where[None].expand(ids.shape[0], -1), **extra_kw)
-        self.first = out.logits[:, -1:].argmax(-1)
-        self.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
-
-    def __call__(self, tok: torch.Tensor) -> torch.Tensor:
-        pos = torch.full_like(tok, self.pos)
-        extra = {"cache_position": pos[0]} if self.takes_cache_position else {}
-        out = self.forward(input_ids=tok, position_ids=pos, past_key_values=self.cache,
-                           use_cache=True, **extra)
-        self.pos += 1
-        return out.logits.clone()
 
 
 def run_case(args, model, length: int, batch: int) -> dict:
@@ -156,28 +122,13 @@ def run_case(args, model, length: int, batch: int) -> dict:
              "dense_compiled": (canon, ccache), "fused_graph": (runner, qcache)}
     toks = {"fused": tok_q, "unfused": tok_q, "dense": tok_d, "dense_compiled": tok_c,
             "fused_graph": tok_q}
-    static_error = None
-    if args.static:
-        try:
-            static = StaticDecode(model, ids, args.chunk, (args.warmup + args.steps
-                                                            * args.rounds) * 2 + 8)
-            kinds["dense_static_graph"] = (static, None)
-            toks["dense_static_graph"] = static.first
-        except Exception as e:  # noqa: BLE001 - recorded in the row, the rest still runs
-            static_error = f"{type(e).__name__}: {e}"[:500]
     prefill_s = time.perf_counter() - t0
     times = {k: [] for k in kinds}
     peaks = {k: [] for k in kinds}
-    for name, (m, c) in list(kinds.items()):           # warm up: compiles each decode graph
-        try:
-            for _ in range(args.warmup):
-                _, logits, _ = step(m, c, toks[name], args.device)
-                toks[name] = logits[:, -1:].argmax(-1)
-        except Exception as e:  # noqa: BLE001 - only the static baseline may fail here
-            if name != "dense_static_graph":
-                raise
-            static_error = f"{type(e).__name__}: {e}"[:500]
-            del kinds[name]
+    for name, (m, c) in kinds.items():                 # warm up: compiles each decode graph
+        for _ in range(args.warmup):
+            _, logits, _ = step(m, c, toks[name], args.device)
+            toks[name] = logits[:, -1:].argmax(-1)
     for _ in range(args.rounds):
         for name, (m, c) in kinds.items():
             for _ in range(args.steps):
@@ -185,8 +136,6 @@ def run_case(args, model, length: int, batch: int) -> dict:
                 times[name].append(ms)
                 peaks[name].append(peak)
                 toks[name] = logits[:, -1:].argmax(-1)
-    times = {k: v for k, v in times.items() if v}
-    peaks = {k: v for k, v in peaks.items() if v}
     med = {k: statistics.median(v) for k, v in times.items()}
     # each step appends, so two paths cannot step from one state: the lowered op is compared
     # with the unfused read + attention on every layer's final state instead
@@ -203,8 +152,6 @@ def run_case(args, model, length: int, batch: int) -> dict:
             "fused_vs_dense_compiled": round(med["dense_compiled"] / med["fused"], 3),
             "fused_graph_ms": round(med["fused_graph"], 3),
             "fused_graph_vs_dense_compiled": round(med["dense_compiled"] / med["fused_graph"], 3),
-            "dense_static_graph_ms": round(med["dense_static_graph"], 3)
-            if "dense_static_graph" in med else None, "static_error": static_error,
             "graph_runner": {"replays": runner.replays, "captures": runner.captures,
                              "normal_steps": runner.normal_steps, "reason": runner.reason},
             "kv_bytes_dense_compiled": infer.kv_bytes(ccache),
@@ -272,8 +219,6 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--warmup", type=int, default=4)
-    p.add_argument("--static", action="store_true", help="also time HF's StaticCache with "
-                   "torch.compile(mode='reduce-overhead') (dense, Inductor + CUDA graphs)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)

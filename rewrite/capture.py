@@ -39,10 +39,8 @@ class Backend:
         self.report = RewriteReport(recipe=recipe)
         self.graphs: list[tuple[fx.GraphModule, fx.GraphModule]] = []   # (original, rewritten)
         # per graph handed back, in order: the positions of its integer inputs (Dynamo's
-        # SymInts: a cache length, a batch size) that some node still reads after rewriting,
-        # and of those that are a size or stride of one of its tensor inputs
+        # SymInts: a cache length, a batch size) that some node still reads after rewriting
         self.int_inputs_read: list[tuple[int, ...]] = []
-        self.size_inputs: list[tuple[int, ...]] = []
         # while a list (set by runtime/decode_graph.py): each call of a graph handed back
         # appends (its index, {position: value} of its integer inputs)
         self.calls: list[tuple[int, dict[int, int]]] | None = None
@@ -70,7 +68,6 @@ class Backend:
         those integers frozen: runtime/decode_graph.py)."""
         index = len(self.int_inputs_read)
         self.int_inputs_read.append(int_inputs_read(gm))
-        self.size_inputs.append(size_inputs(gm))
 
         def run(*args: Any) -> Any:
             if self.calls is not None:
@@ -114,22 +111,6 @@ def int_inputs_read(gm: fx.GraphModule) -> tuple[int, ...]:
             out.append(i)
             break
     return tuple(out)
-
-
-def size_inputs(gm: fx.GraphModule) -> tuple[int, ...]:
-    """Positions of ``gm``'s integer placeholders whose value is a size or stride of one of
-    its tensor placeholders (Dynamo lifts a dynamic dimension as its own input): fixed as long
-    as those tensors' shapes are."""
-    vals = [n.meta.get("example_value", n.meta.get("val"))
-            for n in gm.graph.nodes if n.op == "placeholder"]
-    symbols: set = set()
-    for val in vals:
-        if isinstance(val, torch.Tensor):
-            for d in (*val.shape, *val.stride()):
-                if isinstance(d, torch.SymInt):
-                    symbols |= d.node.expr.free_symbols
-    return tuple(i for i, val in enumerate(vals) if isinstance(val, torch.SymInt)
-                 and val.node.expr.free_symbols and val.node.expr.free_symbols <= symbols)
 
 
 def graph_breaks() -> Counter:

@@ -13,9 +13,12 @@ changes between steps. This runner replays a step only when that is shown, not a
 
 * **The step's graph reads no host integer that changes.** Dynamo hands the compiled step the
   cache's Python-int lengths as SymInt inputs; ``Backend.int_inputs_read`` lists those that
-  reach a tensor computation (rewrite/capture.py). Only a size of one of the graph's tensor
-  inputs (a dynamic batch, ``Backend.size_inputs``) that kept its value over the warm-up
-  steps is excused: the runner records again when the ids' shape or the storage changes. A lowered ``kv_quant`` decode step reads none: its
+  reach a tensor computation (rewrite/capture.py), and ``Backend.calls`` their values at each
+  call. One that changed between the warm-up steps refuses the recording. A steady one (a
+  batch size or storage capacity Dynamo made dynamic, or ``bits`` once two recipes ran in
+  one process) is baked in; the runner records again when the ids' shape or the storage
+  changes. The longfx cache layers' only per-step host change is their length, so no read
+  integer changes every few steps unseen. A lowered ``kv_quant`` decode step reads none: its
   ops (``longfx::kv_quant_append``, ``longfx::kv_quant_attention``) read the length the state
   keeps on the device, and the only integer work left is the new Python length Dynamo writes
   back. An unlowered step (``fuse=false``, GEAR, a site another recipe took) reads the length
@@ -240,14 +243,14 @@ class DecodeGraph:
         return None
 
     def _reads_changing_ints(self, index: int) -> list[int]:
-        """Integer inputs of compiled graph ``index`` that a tensor computation reads, except
-        sizes of its tensor inputs that kept their value over the warm-up steps (the batch,
-        a storage capacity: a recording is dropped when the ids' shape or the storage
-        changes). A length is never excused: it changes every step."""
+        """Integer inputs of compiled graph ``index`` that a tensor computation reads and whose
+        value changed over the warm-up steps (a length: it changes every step). A steady one
+        is a batch or capacity Dynamo made dynamic, or a recipe constant it made dynamic
+        after another recipe in the process used another value (``bits``): the recording
+        bakes it in, and is dropped when the ids' shape or the storage changes."""
         seen = [args for calls in self._runs for i, args in calls if i == index]
-        steady = {p for p in self.backend.size_inputs[index]
-                  if len({args.get(p) for args in seen}) == 1}
-        return [p for p in self.backend.int_inputs_read[index] if p not in steady]
+        return [p for p in self.backend.int_inputs_read[index]
+                if len({args.get(p) for args in seen}) != 1]
 
     def _snapshot(self) -> dict[tuple[int, str], Any]:
         out = {}

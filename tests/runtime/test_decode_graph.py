@@ -59,13 +59,13 @@ def test_positions_made_from_the_cache_length_are_read():
     assert any(r for r in read)
 
 
-def test_a_dynamic_batch_is_read_as_a_size_of_the_inputs():
+def test_a_dynamic_batch_is_read_but_steady_and_the_length_changes():
     """After batches of 1 and 3 Dynamo makes the batch a SymInt the decode graph reads (view
-    shapes); it is a size of the graph's tensor inputs (``size_inputs``), which the runner
-    excuses while it stays the same, so a decode step over a second batch size is still
-    replayable. The lengths stay unread."""
+    shapes). It keeps its value from step to step, so the runner bakes it in; the lengths
+    (which change every step) stay unread."""
     fast = _compiled(RECIPE)
     be = fast.longfx_backend
+    runs = []
     for batch in (1, 3):
         cache = fast.longfx_new_cache()
         with torch.no_grad():
@@ -75,10 +75,16 @@ def test_a_dynamic_batch_is_read_as_a_size_of_the_inputs():
                 be.calls = []
                 tok = fast(input_ids=tok, position_ids=torch.full_like(tok, cache.get_seq_length()),
                            past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
-                calls, be.calls = be.calls, None
-    (index, args), = calls
-    read, sizes = be.int_inputs_read[index], be.size_inputs[index]
-    assert read and set(read) <= set(sizes) and {args[p] for p in read} == {3}
+                runs.append(be.calls)
+                be.calls = None
+    (index, first), (again, second) = runs[-2][0], runs[-1][0]
+    read = be.int_inputs_read[index]
+    assert index == again and read and {first[p] for p in read} == {second[p] for p in read} == {3}
+    changed = [p for p in first if first[p] != second[p]]
+    assert changed and not set(changed) & set(read)         # the lengths: passed, not read
+    runner = DecodeGraph(fast, cache)
+    runner._runs = runs[-2:]
+    assert runner._reads_changing_ints(index) == []
 
 
 def _greedy_plain(fast, cache, ids, n):
