@@ -311,27 +311,34 @@ def kernels(results: Path) -> str:
         out += [f"### Whole-model decode steps with `{rows[0]['recipe']}` · {m['gpu']}", "",
                 f"torch {m['torch']} · triton {m['triton']} · transformers {m['transformers']} "
                 f"· date {m['date']} · Llama-8B-shaped model, {rows[0]['layers']} layers, random "
-                "weights, bf16; median ms per decode step (eager launches, Python included) over "
+                "weights, bf16; median ms per decode step (Python and launches included; the CUDA-graph "
+                "column replays a recording) over "
                 f"{rows[0]['rounds']} alternating rounds of {rows[0]['steps']} steps "
                 "(`benchmarks/bench_kv_quant_model_decode.py`). *lowered*: `longfx.compile` with "
                 "the decode lowered onto the packed state; *unlowered*: `fuse=false`; *HF eager*: "
                 "the plain model with `DynamicCache`; *compiled dense*: `longfx.compile(model, \"\")` "
-                "with `DynamicCache`. In parentheses: the fastest step of the run (B=1 steps are "
-                "host-bound, so the spread is the machine's Python and launch noise). Peak = memory "
-                "a step allocates beyond what it started with.", "",
-                "| KV length | batch | lowered | unlowered | HF eager | compiled dense | "
-                "lowered vs unlowered | peak lowered / unlowered / compiled dense (MB) | "
-                "KV bytes quant / dense | attention rel. err. |",
-                "|---|---|---|---|---|---|---|---|---|---|"]
+                "with `DynamicCache`; *lowered, CUDA graph*: the lowered step replayed by "
+                "`runtime/decode_graph.py` (`DecodeGraph`; replays / recordings of the run in the "
+                "last column; — where the run predates it). In parentheses: the fastest step of "
+                "the run (B=1 steps are host-bound, so the spread is the machine's Python and "
+                "launch noise). Peak = memory a step allocates beyond what it started with.", "",
+                "| KV length | batch | lowered | lowered, CUDA graph | unlowered | HF eager | "
+                "compiled dense | lowered vs unlowered | peak lowered / unlowered / compiled "
+                "dense (MB) | KV bytes quant / dense | attention rel. err. | replays / "
+                "recordings |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
             pk = r["step_peak_extra_mb"]
+            gr = r.get("graph_runner")
             out.append(f"| {r['length']} | {r['batch']} | {_step_ms(r, 'fused')} | "
+                       f"{_step_ms(r, 'fused_graph') if gr else '—'} | "
                        f"{_step_ms(r, 'unfused')} | {_step_ms(r, 'dense')} | "
                        f"{_step_ms(r, 'dense_compiled')} | "
                        f"{r['fused_vs_unfused']:.2f}× | {pk['fused']:.0f} / {pk['unfused']:.0f} / "
                        f"{pk.get('dense_compiled', float('nan')):.0f} | "
                        f"{r['kv_bytes_quant'] / r['kv_bytes_dense']:.3f}× | "
-                       f"{r['max_rel_err_fused_vs_unfused_attention']:.1e} |")
+                       f"{r['max_rel_err_fused_vs_unfused_attention']:.1e} | "
+                       f"{_replays(gr)} |")
         out += [""]
     gd = results / "grouped_decode_h100.json"
     if gd.exists():
@@ -359,6 +366,11 @@ def kernels(results: Path) -> str:
                        f"{r['rel_err_grouped']:.1e} / {'—' if err is None else f'{err:.1e}'} |")
         out += [""]
     return "\n".join(out)
+
+
+def _replays(runner: dict | None) -> str:
+    """``DecodeGraph``'s replays / recordings in a model-decode row, — before it existed."""
+    return "—" if not runner else f"{runner['replays']} / {runner['captures']}"
 
 
 def _step_ms(row: dict, model: str) -> str:
