@@ -1339,17 +1339,12 @@ def append(state: reference.QuantizedKV, k: torch.Tensor, v: torch.Tensor) -> re
         raise ValueError(f"the Triton append does not take k {tuple(k.shape)} {k.dtype} for a "
                          f"state of {c}, ring {tuple(state.k_ring.shape)} {state.k_ring.dtype} "
                          f"(needs a power-of-two group >= 32 and contiguous state tensors)")
-    B, H, s, D = k.shape
-    if (B, H) != tuple(state.k_ring.shape[:2]) or D != state.head_dim:
-        raise ValueError(f"k {tuple(k.shape)} does not match the state {tuple(state.k_ring.shape)}")
-    if s == 0:
+    chunk = append_chunk(state, k, v)
+    if chunk is None:
         return state
-    if k.stride(-1) != 1:
-        k = k.contiguous()
-    if v.stride(-1) != 1:
-        v = v.contiguous()
+    k, v, kst, vst = chunk
+    B, H, s, D = k.shape
     sp, R = state.k_codes.shape[2], c.ring
-    kst, vst = (k.stride(0), k.stride(1), k.stride(2)), (v.stride(0), v.stride(1), v.stride(2))
     kb = key_bits(state)
     # keys of another width: their own constexprs (one width launches as before they existed)
     keys = {} if kb == c.bits else dict(KBITS=kb, BLOCK_KDP=_pow2(D) // (8 // kb))
@@ -1358,11 +1353,37 @@ def append(state: reference.QuantizedKV, k: torch.Tensor, v: torch.Tensor) -> re
         state.v_ring, state.length, s, *kst, *vst, sp, HKV=H, D=D,
         BLOCK_DP=_pow2(D) // c.per_byte, BITS=c.bits, GROUP=c.group, RING=R,
         JV=c.value_groups(D), FP16=c.scales == "fp16", num_warps=8, **keys)
+    return append_ring(state, k, v, kst, vst)
+
+
+def append_chunk(state: reference.QuantizedKV, k: torch.Tensor, v: torch.Tensor):
+    """What both quantize-on-append launches (``append``, ``triton_clip.append_clip``) check
+    and pass: k, v [B, Hkv, s, D] against the state, made last-dim contiguous, with their
+    (batch, head, token) strides; None for an empty chunk."""
+    B, H, s, D = k.shape
+    if (B, H) != tuple(state.k_ring.shape[:2]) or D != state.head_dim:
+        raise ValueError(f"k {tuple(k.shape)} does not match the state {tuple(state.k_ring.shape)}")
+    if s == 0:
+        return None
+    if k.stride(-1) != 1:
+        k = k.contiguous()
+    if v.stride(-1) != 1:
+        v = v.contiguous()
+    kst, vst = (k.stride(0), k.stride(1), k.stride(2)), (v.stride(0), v.stride(1), v.stride(2))
+    return k, v, kst, vst
+
+
+def append_ring(state: reference.QuantizedKV, k: torch.Tensor, v: torch.Tensor,
+                kst: tuple, vst: tuple) -> reference.QuantizedKV:
+    """The last step of an append, after the packing launch: the chunk's newest tokens into
+    the full-precision ring (``_append_ring_kernel``), then length += s on the device."""
+    B, H, s, D = k.shape
+    R = state.config.ring
     t0 = max(0, s - R)                       # older new tokens cannot stay in the ring
     block_t = min(64, _pow2(s - t0))
     _append_ring_kernel[(B * H, -(-(s - t0) // block_t))](
         k, v, state.k_ring, state.v_ring, state.length, s, t0, *kst, *vst, HKV=H, D=D,
-        BLOCK_T=block_t, BLOCK_D=_pow2(D), GROUP=c.group, RING=R)
+        BLOCK_T=block_t, BLOCK_D=_pow2(D), GROUP=state.config.group, RING=R)
     state.length += s
     return state
 

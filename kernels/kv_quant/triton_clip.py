@@ -285,17 +285,12 @@ def append_clip(state: reference.QuantizedKV, k: torch.Tensor,
                          f"for a state of {c}, ring {tuple(state.k_ring.shape)} "
                          f"{state.k_ring.dtype} (needs config.clip, a power-of-two group >= 32 "
                          f"and contiguous state tensors)")
-    B, H, s, D = k.shape
-    if (B, H) != tuple(state.k_ring.shape[:2]) or D != state.head_dim:
-        raise ValueError(f"k {tuple(k.shape)} does not match the state {tuple(state.k_ring.shape)}")
-    if s == 0:
+    chunk = base.append_chunk(state, k, v)
+    if chunk is None:
         return state
-    if k.stride(-1) != 1:
-        k = k.contiguous()
-    if v.stride(-1) != 1:
-        v = v.contiguous()
+    k, v, kst, vst = chunk
+    B, H, s, D = k.shape
     sp, R = state.k_codes.shape[2], c.ring
-    kst, vst = (k.stride(0), k.stride(1), k.stride(2)), (v.stride(0), v.stride(1), v.stride(2))
     kb = base.key_bits(state)
     _, r1, r2, r3, r4 = reference.CLIP_RATIOS
     _append_clip_kernel[(B * H, -(-s // c.group))](
@@ -305,10 +300,4 @@ def append_clip(state: reference.QuantizedKV, k: torch.Tensor,
         BLOCK_KDP=base._pow2(D) // (8 // kb), KBITS=kb, GROUP=c.group, RING=R,
         JV=c.value_groups(D), FP16=c.scales == "fp16", R1=r1, R2=r2, R3=r3, R4=r4,
         num_warps=8, enable_fp_fusion=False)
-    t0 = max(0, s - R)                       # older new tokens cannot stay in the ring
-    block_t = min(64, base._pow2(s - t0))
-    base._append_ring_kernel[(B * H, -(-(s - t0) // block_t))](
-        k, v, state.k_ring, state.v_ring, state.length, s, t0, *kst, *vst, HKV=H, D=D,
-        BLOCK_T=block_t, BLOCK_D=base._pow2(D), GROUP=c.group, RING=R)
-    state.length += s
-    return state
+    return base.append_ring(state, k, v, kst, vst)
