@@ -232,9 +232,10 @@ class DecodeGraph:
             return (f"the compiled graphs changed between steps ({graphs}): Dynamo recompiles, "
                     f"so a step's integers may be baked in")
         for index in graphs[-1]:
-            if self._reads_changing_ints(index):
+            changing = self._reads_changing_ints(index)
+            if changing:
                 return (f"compiled graph {index} reads host integers (inputs "
-                        f"{self._reads_changing_ints(index)}): its decode is not lowered onto a "
+                        f"{changing}): its decode is not lowered onto a "
                         f"state that keeps its length on the device (e.g. fuse=false, gear, "
                         f"or a site another recipe took)")
         if any(getattr(layer, "sink", 0) > getattr(layer, "length", 0)

@@ -10,7 +10,7 @@ arithmetic, K/V read once); without it, SDPA's flash kernel takes the whole call
 32k B=1 / 128k B=1 / 32k B=8 on an H100 (kernels/attention/op.py has the setting). In the
 whole Llama-8B-shaped model (8 layers, transformers 5.17, eager launches) the gain is below the
 host noise: a compiled dense decode step's fastest step was 6.9 / 8.6 / 12.6 ms with the mask
-dropped (benchmarks/results/kv_quant_model_decode_h100.json) and 7.2 / 9.8 / 14.2 ms in the
+dropped (benchmarks/results/debug/kv_quant_model_decode_run6_h100.json) and 7.2 / 9.8 / 14.2 ms in the
 previous run with it (results/debug/kv_quant_model_decode_run4_h100.json), while the medians of
 both runs swing with the machine (steps alternate between two levels).
 
