@@ -60,14 +60,14 @@ def main(argv: list[str] | None = None) -> int:
     mask = np.ones_like(ids)
     positions = np.arange(ids.shape[1], dtype=np.int64)[None]                # [1, S]
 
-    # Empty state: past length 0 for every layer (prefill is a step with no past).
+    # Empty state (prefill is a step with no past): every named dim of each state input is 0
+    # ("past" for the plain cache; "packed", "tail"... for a kv_quant state), batch is 1, and
+    # fixed sizes stay (a quantized state's sink copy starts as zeros).
     state_inputs = [i["name"] for i in meta["inputs"][3:]]
     state = []
-    for layer in meta["state"]["layers"]:
-        for role in ("key", "value"):
-            _, heads, _, dim = layer[role]["shape"]
-            state.append(ort.OrtValue.ortvalue_from_numpy(
-                np.zeros((1, heads, 0, dim), dtype=np.dtype(layer[role]["dtype"]))))
+    for spec in meta["inputs"][3:]:
+        shape = [1 if d == "batch" else d if isinstance(d, int) else 0 for d in spec["shape"]]
+        state.append(ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, np.dtype(spec["dtype"]))))
     output_names = [o["name"] for o in meta["outputs"]]
 
     new_tokens: list[int] = []

@@ -74,6 +74,8 @@ class ExportCapture:
     # input/output name -> {axis: symbol name}, for the dims that are dynamic ("batch", ...)
     dynamic_dims: dict[str, dict[int, str]] = field(default_factory=dict)
     num_layers: int = 0
+    # the exported form of a recipe's KV state (runtime/export_state.py), None: the plain cache
+    state: Any = None
     _module: Any = field(default=None, repr=False)
 
     def run(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -197,12 +199,19 @@ def _static_cache(config, max_cache_len: int, past: list[torch.Tensor],
     return cache
 
 
-def _make_forward(model, *, cache: str, num_layers: int, max_cache_len: int, has_past: bool):
+def _state_names(num_layers: int, state) -> list[tuple[int, str]]:
+    """(layer, tensor name) of every state input, in order: key/value, or the state's names."""
+    roles = state.names() if state is not None else ("key", "value")
+    return [(i, r) for i in range(num_layers) for r in roles]
+
+
+def _make_forward(model, *, cache: str, num_layers: int, max_cache_len: int, has_past: bool,
+                  state=None):
     """A forward with named flat parameters (export names placeholders after them)."""
     config = model.config.get_text_config(decoder=True)
     model_forward = type(model).forward
     third = "cache_position" if cache == "static" else "position_ids"
-    past_params = [f"past_{i}_{r}" for i in range(num_layers) for r in ("key", "value")]
+    past_params = [f"past_{i}_{r}" for i, r in _state_names(num_layers, state)]
     params = ["input_ids", "attention_mask", third] + (past_params if has_past else [])
 
     def body(self, input_ids, attention_mask, pos, past):
@@ -210,12 +219,17 @@ def _make_forward(model, *, cache: str, num_layers: int, max_cache_len: int, has
             kv = _static_cache(config, max_cache_len, past, pos)
             # position_ids [B, S] from cache_position [S]
             position_ids = pos.unsqueeze(0).expand(input_ids.shape[0], -1)
+        elif state is not None:
+            kv = state.cache(past, num_layers)
+            position_ids = pos
         else:
             kv = _dynamic_cache(past)
             position_ids = pos
         out = model_forward(self, input_ids=input_ids, attention_mask=attention_mask,
                             position_ids=position_ids, past_key_values=kv, use_cache=True)
         logits = out.logits
+        if state is not None:
+            return (logits, *state.present(kv))
         present = []
         for layer in kv.layers:
             present += [layer.keys, layer.values]
@@ -250,7 +264,7 @@ def _shadow_forward(model: torch.nn.Module, forward):
 def capture_export(model: torch.nn.Module, *, mode: str = "prefill", cache: str = "dynamic",
                    batch: int = 1, seq_len: int = 8, past_len: int = 8,
                    max_cache_len: int = 64, dynamic: bool = True,
-                   check: bool = True) -> ExportCapture:
+                   check: bool = True, state: Any = None) -> ExportCapture:
     """Export ``model`` (an HF causal LM) with its KV state as explicit inputs and outputs.
 
     ``mode``: "prefill" (``seq_len`` new tokens, no past / empty static buffers), "decode"
@@ -260,6 +274,11 @@ def capture_export(model: torch.nn.Module, *, mode: str = "prefill", cache: str 
     batch, new-token and past dims dynamic (see the module docstring for which, per mode).
     ``check``: run the program once against the eager forward and raise :class:`CaptureError`
     if it differs (an export that silently specialized something).
+    ``state``: the exported form of a recipe's KV state (``runtime/export_state.py``:
+    ``QuantizedState`` for ``kv_quant``) in place of the ``DynamicCache``; mode "step" only.
+    Its inputs are ``past.{i}.{name}`` for each of its tensor names; the traced past is sized
+    by the state (``trace_tokens``), ``past_len`` tokens appended to an empty state are the
+    examples.
     """
     if mode not in ("prefill", "decode", "step"):
         raise ValueError(f"mode must be 'prefill', 'decode' or 'step', not {mode!r}")
@@ -272,6 +291,8 @@ def capture_export(model: torch.nn.Module, *, mode: str = "prefill", cache: str 
     step = mode == "step"
     if step and cache != "dynamic":
         raise ValueError("mode='step' takes the dynamic cache")
+    if state is not None and not step:
+        raise ValueError("a recipe's state (state=...) is captured in mode='step' only")
     seq = 1 if decode else seq_len
     past = past_len if (decode or step) else 0
     if cache == "static" and past + seq > max_cache_len:
@@ -286,8 +307,11 @@ def capture_export(model: torch.nn.Module, *, mode: str = "prefill", cache: str 
     try:
         layout = _kv_layout(model, device)
         has_past = cache == "static" or decode or step
+        if state is not None:
+            state.check(layout.num_layers)
         forward, params = _make_forward(model, cache=cache, num_layers=layout.num_layers,
-                                        max_cache_len=max_cache_len, has_past=has_past)
+                                        max_cache_len=max_cache_len, has_past=has_past,
+                                        state=state)
 
         # Dims marked dynamic are traced at >= 2 (0/1 specialization); examples keep the sizes
         # that were asked for.
@@ -297,12 +321,19 @@ def capture_export(model: torch.nn.Module, *, mode: str = "prefill", cache: str 
             else past
         if cache == "static" and t_past + t_seq > max_cache_len:
             t_seq = seq
+        if state is not None and dynamic:     # a full tail, so that the traced step packs
+            t_seq = max(t_seq, state.trace_seq(t_batch))
+            seq = max(seq, t_seq)
+            t_past = state.trace_tokens(t_batch, t_seq)
+            # the program's guards carry the trace's >= 2 bounds (P + S >= 4 groups + 4 ...):
+            # examples at the traced past; the ONNX export runs the guard-free copy at P = 0
+            past = max(past, t_past)
         gen = torch.Generator(device="cpu").manual_seed(0)
         trace_inputs = _inputs(model, layout, cache, t_batch, t_seq, t_past, max_cache_len,
-                               has_past, device, gen)
+                               has_past, device, gen, state)
         examples = _inputs(model, layout, cache, batch, seq, past, max_cache_len, has_past,
-                           device, torch.Generator(device="cpu").manual_seed(0))
-        dyn_shapes, dyn_dims = _dynamic_shapes(params, cache, decode, has_past, step) \
+                           device, torch.Generator(device="cpu").manual_seed(0), state)
+        dyn_shapes, dyn_dims = _dynamic_shapes(params, cache, decode, has_past, step, state) \
             if dynamic else (None, {})
 
         with _shadow_forward(model, forward), torch.no_grad():
@@ -320,13 +351,16 @@ def capture_export(model: torch.nn.Module, *, mode: str = "prefill", cache: str 
         input_names = ["input_ids", "attention_mask",
                        "cache_position" if cache == "static" else "position_ids"]
         output_names = ["logits"]
-        for i in range(layout.num_layers):
+        for i, r in _state_names(layout.num_layers, state):
             if has_past:
-                input_names += [f"past.{i}.key", f"past.{i}.value"]
-            output_names += [f"present.{i}.key", f"present.{i}.value"]
+                input_names.append(f"past.{i}.{r}")
+            output_names.append(f"present.{i}.{r}")
         dyn_named = {_dotted(k): v for k, v in dyn_dims.items()}
         for i in range(layout.num_layers):   # what the outputs carry, for the reader
-            if dynamic:
+            if dynamic and state is not None:
+                for r, axes in state.dims().items():
+                    dyn_named[f"present.{i}.{r}"] = dict(axes)
+            elif dynamic:
                 axis2 = None if cache == "static" else \
                     ("past+1" if decode else "past+seq" if step else "seq")
                 for r in ("key", "value"):
@@ -338,7 +372,8 @@ def capture_export(model: torch.nn.Module, *, mode: str = "prefill", cache: str 
         cap = ExportCapture(program=program, gm=program.graph_module,
                             input_names=input_names, output_names=output_names,
                             example_inputs=tuple(examples), mode=mode, cache=cache,
-                            dynamic_dims=dyn_named, num_layers=layout.num_layers)
+                            dynamic_dims=dyn_named, num_layers=layout.num_layers,
+                            state=state)
         n_out = len(cap.user_output_nodes())
         if n_out != len(output_names):
             raise CaptureError(f"the program has {n_out} outputs, expected {len(output_names)} "
@@ -354,13 +389,13 @@ def capture_export(model: torch.nn.Module, *, mode: str = "prefill", cache: str 
 
 def _dotted(param: str) -> str:
     if param.startswith("past_"):
-        _, i, r = param.split("_")
+        _, i, r = param.split("_", 2)
         return f"past.{i}.{r}"
     return param
 
 
 def _inputs(model, layout: _KVLayout, cache: str, batch: int, seq: int, past: int,
-            max_cache_len: int, has_past: bool, device, gen) -> list[torch.Tensor]:
+            max_cache_len: int, has_past: bool, device, gen, state=None) -> list[torch.Tensor]:
     vocab = int(getattr(model.config.get_text_config(decoder=True), "vocab_size", 0) or 2)
     ids = torch.randint(0, vocab, (batch, seq), generator=gen).to(device)
     total = max_cache_len if cache == "static" else past + seq
@@ -368,6 +403,8 @@ def _inputs(model, layout: _KVLayout, cache: str, batch: int, seq: int, past: in
     positions = torch.arange(past, past + seq, device=device)
     third = positions if cache == "static" else positions.unsqueeze(0).expand(batch, -1).clone()
     out = [ids, mask, third]
+    if state is not None:                      # `past` random tokens appended to an empty state
+        return out + state.example(layout.shapes, layout.dtype, batch, past, device, gen)
     if has_past:
         length = max_cache_len if cache == "static" else past
         for hkv, dk, dv in layout.shapes:
@@ -380,7 +417,7 @@ def _inputs(model, layout: _KVLayout, cache: str, batch: int, seq: int, past: in
 
 
 def _dynamic_shapes(params: list[str], cache: str, decode: bool, has_past: bool,
-                    step: bool = False):
+                    step: bool = False, state=None):
     """Named dims shared by every input that carries them: ``batch``, ``seq`` (prefill, step)
     and ``past`` (decode with a dynamic cache, the mask's length is then ``past + 1``; step,
     ``past + seq``)."""
@@ -389,6 +426,7 @@ def _dynamic_shapes(params: list[str], cache: str, decode: bool, has_past: bool,
     shapes: dict[str, Any] = {}
     names: dict[str, dict[int, str]] = {}
     seq_dyn = not decode
+    state_dims = state.export_dims(batch) if state is not None else {}
     for p in params:
         if p in ("input_ids", "position_ids"):      # [B, S]
             shapes[p] = {0: batch, 1: seq} if seq_dyn else {0: batch}
@@ -405,6 +443,9 @@ def _dynamic_shapes(params: list[str], cache: str, decode: bool, has_past: bool,
         elif p == "cache_position":                 # [S]
             shapes[p] = {0: seq} if seq_dyn else None
             names[p] = {0: "seq"} if seq_dyn else {}
+        elif state is not None:                     # past.{i}.{name}: the state's own dims
+            name = p.split("_", 2)[2]
+            shapes[p], names[p] = state_dims[name], state.dims()[name]
         elif cache == "dynamic":                    # past [B, Hkv, P, D]
             shapes[p], names[p] = {0: batch, 2: past}, {0: "batch", 2: "past"}
         else:                                       # static buffer [B, Hkv, M, D]

@@ -23,6 +23,12 @@ computes, and models whose own masks slide (Mistral, Gemma 2/3 local layers) kee
 transformers' mask code is in the exported graph. The state is the whole past for every layer
 (sliding windows are applied by the mask, not by trimming the state).
 
+With ``kv_quant(...)`` in the recipe the state is the quantized one instead
+(runtime/export_state.py, kernels/kv_quant/concat_state.py): per layer packed codes, scales, a
+full-precision tail and the sink copy, quantized on append inside the graph
+(``past.{i}.k_codes`` ... ``present.{i}.sink_v``; docs/onnx.md lists them). Other recipes that
+replace the runtime cache (gear, eviction, think, minicache) raise :class:`OnnxExportError`.
+
 Nothing is half-written: the files are made in a temporary folder beside the destination and
 moved into place at the end. An op without an ONNX translation raises
 :class:`OnnxExportError` naming it.
@@ -125,30 +131,38 @@ def export_onnx(model: torch.nn.Module, path: str | os.PathLike, recipe: Any = "
     raise if the logits differ by more than 1e-4 relative (fp32). ``optimize``: the ONNX
     exporter's graph optimization (constant folding; onnxruntime optimizes again at load).
     """
-    from longfx.api import _pipeline, _rules, model_facts
+    from longfx.api import _pipeline, model_facts
     from longfx.rewrite.capture_export import CaptureError, capture_export
     from longfx.rewrite.engine import rewrite_graph
+    from longfx.runtime.export_state import state_for
 
     t_all = time.perf_counter()
     timings: dict[str, float] = {}
     pipeline = _pipeline(recipe)
     table = translation_table(target)
     dest_dir, onnx_name = _destination(path)
+    try:
+        state = state_for(pipeline)       # kv_quant(...): the quantized state, else the plain cache
+    except ValueError as e:
+        raise OnnxExportError(str(e)) from None
 
     # 1. capture: S new tokens after P past ones, both dynamic
     t0 = time.perf_counter()
     try:
         cap = capture_export(model, mode="step", cache="dynamic", batch=TRACE_BATCH,
-                             seq_len=TRACE_SEQ, past_len=TRACE_PAST, check=check)
-    except CaptureError as e:
+                             seq_len=TRACE_SEQ, past_len=TRACE_PAST, check=check, state=state)
+    except (CaptureError, ValueError) as e:
         raise OnnxExportError(f"capture failed: {e}") from e
     timings["capture_s"] = time.perf_counter() - t0
 
     # 2. rewrite: canonical ops, then the recipe's transforms
     t0 = time.perf_counter()
     facts = model_facts(model)
+    # a KV-cache recipe's rules lower the runtime cache's ops, which the exported state has not
+    rules = [rule for r in pipeline.recipes if not callable(getattr(r, "make_cache", None))
+             for rule in r.rules()]
     graph, report = rewrite_graph(cap.program.module(), list(cap.example_inputs),
-                                  rules=_rules(pipeline), name="decoder", model_facts=facts)
+                                  rules=rules, name="decoder", model_facts=facts)
     _check_ops(graph, table)
     _drop_guards(graph)
     timings["rewrite_s"] = time.perf_counter() - t0
@@ -221,23 +235,45 @@ def _drop_guards(graph: fx.GraphModule) -> None:
     Its range checks carry a tracing artifact: export derives ``P + S >= 4`` for the mask from
     the internal ``>= 2`` bound of the symbols it traced past and seq with, before the declared
     ``past: min=0`` applies, so the torch graph would refuse a prefill of 3 tokens that the ONNX
-    file (which has no guards) runs correctly. The shapes are fixed by the caller's loop."""
+    file (which has no guards) runs correctly. The shapes are fixed by the caller's loop.
+
+    The deferred runtime asserts inside the graph (``aten._assert_scalar``) go too, for the
+    same reason: a quantized state's step traced with a group packed asserts that the packed
+    chunk is not empty (``1 <= B·Hkv·n_new·D``), which a prefill of 3 tokens breaks; the ONNX
+    file has no asserts, and tests/runtime/test_onnx_kv_quant.py compares both with the eager
+    runtime cache at the sizes the traced ones were not."""
+    import operator
+
+    assert_scalar = torch.ops.aten._assert_scalar.default
     for n in list(graph.graph.nodes):
         if n.op == "call_module" and str(n.target).startswith("_guards") and not n.users:
+            graph.graph.erase_node(n)
+        elif n.op == "call_function" and n.target is assert_scalar and not n.users:
+            graph.graph.erase_node(n)
+    # the integer arithmetic that only fed them (it may divide by a size that is 0 at run time)
+    for n in reversed(list(graph.graph.nodes)):
+        scalar = getattr(n.target, "__module__", "") in ("_operator", "torch") and \
+            (n.target in vars(operator).values() or getattr(n.target, "__name__", "").startswith(
+                "sym_"))
+        if n.op == "call_function" and scalar and not n.users:
             graph.graph.erase_node(n)
     graph.recompile()
 
 
 def _dynamic_shapes(cap) -> list[dict[int, Any]]:
-    """Dims of the flat inputs, in order: batch, seq, past (min 0); the mask's P+S is AUTO."""
+    """Dims of the flat inputs, in order: batch, seq, past (min 0); the mask's P+S is AUTO.
+    A recipe's state (``cap.state``) has its own dims (runtime/export_state.py)."""
     Dim = torch.export.Dim
     batch, seq, past = Dim("batch", min=1), Dim("seq", min=1), Dim("past", min=0)
+    state_dims = cap.state.export_dims(batch) if cap.state is not None else {}
     shapes = []
     for name in cap.input_names:
         if name in ("input_ids", "position_ids"):
             shapes.append({0: batch, 1: seq})
         elif name == "attention_mask":
             shapes.append({0: batch, 1: Dim.AUTO})
+        elif cap.state is not None:
+            shapes.append(state_dims[name.split(".", 2)[2]])
         else:
             shapes.append({0: batch, 2: past})
     return shapes
@@ -295,8 +331,12 @@ def _rename_dims(model, cap) -> None:
 
     rename: dict[str, str] = {}
     want = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {1: "past_seq"}}
+    state_axes = cap.state.dims() if cap.state is not None else {}
     for v in model.graph.inputs:
-        axes = want.get(v.name, {2: "past"} if v.name.startswith("past.") else {})
+        if v.name.startswith("past.") and cap.state is not None:
+            axes = {a: d for a, d in state_axes[v.name.split(".", 2)[2]].items() if a != 0}
+        else:
+            axes = want.get(v.name, {2: "past"} if v.name.startswith("past.") else {})
         for axis, name in axes.items():
             dim = v.shape[axis] if v.shape is not None else None
             if isinstance(dim, ir.SymbolicDim) and dim.value:
@@ -337,7 +377,7 @@ def _meta(model, cap, graph, report, pipeline, target: str, onnx_name: str,
     layers = []
     kv_inputs = [n for n in cap.input_names if n.startswith("past.")]
     vals = dict(zip(cap.input_names, cap.example_inputs))
-    for i in range(cap.num_layers):
+    for i in range(cap.num_layers if cap.state is None else 0):
         k, v = vals[f"past.{i}.key"], vals[f"past.{i}.value"]
         layers.append({
             "layer": i,
@@ -352,14 +392,33 @@ def _meta(model, cap, graph, report, pipeline, target: str, onnx_name: str,
     inputs = [{"name": "input_ids", "dtype": "int64", "shape": ["batch", "seq"]},
               {"name": "attention_mask", "dtype": "int64", "shape": ["batch", "past_seq"]},
               {"name": "position_ids", "dtype": "int64", "shape": ["batch", "seq"]}]
+    if cap.state is not None:                   # kv_quant: the state describes its tensors
+        shapes = [tuple(vals[f"past.{i}.k_tail"].shape[j] for j in (1, 3, 3))
+                  for i in range(cap.num_layers)]
+        dtype = str(vals["past.0.k_tail"].dtype)
+        state = cap.state.describe(shapes, vals["past.0.k_tail"].dtype, cap.num_layers)
+        tensors = [t for layer in state["layers"] for t in layer["tensors"]]
+    else:
+        state = {
+            "layout": "concat",
+            "description": "present.{i}.* = concat(past.{i}.*, new) on axis 2; feed it back as "
+                           "the next step's past. Prefill: past of length 0. attention_mask "
+                           "covers past + new tokens (1 = real, 0 = padding); position_ids "
+                           "are the new tokens' positions.",
+            "seq_axis": 2,
+            "length": [{"input": "past.0.key", "axis": 2}],
+            "layers": layers,
+        }
+        tensors = [{"input": layer[r]["input"], "output": layer[r]["output"],
+                    "dtype": layer[r]["dtype"], "shape": layer[r]["shape"],
+                    "out_shape": [*layer[r]["shape"][:2], "past_seq", layer[r]["shape"][3]]}
+                   for layer in layers for r in ("key", "value")]
     outputs = [{"name": "logits", "dtype": dtype.replace("torch.", ""),
                 "shape": ["batch", "seq", int(getattr(config, "vocab_size", 0) or 0)]}]
-    for layer in layers:
-        for role in ("key", "value"):
-            s = layer[role]
-            inputs.append({"name": s["input"], "dtype": s["dtype"], "shape": s["shape"]})
-            outputs.append({"name": s["output"], "dtype": s["dtype"],
-                            "shape": [*s["shape"][:2], "past_seq", s["shape"][3]]})
+    for t in tensors:
+        inputs.append({"name": t["input"], "dtype": t["dtype"], "shape": t["shape"]})
+        outputs.append({"name": t["output"], "dtype": t["dtype"],
+                        "shape": t.get("out_shape", t["shape"])})
 
     def ids(x):
         if x is None:
@@ -377,15 +436,7 @@ def _meta(model, cap, graph, report, pipeline, target: str, onnx_name: str,
         "recipe": str(pipeline),
         "inputs": inputs,
         "outputs": outputs,
-        "state": {
-            "layout": "concat",
-            "description": "present.{i}.* = concat(past.{i}.*, new) on axis 2; feed it back as "
-                           "the next step's past. Prefill: past of length 0. attention_mask "
-                           "covers past + new tokens (1 = real, 0 = padding); position_ids "
-                           "are the new tokens' positions.",
-            "seq_axis": 2,
-            "layers": layers,
-        },
+        "state": state,
         "attention": _attention_sites(graph, report),
         "model": {
             "name": getattr(config, "_name_or_path", "") or getattr(model, "longfx_name", ""),
@@ -432,8 +483,18 @@ def _attention_sites(graph: fx.GraphModule, report) -> list[dict[str, Any]]:
     return rows
 
 
+def empty_state(meta: dict[str, Any], batch: int) -> list[torch.Tensor]:
+    """The state inputs before prefill, as ``longfx_onnx.json`` describes them."""
+    out = []
+    for spec in meta["inputs"][3:]:
+        shape = [batch if d == "batch" else d if isinstance(d, int) else 0 for d in spec["shape"]]
+        out.append(torch.zeros(shape, dtype=getattr(torch, spec["dtype"])))
+    return out
+
+
 def _check_file(onnx_path: Path, result: OnnxExport, cap) -> dict[str, Any]:
-    """Prefill (empty past) + one decode step in onnxruntime vs the rewritten torch graph."""
+    """Prefill (empty past) + one decode step in onnxruntime vs the rewritten torch graph; with
+    a quantized state the prefill is followed by a chunk that packs groups, then the step."""
     import numpy as np
     import onnxruntime as ort
 
@@ -441,14 +502,18 @@ def _check_file(onnx_path: Path, result: OnnxExport, cap) -> dict[str, Any]:
     names = cap.input_names
     vals = dict(zip(names, cap.example_inputs))
     b, s = vals["input_ids"].shape
+    s = min(s, TRACE_SEQ)
+    chunk = 0 if cap.state is None else cap.state.config.ring + 2 * cap.state.config.group
     gen = torch.Generator().manual_seed(0)
     vocab = int(result.meta["model"].get("vocab_size") or 2)
-    ids = torch.randint(0, vocab, (b, s + 1), generator=gen)
-    mask = torch.ones(b, s + 1, dtype=torch.long)
-    past = [vals[n][:, :, :0].contiguous() for n in names[3:]]
+    n = s + chunk + 1
+    ids = torch.randint(0, vocab, (b, n), generator=gen)
+    mask = torch.ones(b, n, dtype=torch.long)
+    past = empty_state(result.meta, b)
     worst = 0.0
-    steps = [(ids[:, :s], mask[:, :s], torch.arange(s).expand(b, s).contiguous()),
-             (ids[:, s:], mask, torch.full((b, 1), s, dtype=torch.long))]
+    cuts = [0, s] + ([s + chunk] if chunk else []) + [n]
+    steps = [(ids[:, i:j], mask[:, :j], torch.arange(i, j).expand(b, j - i).contiguous())
+             for i, j in zip(cuts, cuts[1:])]
     for step_ids, step_mask, pos in steps:
         flat = [step_ids, step_mask, pos, *past]
         ref = result.run_torch(*[x.clone() for x in flat])
@@ -460,7 +525,9 @@ def _check_file(onnx_path: Path, result: OnnxExport, cap) -> dict[str, Any]:
     if not worst <= 1e-4:
         raise OnnxExportError(f"the ONNX file's logits differ from the rewritten torch graph by "
                               f"{worst:.2e} (relative; budget 1e-4) on a prefill + decode check")
-    return {"max_rel_logits_error": worst, "steps": "prefill S=3 P=0, decode S=1 P=3, batch 2"}
+    return {"max_rel_logits_error": worst,
+            "steps": ", ".join(f"S={j - i} P={i}" for i, j in zip(cuts, cuts[1:])) +
+            f", batch {b}"}
 
 
 def _move_into_place(tmp: Path, dest: Path) -> None:
@@ -472,5 +539,5 @@ def _move_into_place(tmp: Path, dest: Path) -> None:
         os.replace(f, dest / f.name)
 
 
-__all__ = ["OnnxExport", "OnnxExportError", "export_onnx", "translation_table", "META_FILE",
-           "MODEL_FILE", "TARGETS"]
+__all__ = ["OnnxExport", "OnnxExportError", "export_onnx", "translation_table", "empty_state",
+           "META_FILE", "MODEL_FILE", "TARGETS"]

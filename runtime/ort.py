@@ -29,7 +29,7 @@ import onnxruntime as ort
 
 META_FILE = "longfx_onnx.json"
 _NP = {"float32": np.float32, "float16": np.float16, "float64": np.float64,
-       "bfloat16": None, "int64": np.int64}
+       "bfloat16": None, "int64": np.int64, "uint8": np.uint8}
 
 
 @dataclass
@@ -86,18 +86,25 @@ class ORTModel:
     # one step
 
     def empty_state(self, batch: int) -> list[ort.OrtValue]:
-        """The state before prefill: every ``past.*`` with a past length of 0."""
+        """The state before prefill: every ``past.*`` input with its named dims at 0 (a past
+        length of 0; a quantized state's fixed-size sink copy is zeros)."""
         out = []
-        for layer in self.layers:
-            for role in ("key", "value"):
-                spec = layer[role]
-                shape = [batch, spec["shape"][1], 0, spec["shape"][3]]
-                dtype = _NP.get(spec["dtype"])
-                if dtype is None:
-                    raise NotImplementedError(f"state dtype {spec['dtype']} is not supported by "
-                                              "the numpy-side runner")
-                out.append(ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, self.device, 0))
+        for spec in self.meta["inputs"][3:]:
+            shape = [batch if d == "batch" else d if isinstance(d, int) else 0
+                     for d in spec["shape"]]
+            dtype = _NP.get(spec["dtype"])
+            if dtype is None:
+                raise NotImplementedError(f"state dtype {spec['dtype']} is not supported by "
+                                          "the numpy-side runner")
+            out.append(ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype), self.device, 0))
         return out
+
+    def past_length(self, state: list[ort.OrtValue]) -> int:
+        """Tokens a state holds: the sum of the axes ``longfx_onnx.json`` names for it
+        (``past.0.key`` axis 2; a quantized state's packed + tail)."""
+        names = self.input_names[3:]
+        where = self.meta["state"].get("length") or [{"input": names[0], "axis": 2}]
+        return sum(int(state[names.index(w["input"])].shape()[w["axis"]]) for w in where)
 
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
              state: list[ort.OrtValue]) -> tuple[np.ndarray, list[ort.OrtValue]]:
@@ -124,7 +131,7 @@ class ORTModel:
         ids = np.asarray(_to_numpy(input_ids), dtype=np.int64)
         b, s = ids.shape
         state = state if state is not None else self.empty_state(b)
-        p = state[0].shape()[2] if state else 0
+        p = self.past_length(state) if state else 0
         mask = np.ones((b, p + s), np.int64) if attention_mask is None \
             else np.asarray(_to_numpy(attention_mask), dtype=np.int64)
         if position_ids is None:

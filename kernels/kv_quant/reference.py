@@ -79,6 +79,7 @@ SVD of what quantization lost is added back.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 
@@ -209,22 +210,27 @@ def rotation_block(head_dim: int) -> int:
     return head_dim & -head_dim
 
 
+@functools.lru_cache(maxsize=None)
+def _rotation_rows(head_dim: int, seed: int) -> tuple[tuple[float, ...], ...]:
+    """The entries of ``rotation(head_dim)`` as Python floats (each exact in fp32)."""
+    b = rotation_block(head_dim)
+    unit = float(torch.tensor(1.0, dtype=torch.float32) / math.sqrt(b))  # 1/√b rounded to fp32
+    s = _signs(head_dim, seed)
+    return tuple(tuple(0.0 if i // b != j // b else
+                       s[i] * (-unit if bin((i % b) & (j % b)).count("1") & 1 else unit)
+                       for j in range(head_dim)) for i in range(head_dim))
+
+
 def rotation(head_dim: int, device=None, dtype: torch.dtype = torch.float32,
              seed: int = ROTATION_SEED) -> torch.Tensor:
     """The fixed orthogonal matrix Q [D, D] of ``rotate=True``: ``diag(s) · H``, H the
-    normalized Walsh–Hadamard matrix (block-diagonal, blocks of ``rotation_block(D)``), s ±1
-    signs regenerated from ``seed``. Rotate with ``x @ Q``, undo with ``y @ Q.T``."""
-    b = rotation_block(head_dim)
-    i = torch.arange(head_dim, device=device)
-    ib, jb = (i % b)[:, None], (i % b)[None, :]                         # [D, 1], [1, D]
-    both = ib & jb
-    parity = torch.zeros_like(both)
-    for shift in range(max(1, b.bit_length() - 1)):                    # popcount(i & j) mod 2
-        parity = parity ^ ((both >> shift) & 1)
-    h = (1 - 2 * parity).to(torch.float32) / math.sqrt(b)
-    h = torch.where((i // b)[:, None] == (i // b)[None, :], h, torch.zeros_like(h))
-    s = torch.tensor(_signs(head_dim, seed), dtype=torch.float32, device=device)
-    return (s[:, None] * h).to(dtype)
+    normalized Walsh–Hadamard matrix (block-diagonal, blocks of ``rotation_block(D)``; entry
+    ±1/√b where popcount(i & j) is even / odd), s ±1 signs regenerated from ``seed``. Rotate
+    with ``x @ Q``, undo with ``y @ Q.T``. Built from Python numbers, so that a traced cache
+    (``torch.export``, runtime/export_state.py) holds it as one constant, not as the ops that
+    compute it."""
+    return torch.tensor(_rotation_rows(head_dim, seed), dtype=torch.float32,
+                        device=device).to(dtype)
 
 
 def rotate(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -257,9 +263,13 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     per = 8 // bits
     if codes.shape[-1] % per:
         raise ValueError(f"last dim {codes.shape[-1]} is not a multiple of {per}")
-    c = codes.to(torch.int32).unflatten(-1, (-1, per))                 # [..., n/per, per]
-    shifts = torch.arange(per, device=codes.device, dtype=torch.int32) * bits
-    return (c << shifts).sum(-1).to(torch.uint8)
+    n = codes.shape[-1]
+    c = codes.to(torch.int32).unflatten(-1, (n // per, per))           # [..., n/per, per]
+    # c << bits·i as c · 2^(bits·i): the same bytes, and ops every exporter has (ONNX's
+    # BitShift takes unsigned types only)
+    weights = torch.tensor([1 << (bits * i) for i in range(per)], dtype=torch.int32,
+                           device=codes.device)
+    return (c * weights).sum(-1).to(torch.uint8)
 
 
 def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
@@ -267,8 +277,10 @@ def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
     if bits not in BITS:
         raise ValueError(f"bits must be one of {BITS}, got {bits}")
     per = 8 // bits
-    shifts = torch.arange(per, device=packed.device, dtype=torch.int32) * bits
-    c = (packed.to(torch.int32)[..., None] >> shifts) & ((1 << bits) - 1)   # [..., m, per]
+    weights = torch.tensor([1 << (bits * i) for i in range(per)], dtype=torch.int32,
+                           device=packed.device)
+    # (p >> bits·i) & (2^bits − 1) as (p // 2^(bits·i)) % 2^bits (p >= 0; see pack)
+    c = (packed.to(torch.int32)[..., None] // weights) % (1 << bits)     # [..., m, per]
     return c.flatten(-2).to(torch.uint8)
 
 
@@ -406,10 +418,14 @@ def dequantize_values(packed: torch.Tensor, params: torch.Tensor,
                       config: KVQuantConfig) -> torch.Tensor:
     """Packed values [B, Hkv, T, D·bits/8] + params [B, Hkv, T, 2, Jv] -> fp32 [B, Hkv, T, D]."""
     codes = unpack(packed, config.bits).float()
-    D = codes.shape[-1]
+    B, H, T, D = codes.shape
+    g = config.group
     a, b = affine(params.transpose(-1, -2), config.bits)               # [B, Hkv, T, Jv]
-    a = a.repeat_interleave(config.group, -1)[..., :D]                # [B, Hkv, T, D]
-    b = b.repeat_interleave(config.group, -1)[..., :D]
+    jv = a.shape[-1]
+    # each group's (a, b) over its g channels: an expand, not repeat_interleave, whose ONNX
+    # form reshapes with a -1 that onnxruntime cannot resolve for an empty T
+    a = a[..., None].expand(B, H, T, jv, g).reshape(B, H, T, jv * g)[..., :D]   # [B, Hkv, T, D]
+    b = b[..., None].expand(B, H, T, jv, g).reshape(B, H, T, jv * g)[..., :D]
     return codes * a + b
 
 

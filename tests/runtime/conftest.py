@@ -83,12 +83,9 @@ def positions(mask: np.ndarray) -> np.ndarray:
 
 
 def torch_state(export, batch: int) -> list[torch.Tensor]:
-    out = []
-    for layer in export.meta["state"]["layers"]:
-        for role in ("key", "value"):
-            _, h, _, d = layer[role]["shape"]
-            out.append(torch.zeros(batch, h, 0, d, dtype=getattr(torch, layer[role]["dtype"])))
-    return out
+    from longfx.runtime.onnx_export import empty_state
+
+    return empty_state(export.meta, batch)
 
 
 @contextlib.contextmanager
