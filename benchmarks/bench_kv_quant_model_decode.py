@@ -75,21 +75,30 @@ def prefill(model, ids: torch.Tensor, cache, chunk: int) -> torch.Tensor:
     return out.logits[:, -1:].argmax(-1)
 
 
-def step(model, cache, tok: torch.Tensor, device: str) -> tuple[float, torch.Tensor, int]:
-    """One decode step: (ms, logits, bytes allocated at peak beyond the start)."""
+def step(model, cache, tok: torch.Tensor, device: str,
+         events: bool = False) -> tuple[float, torch.Tensor, int]:
+    """One decode step: (ms, logits, bytes allocated at peak beyond the start). The ms are the
+    host's clock between two synchronizations, or with ``events`` (on CUDA) the time between
+    two CUDA events recorded around the call."""
     sync(device)
     base = 0
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
+    ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)] if (
+        events and device == "cuda") else None
+    if ev:
+        ev[0].record()
     t0 = time.perf_counter()
     with torch.no_grad():
         if callable(getattr(model, "step", None)):            # a DecodeGraph runner
             logits = model.step(tok)
         else:
             logits = model(input_ids=tok, past_key_values=cache, use_cache=True).logits
+    if ev:
+        ev[1].record()
     sync(device)
-    ms = (time.perf_counter() - t0) * 1e3
+    ms = ev[0].elapsed_time(ev[1]) if ev else (time.perf_counter() - t0) * 1e3
     peak = torch.cuda.max_memory_allocated() - base if device == "cuda" else 0
     return ms, logits, peak
 
@@ -123,19 +132,7 @@ def run_case(args, model, length: int, batch: int) -> dict:
     toks = {"fused": tok_q, "unfused": tok_q, "dense": tok_d, "dense_compiled": tok_c,
             "fused_graph": tok_q}
     prefill_s = time.perf_counter() - t0
-    times = {k: [] for k in kinds}
-    peaks = {k: [] for k in kinds}
-    for name, (m, c) in kinds.items():                 # warm up: compiles each decode graph
-        for _ in range(args.warmup):
-            _, logits, _ = step(m, c, toks[name], args.device)
-            toks[name] = logits[:, -1:].argmax(-1)
-    for _ in range(args.rounds):
-        for name, (m, c) in kinds.items():
-            for _ in range(args.steps):
-                ms, logits, peak = step(m, c, toks[name], args.device)
-                times[name].append(ms)
-                peaks[name].append(peak)
-                toks[name] = logits[:, -1:].argmax(-1)
+    times, peaks = time_steps(kinds, toks, args)
     med = {k: statistics.median(v) for k, v in times.items()}
     # each step appends, so two paths cannot step from one state: the lowered op is compared
     # with the unfused read + attention on every layer's final state instead
@@ -160,6 +157,27 @@ def run_case(args, model, length: int, batch: int) -> dict:
             "max_rel_err_fused_vs_unfused_attention": err, "prefill_s": round(prefill_s, 1),
             "state_tokens": qcache.get_seq_length(), "times_ms": {k: [round(x, 3) for x in v]
                                                         for k, v in times.items()}}
+
+
+def time_steps(kinds: dict, toks: dict, args, events: bool = False) -> tuple[dict, dict]:
+    """``args.warmup`` untimed greedy steps per model (compiles each decode graph), then
+    ``args.rounds`` rounds that run ``args.steps`` steps of each model in turn. ``kinds``:
+    name -> (model, cache); ``toks``: name -> the next input token, advanced in place. Returns
+    per name the step times (ms, :func:`step`; ``events``: CUDA events) and peak extra bytes."""
+    times = {k: [] for k in kinds}
+    peaks = {k: [] for k in kinds}
+    for name, (m, c) in kinds.items():                 # warm up: compiles each decode graph
+        for _ in range(args.warmup):
+            _, logits, _ = step(m, c, toks[name], args.device)
+            toks[name] = logits[:, -1:].argmax(-1)
+    for _ in range(args.rounds):
+        for name, (m, c) in kinds.items():
+            for _ in range(args.steps):
+                ms, logits, peak = step(m, c, toks[name], args.device, events)
+                times[name].append(ms)
+                peaks[name].append(peak)
+                toks[name] = logits[:, -1:].argmax(-1)
+    return times, peaks
 
 
 def lowering_error(cache, model, args) -> float:
