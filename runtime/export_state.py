@@ -44,14 +44,16 @@ class ConcatQuantizedLayer(StateLayer):
     is_compileable = False
     is_sliding = False            # windows are applied by the model's mask (as for DynamicLayer)
 
-    def __init__(self, tensors: tuple[torch.Tensor, ...], config: KVQuantConfig, sink: int):
+    def __init__(self, tensors: tuple[torch.Tensor, ...], config: KVQuantConfig, sink: int,
+                 rot: torch.Tensor | None = None):
         super().__init__()
         self.tensors = tuple(tensors)
         self.config = config
         self.sink = sink
         self.dtype, self.device = tensors[4].dtype, tensors[4].device
-        D = tensors[4].shape[-1]
-        self.rot = kv_ref.rotation(D, self.device) if config.rotate else None
+        if config.rotate and rot is None:
+            rot = kv_ref.rotation(tensors[4].shape[-1], self.device)
+        self.rot = rot if config.rotate else None
         self.is_initialized = True
 
     @property
@@ -78,6 +80,9 @@ class QuantizedState:
     sink: int = 0
     layer_configs: dict[int, KVQuantConfig] = field(default_factory=dict)
     recipe: str = ""
+    # rotations made before tracing (``example``), so the traced graph holds each as one
+    # constant rather than the index arithmetic that builds it
+    _rotations: dict = field(default_factory=dict, compare=False, repr=False)
 
     layout = "kv_quant"
 
@@ -88,6 +93,13 @@ class QuantizedState:
 
     def config_of(self, layer: int) -> KVQuantConfig:
         return self.layer_configs.get(layer, self.config)
+
+    def rotation(self, head_dim: int, device) -> torch.Tensor:
+        """``reference.rotation(head_dim)``, made once per (head dim, device)."""
+        key = (head_dim, str(device))
+        if key not in self._rotations:
+            self._rotations[key] = kv_ref.rotation(head_dim, device)
+        return self._rotations[key]
 
     def names(self) -> tuple[str, ...]:
         return C.names(self.sink)
@@ -104,8 +116,11 @@ class QuantizedState:
         from transformers.cache_utils import Cache
 
         n = len(self.names())
-        layers = [ConcatQuantizedLayer(flat[i * n:(i + 1) * n], self.config_of(i), self.sink)
-                  for i in range(num_layers)]
+        layers = []
+        for i in range(num_layers):
+            t, c = flat[i * n:(i + 1) * n], self.config_of(i)
+            rot = self.rotation(t[4].shape[-1], t[4].device) if c.rotate else None
+            layers.append(ConcatQuantizedLayer(t, c, self.sink, rot))
         return Cache(layers=layers)
 
     @staticmethod
@@ -146,7 +161,7 @@ class QuantizedState:
                                  "quantized state takes one head dim")
             c = self.config_of(i)
             state = C.empty(batch, h, dk, c, self.sink, dtype, device)
-            rot = kv_ref.rotation(dk, device) if c.rotate else None
+            rot = self.rotation(dk, device) if c.rotate else None
             k = torch.randn(batch, h, tokens, dk, generator=gen).to(dtype).to(device)
             v = torch.randn(batch, h, tokens, dk, generator=gen).to(dtype).to(device)
             _, _, state = C.step(state, k, v, c, self.sink, rot)

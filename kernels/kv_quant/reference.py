@@ -79,7 +79,6 @@ SVD of what quantization lost is added back.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from dataclasses import dataclass
 
@@ -210,27 +209,22 @@ def rotation_block(head_dim: int) -> int:
     return head_dim & -head_dim
 
 
-@functools.lru_cache(maxsize=None)
-def _rotation_rows(head_dim: int, seed: int) -> tuple[tuple[float, ...], ...]:
-    """The entries of ``rotation(head_dim)`` as Python floats (each exact in fp32)."""
-    b = rotation_block(head_dim)
-    unit = float(torch.tensor(1.0, dtype=torch.float32) / math.sqrt(b))  # 1/√b rounded to fp32
-    s = _signs(head_dim, seed)
-    return tuple(tuple(0.0 if i // b != j // b else
-                       s[i] * (-unit if bin((i % b) & (j % b)).count("1") & 1 else unit)
-                       for j in range(head_dim)) for i in range(head_dim))
-
-
 def rotation(head_dim: int, device=None, dtype: torch.dtype = torch.float32,
              seed: int = ROTATION_SEED) -> torch.Tensor:
     """The fixed orthogonal matrix Q [D, D] of ``rotate=True``: ``diag(s) · H``, H the
-    normalized Walsh–Hadamard matrix (block-diagonal, blocks of ``rotation_block(D)``; entry
-    ±1/√b where popcount(i & j) is even / odd), s ±1 signs regenerated from ``seed``. Rotate
-    with ``x @ Q``, undo with ``y @ Q.T``. Built from Python numbers, so that a traced cache
-    (``torch.export``, runtime/export_state.py) holds it as one constant, not as the ops that
-    compute it."""
-    return torch.tensor(_rotation_rows(head_dim, seed), dtype=torch.float32,
-                        device=device).to(dtype)
+    normalized Walsh–Hadamard matrix (block-diagonal, blocks of ``rotation_block(D)``), s ±1
+    signs regenerated from ``seed``. Rotate with ``x @ Q``, undo with ``y @ Q.T``."""
+    b = rotation_block(head_dim)
+    i = torch.arange(head_dim, device=device)
+    ib, jb = (i % b)[:, None], (i % b)[None, :]                         # [D, 1], [1, D]
+    both = ib & jb
+    parity = torch.zeros_like(both)
+    for shift in range(max(1, b.bit_length() - 1)):                    # popcount(i & j) mod 2
+        parity = parity ^ ((both >> shift) & 1)
+    h = (1 - 2 * parity).to(torch.float32) / math.sqrt(b)
+    h = torch.where((i // b)[:, None] == (i // b)[None, :], h, torch.zeros_like(h))
+    s = torch.tensor(_signs(head_dim, seed), dtype=torch.float32, device=device)
+    return (s[:, None] * h).to(dtype)
 
 
 def rotate(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
