@@ -132,7 +132,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     model, tok = longfx.load(MODEL)
     ids = data.corpus_tokens(tok)[:args.tokens]
-    row = {"model": MODEL, "recipe": args.recipe, "tokens": args.tokens, "chunk": args.chunk,
+    row = {"bench": "onnx_kv_quant_cpu", "model": MODEL, "recipe": args.recipe, "tokens": args.tokens, "chunk": args.chunk,
            "threads": args.threads, "data": data.CORPUS_NAME, **env}
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = args.threads
