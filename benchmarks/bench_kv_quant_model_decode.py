@@ -18,7 +18,7 @@ rope theta 500000) with ``--layers`` decoder layers, ``--vocab`` tokens and rand
 prefills random ids in ``--chunk``-token chunks once into a quantized cache (shared by the
 fused and unfused models and the CUDA-graph runner: all read the same state, each step appends one token)
 and once into a DynamicCache, then times ``--steps`` greedy decode steps per model in ``--rounds``
-alternating rounds (CUDA events around each step, synchronized; median per model). Also
+alternating rounds (host clock between two synchronizations around each step; median per model). Also
 recorded: the peak memory a decode step allocates beyond what was allocated before it (the
 unfused path's dequantized copy of one layer), the KV bytes each cache holds, and the largest
 relative difference of the fused step's logits from the unfused step's on the same state.
