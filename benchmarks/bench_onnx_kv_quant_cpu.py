@@ -83,7 +83,7 @@ def ort_read(ort_model, ids: np.ndarray, chunk: int, decode: int):
         tgt = ids[s + 1:s + 1 + part.shape[1]]
         losses.append(nll(logits[0, :tgt.size], tgt))
     prefill_s = time.perf_counter() - t0
-    nbytes = sum(int(np.prod(v.shape())) * np.dtype(v.numpy().dtype).itemsize for v in state)
+    nbytes = sum(v.numpy().nbytes for v in state)
     token, times = np.array([[int(logits[0, -1].argmax())]]), []
     for i in range(decode):
         mask = np.ones((1, n + i + 1), np.int64)
@@ -96,19 +96,15 @@ def ort_read(ort_model, ids: np.ndarray, chunk: int, decode: int):
 
 
 def torch_read(model, recipe, ids: torch.Tensor, chunk: int) -> float:
-    """Perplexity through the recipe's runtime cache in torch (HF eager model)."""
-    from longfx.eval import infer
+    """Perplexity through the recipe's runtime cache in torch (HF eager model), read as
+    ``longfx eval --task ppl`` reads it."""
+    from longfx.eval.ppl import nll_stream
     from longfx.passes.kv_quant import cache_recipe
     from longfx.recipes import parse
 
     cache = cache_recipe(parse(recipe)).make_cache(model)
-    losses = []
     with torch.no_grad():
-        for s, logits, _ in infer.chunked_logits(model, ids, chunk, cache=cache):
-            tgt = ids[s + 1:s + 1 + logits.shape[0]]
-            losses.append(torch.nn.functional.cross_entropy(logits[:tgt.numel()].float(), tgt,
-                                                            reduction="none"))
-    return math.exp(float(torch.cat(losses).mean()))
+        return math.exp(float(nll_stream(model, ids, chunk, cache=cache).mean()))
 
 
 def main() -> None:

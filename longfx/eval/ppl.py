@@ -20,11 +20,12 @@ def units(ctx) -> int:
     return math.ceil(max(ctx.lengths) / ctx.chunk)
 
 
-def nll_stream(model, ids: torch.Tensor, chunk: int, tick=None) -> torch.Tensor:
-    """Per-position negative log-likelihood ``[len(ids) - 1]`` (position t predicts ids[t+1])."""
+def nll_stream(model, ids: torch.Tensor, chunk: int, tick=None, cache=None) -> torch.Tensor:
+    """Per-position negative log-likelihood ``[len(ids) - 1]`` (position t predicts ids[t+1]).
+    ``cache``: the KV cache to read through (default: ``infer.chunked_logits``'s own)."""
     out = []
     n = ids.numel()
-    for s, logits, _cache in infer.chunked_logits(model, ids, chunk):
+    for s, logits, _cache in infer.chunked_logits(model, ids, chunk, cache=cache):
         tgt = ids[s + 1:s + 1 + logits.shape[0]].to(logits.device)
         lg = logits[: tgt.numel()].float()
         out.append(torch.nn.functional.cross_entropy(lg, tgt, reduction="none").cpu())

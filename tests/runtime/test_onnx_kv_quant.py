@@ -143,7 +143,7 @@ def test_no_packing_equals_the_dense_export(zoo_export, parity):
     a_model, q_model = ORTModel.from_dir(dense.path), ORTModel.from_dir(quant.path)
     _, sa = a_model(ids[:, :14])
     _, sq = q_model(ids[:, :14])
-    la, _ = a_model(ids[:, 14:], state=sa)     # a chunk after 14 tokens: 4 of them packed
+    la, _ = a_model(ids[:, 14:], state=sa)     # a chunk after 14 tokens: 8 of them packed
     lq, _ = q_model(ids[:, 14:], state=sq)
     assert parity.rel(lq, la) > 1e-4
 
