@@ -661,7 +661,7 @@ class H2OQuantizedStore:
         grp = t["grp"].long()                                               # [B, Hkv, P]
         kp = R.gather_tokens(self.groups["k_params"], grp)                  # [B, Hkv, P, 2, D]
         a, b = kv_ref.affine(kp.transpose(-1, -2), c.kbits)                 # [B, Hkv, P, D]
-        k = kv_ref.unpack(t["k_codes"], c.kbits).float() * a + b
+        k = kv_ref.unpack(t["k_codes"], c.kbits, torch.float32) * a + b
         v = kv_ref.dequantize_values(t["v_codes"], t["v_params"], c)        # [B, Hkv, P, D]
         if self.gear is None:
             return k, v

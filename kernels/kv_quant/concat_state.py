@@ -79,12 +79,16 @@ def packed_now(tail: int, new: int, config: KVQuantConfig):
 
 def _sinks(x: torch.Tensor, sink: torch.Tensor) -> torch.Tensor:
     """x [B, Hkv, L, D] with positions < min(n, L) taken from the exact copy sink [B, Hkv, n, D]
-    (``reference.with_sinks``, written with a gather and a where so that no size depends on
-    min(n, L))."""
-    n, L = sink.shape[2], x.shape[2]
-    j = torch.arange(L, device=x.device)                                   # [L]
-    from_sink = sink.index_select(2, j.clamp(max=n - 1))                    # [B, Hkv, L, D]
-    return torch.where((j < n)[:, None], from_sink.to(x.dtype), x)
+    (``reference.with_sinks``). No size may depend on min(n, L), so the rows are written at
+    arange(n) clamped to L − 1: for L < n the extra writes all land on row L − 1 with its own
+    value. One scatter along dim 2 (ONNX ScatterElements): in onnxruntime 0.1 ms at L = 4097,
+    against 0.76 ms for the full-length gather and where it replaced, and 0.5 ms for an
+    index_copy, whose ScatterND wants dim 2 transposed to the front (docs/onnx.md)."""
+    B, H, L, D = x.shape
+    n = sink.shape[2]
+    rows = torch.arange(n, device=x.device).clamp(max=L - 1)               # [n]
+    at = rows[None, None, :, None].expand(B, H, n, D)                       # [B, Hkv, n, D]
+    return x.scatter(2, at, sink.gather(2, at).to(x.dtype))
 
 
 def _new_sinks(sink: torch.Tensor, x: torch.Tensor, past) -> torch.Tensor:
