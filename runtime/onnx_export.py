@@ -35,6 +35,7 @@ moved into place at the end. An op without an ONNX translation raises
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -44,7 +45,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.fx as fx
@@ -172,7 +173,8 @@ def export_onnx(model: torch.nn.Module, path: str | os.PathLike, recipe: Any = "
     program = _reexport(graph, cap)
     timings["reexport_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    onnx_program = _to_onnx(program, cap, table, optimize, verbose)
+    onnx_program = _to_onnx(program, cap, table, optimize, verbose,
+                            skip_rules=SLOW_RULES if cap.state is not None else ())
     _rename_dims(onnx_program.model, cap)
     timings["onnx_s"] = time.perf_counter() - t0
 
@@ -290,8 +292,39 @@ def _reexport(graph: fx.GraphModule, cap) -> torch.export.ExportedProgram:
                               f"{_first_lines(e)}") from e
 
 
-def _to_onnx(program, cap, table, optimize: bool, verbose: bool):
-    import contextlib
+# onnxscript rewrite rules left out of the exporter's optimization of a graph that carries a
+# quantized state. SlicesSplit (two Slices of one tensor's last axis -> one Split) is a
+# two-node pattern, and onnxscript 0.7.2 searches the whole graph for the second Slice of every
+# Slice it tries: quadratic in the graph's size. On a SmolLM2-shaped kv_quant export it took
+# 1.5 s of the rewrite pass at 2 layers, 23 s at 8, and most of the 1256 s ONNX step at 30.
+# onnxruntime does not need the Split.
+SLOW_RULES = ("SlicesSplit",)
+
+
+@contextlib.contextmanager
+def _without_rules(names: Sequence[str]):
+    """The exporter's optimizer (``onnxscript.optimizer.optimize_ir``) applies
+    ``onnxscript.rewriter._DEFAULT_REWRITE_RULES``, read when it runs. Leave the rules named
+    ``names`` out of it for the duration; nothing happens if that name is gone in another
+    onnxscript version (the export is then only slower)."""
+    try:
+        from onnxscript import rewriter
+    except ImportError:                                      # pragma: no cover
+        yield
+        return
+    rules = getattr(rewriter, "_DEFAULT_REWRITE_RULES", None)
+    if not names or rules is None:
+        yield
+        return
+    rewriter._DEFAULT_REWRITE_RULES = tuple(r for r in rules
+                                            if getattr(r, "name", None) not in names)
+    try:
+        yield
+    finally:
+        rewriter._DEFAULT_REWRITE_RULES = rules
+
+
+def _to_onnx(program, cap, table, optimize: bool, verbose: bool, skip_rules: Sequence[str] = ()):
     import io
     import logging
 
@@ -301,7 +334,7 @@ def _to_onnx(program, cap, table, optimize: bool, verbose: bool):
     if not verbose:
         log.setLevel(logging.ERROR)          # "torchvision is not installed" x4
     try:
-        with quiet:
+        with quiet, _without_rules(skip_rules):
             return torch.onnx.export(program, dynamo=True, custom_translation_table=table,
                                      input_names=cap.input_names, output_names=cap.output_names,
                                      opset_version=OPSET, optimize=optimize, verbose=verbose)

@@ -196,3 +196,22 @@ def test_unexported_cache_recipes_are_clear_errors(tmp_path, recipe):
     with pytest.raises(OnnxExportError, match="no exported form"):
         export_onnx(model, dest, recipe)
     assert not dest.exists()
+
+
+def test_slow_rewrite_rules_are_left_out_only_while_exporting():
+    """``_without_rules`` takes SlicesSplit (quadratic in onnxscript 0.7.2) out of the
+    optimizer's rule list and puts the list back afterwards, also after an error."""
+    from onnxscript import rewriter
+
+    from longfx.runtime.onnx_export import SLOW_RULES, _without_rules
+
+    before = rewriter._DEFAULT_REWRITE_RULES
+    names = [getattr(r, "name", None) for r in before]
+    assert "SlicesSplit" in names
+    with pytest.raises(RuntimeError):
+        with _without_rules(SLOW_RULES):
+            inside = [getattr(r, "name", None) for r in rewriter._DEFAULT_REWRITE_RULES]
+            assert "SlicesSplit" not in inside
+            assert len(inside) == len(names) - 1
+            raise RuntimeError("export failed")
+    assert rewriter._DEFAULT_REWRITE_RULES is before
