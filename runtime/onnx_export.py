@@ -166,6 +166,8 @@ def export_onnx(model: torch.nn.Module, path: str | os.PathLike, recipe: Any = "
                                   rules=rules, name="decoder", model_facts=facts)
     _check_ops(graph, table)
     _drop_guards(graph)
+    if cap.state is not None:
+        _tie_state_sizes(graph, cap)
     timings["rewrite_s"] = time.perf_counter() - t0
 
     # 3. export the rewritten graph again (torch.onnx takes an ExportedProgram), then ONNX
@@ -259,6 +261,47 @@ def _drop_guards(graph: fx.GraphModule) -> None:
                 "sym_"))
         if n.op == "call_function" and scalar and not n.users:
             graph.graph.erase_node(n)
+    graph.recompile()
+
+
+def _tie_state_sizes(graph: fx.GraphModule, cap) -> None:
+    """Assert at the top of ``graph`` that every layer's state sizes (batch, packed,
+    packed_groups, tail) equal layer 0's, as ``QuantizedState.tie_sizes`` does for the capture.
+
+    The re-export and the ONNX exporter's decomposition trace this graph again, and each gives
+    every input size a symbol of its own; the shared ``Dim`` names only become runtime asserts
+    checked afterwards. An assert at the top ties the symbols before any layer uses them, so
+    the layers share one set of sizes instead of each adding facts of its own (the tracing
+    time grew with the square of the layers). The asserts hold for every valid input; the ONNX
+    file carries none."""
+    import operator
+
+    places = [n for n in graph.graph.nodes if n.op == "placeholder"]
+    by_name = dict(zip(cap.input_names, places))
+    dims, names = cap.state.dims(), cap.state.names()
+    sym_size, assert_scalar = torch.ops.aten.sym_size.int, torch.ops.aten._assert_scalar.default
+    first: dict[str, fx.Node] = {}
+    calls = []
+    for input_name in cap.input_names:                     # past.{layer}.{name}
+        if not input_name.startswith("past."):
+            continue
+        _, layer, name = input_name.split(".", 2)
+        if name not in names:
+            continue
+        for axis, dim in dims[name].items():
+            calls.append((by_name[input_name], axis, dim, f"layer {layer} {name}: {dim}"))
+    anchor = places[-1]
+    for node, axis, dim, what in calls:
+        with graph.graph.inserting_after(anchor):
+            size = graph.graph.call_function(sym_size, (node, axis))
+        anchor = size
+        if dim not in first:
+            first[dim] = size
+            continue
+        with graph.graph.inserting_after(anchor):
+            same = graph.graph.call_function(operator.eq, (size, first[dim]))
+        with graph.graph.inserting_after(same):
+            anchor = graph.graph.call_function(assert_scalar, (same, f"{what} differs from layer 0's"))
     graph.recompile()
 
 

@@ -117,6 +117,25 @@ def test_kv_quant_torch_graph_equals_onnx(zoo_export, parity):
             assert np.mean(o.numpy() == t.numpy()) >= 0.999
 
 
+def test_torch_graph_ties_every_layers_sizes_to_layer_0s(zoo_export, parity):
+    """The graph the re-export traces starts by asserting that each layer's state sizes are
+    layer 0's (``_tie_state_sizes``): one assert per (layer, tensor, dim) after the first, and
+    a state whose layers disagree is refused instead of read."""
+    _, exp = zoo_export(*CASES[0])
+    asserts = [n for n in exp.graph.graph.nodes
+               if n.target is torch.ops.aten._assert_scalar.default
+               and "differs from layer 0's" in str(n.args[1])]
+    named = [d for layer in exp.meta["state"]["layers"] for t in layer["tensors"]
+             for d in t["shape"] if isinstance(d, str)]                  # batch, packed, ...
+    assert len(asserts) == len(named) - len(set(named)) > 0
+    ids, mask = np.zeros((2, 3), np.int64), np.ones((2, 3), np.int64)
+    state = parity.torch_state(exp, 2)
+    state[len(C.names(2)) + 4] = torch.zeros(2, state[4].shape[1], 1, state[4].shape[3])
+    with pytest.raises(RuntimeError, match="layer 1 k_tail: tail differs"):
+        exp.run_torch(torch.from_numpy(ids), torch.from_numpy(mask),
+                      torch.from_numpy(_positions(mask)), *state)
+
+
 def test_kv_quant_composes_with_sink_window(zoo_export):
     """kv_quant + sink_window: the sparse mask and the quantized state in one file, against
     longfx.compile of the same recipe."""
