@@ -430,6 +430,29 @@ def _strip_repeat(k: Any, v: Any) -> tuple[Any, Any, str]:
     return k, v, "none"
 
 
+def _through_whole(x: Any) -> Any:
+    """Walk up through casts and slices that keep their whole axis (``aten.slice(x, dim, 0,
+    INT_MAX)``: ``x[:, :, None]`` traced by ``torch.export`` is such slices around an
+    unsqueeze)."""
+    while isinstance(x, fx.Node):
+        name = G.op(x)
+        if name in _PASS and x.args:
+            x = x.args[0]
+        elif name == "slice" and _whole_slice(x):
+            x = x.args[0]
+        else:
+            return x
+    return x
+
+
+def _whole_slice(node: fx.Node) -> bool:
+    """aten.slice.Tensor(x, dim, start, end, step) with start 0 and an end past any size."""
+    start, end, step = (list(node.args[2:5]) + [0, None, 1][len(node.args[2:5]):])[:3]
+    return (start is None or (type(start) is int and start == 0)) and \
+        (step is None or (type(step) is int and step == 1)) and \
+        (end is None or (type(end) is int and end >= 2 ** 62))
+
+
 def _repeat_source(x: Any) -> tuple[Any, int | None]:
     if not isinstance(x, fx.Node):
         return None, None
@@ -441,12 +464,13 @@ def _repeat_source(x: Any) -> tuple[Any, int | None]:
         if reps and dim == 1 and G.rank(x) == 4:
             return x.args[0], reps
         return None, None
+    # (view covers reshape; torch.export's graphs add whole-axis slices around the unsqueeze)
     if name == "view" and G.rank(x) == 4:
-        e = G.through(x.args[0], _PASS)
+        e = _through_whole(x.args[0])
         if G.op(e) != "expand" or G.rank(e) != 5:
             return None, None
         es = G.shape(e)
-        u = G.through(e.args[0], _PASS)
+        u = _through_whole(e.args[0])
         # the source gains a unit axis at position 2: x[:, :, None] or unsqueeze(2)
         src = None
         if G.op(u) == "unsqueeze" and G.norm_dim(G.arg(u, "dim"), 5) == 2:

@@ -55,6 +55,33 @@ def test_zoo_parity(zoo_export, parity, record_property, name, recipe, attn):
     np.testing.assert_array_equal(got, want)
 
 
+def test_gqa_keys_reach_attention_unrepeated(zoo_export):
+    """HF's repeat_kv (expand + reshape, with the whole-axis slices torch.export adds) is
+    stripped: the Attention nodes read the KV heads themselves, and no Expand copies them
+    per query head (it was most of a SmolLM2 decode step's layer time in onnxruntime)."""
+    import onnx
+
+    model, exp = zoo_export("llama", "")
+    hkv = model.config.num_key_value_heads
+    assert hkv < model.config.num_attention_heads
+    ops = [n for n in exp.graph.graph.nodes if "longfx.attention" in str(n.target)]
+    assert ops and all(n.args[1].meta["val"].shape[1] == hkv for n in ops)
+    graph = onnx.load(str(exp.onnx_path), load_external_data=False).graph
+    made_by = {out: n for n in graph.node for out in n.output}
+
+    def ops_above(name: str, depth: int = 3) -> list[str]:
+        n = made_by.get(name)
+        if n is None or depth == 0:
+            return []
+        return [n.op_type] + [t for i in n.input[:1] for t in ops_above(i, depth - 1)]
+
+    attention = [n for n in graph.node if n.op_type == "Attention"]
+    assert attention
+    for n in attention:
+        for kv in n.input[1:3]:
+            assert "Expand" not in ops_above(kv), (n.name, ops_above(kv))
+
+
 def test_recipe_is_in_the_graph(zoo_export, parity):
     """The sparse export is not the dense one: past the window the logits move."""
     _, dense = zoo_export("llama", "")
