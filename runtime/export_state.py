@@ -187,8 +187,8 @@ class QuantizedState:
             v = torch.randn(batch, h, tokens, dk, generator=gen).to(dtype).to(device)
             _, _, state = C.step(state, k, v, c, self.sink, rot)
             # fresh tensors: the tails are views of the step's concatenation, and export
-            # gives a view's base its own symbols, so every layer brought new sizes and
-            # facts (runtime asserts) to reason over: capture grew with the square of the layers
+            # gives a view's base symbols of its own (more sizes per layer to reason over;
+            # see tie_sizes)
             out += [t.clone(memory_format=torch.contiguous_format) for t in state]
         return out
 

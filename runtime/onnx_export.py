@@ -301,7 +301,8 @@ def _tie_state_sizes(graph: fx.GraphModule, cap) -> None:
         with graph.graph.inserting_after(anchor):
             same = graph.graph.call_function(operator.eq, (size, first[dim]))
         with graph.graph.inserting_after(same):
-            anchor = graph.graph.call_function(assert_scalar, (same, f"{what} differs from layer 0's"))
+            anchor = graph.graph.call_function(assert_scalar,
+                                               (same, f"{what} differs from layer 0's"))
     graph.recompile()
 
 

@@ -83,7 +83,7 @@ def _sinks(x: torch.Tensor, sink: torch.Tensor) -> torch.Tensor:
     arange(n) clamped to L − 1: for L < n the extra writes all land on row L − 1 with its own
     value. One scatter along dim 2 (ONNX ScatterElements): in onnxruntime 0.1 ms at L = 4097,
     against 0.76 ms for the full-length gather and where it replaced, and 0.5 ms for an
-    index_copy, whose ScatterND wants dim 2 transposed to the front (docs/onnx.md)."""
+    index_copy, whose ScatterND wants dim 2 transposed to the front (docs/design-notes.md)."""
     B, H, L, D = x.shape
     n = sink.shape[2]
     rows = torch.arange(n, device=x.device).clamp(max=L - 1)               # [n]

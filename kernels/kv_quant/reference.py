@@ -274,7 +274,7 @@ def unpack(packed: torch.Tensor, bits: int, dtype: torch.dtype = torch.uint8) ->
     onnxruntime runs fastest. The integer form ``(p // 2^(bits·i)) % 2^bits`` exports as
     floor-division ONNX (Div, Mod, sign tests, Where). That took 1.3 of the 1.6 s of a SmolLM2
     decode step at 4k tokens. A [256, per] table lookup (Gather) took 3.2 ms per 380k bytes,
-    the form below 0.55 ms (docs/onnx.md)."""
+    the form below 0.55 ms (docs/design-notes.md)."""
     if bits not in BITS:
         raise ValueError(f"bits must be one of {BITS}, got {bits}")
     per, base = 8 // bits, float(1 << bits)
