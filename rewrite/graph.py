@@ -103,6 +103,7 @@ _SIGNATURES = {
     "expand": ("input", "size"),
     "repeat_interleave": ("input", "repeats", "dim"),
     "index_copy": ("input", "dim", "index", "source"),
+    "slice": ("input", "dim", "start", "end", "step"),
     "slice_scatter": ("input", "src", "dim", "start", "end", "step"),
     "chunk": ("input", "chunks", "dim"),
     "split": ("input", "split_size", "dim"),

@@ -132,17 +132,24 @@ class QuantizedState:
         them grew with each layer, as did the time to consult them. The capture of a
         SmolLM2-shaped model took 9.8 s at 2 layers, 38 s at 8 and 500 s at 30. In eager
         code these are plain integer checks."""
-        n, dims = len(self.names()), self.dims()
+        names = self.names()
         first: dict[str, Any] = {}
+        for i, name, axis, dim in self.sized_axes(num_layers):
+            size = flat[i * len(names) + names.index(name)].shape[axis]
+            if dim in first:
+                torch._check(size == first[dim], lambda: f"layer {i} {name}: its {dim} "
+                             f"size differs from layer 0's")
+            else:
+                first[dim] = size
+
+    def sized_axes(self, num_layers: int):
+        """(layer, tensor name, axis, dim name) of every named size of the state, layer by
+        layer in input order (what ``tie_sizes`` and the export's asserts tie together)."""
+        dims = self.dims()
         for i in range(num_layers):
-            for name, t in zip(self.names(), flat[i * n:(i + 1) * n]):
+            for name in self.names():
                 for axis, dim in dims[name].items():
-                    size = t.shape[axis]
-                    if dim in first:
-                        torch._check(size == first[dim], lambda: f"layer {i} {name}: its {dim} "
-                                     f"size differs from layer 0's")
-                    else:
-                        first[dim] = size
+                    yield i, name, axis, dim
 
     @staticmethod
     def present(cache) -> list[torch.Tensor]:

@@ -278,22 +278,14 @@ def _tie_state_sizes(graph: fx.GraphModule, cap) -> None:
 
     places = [n for n in graph.graph.nodes if n.op == "placeholder"]
     by_name = dict(zip(cap.input_names, places))
-    dims, names = cap.state.dims(), cap.state.names()
+    layers = sum(name.startswith("past.") for name in cap.input_names) // len(cap.state.names())
     sym_size, assert_scalar = torch.ops.aten.sym_size.int, torch.ops.aten._assert_scalar.default
     first: dict[str, fx.Node] = {}
-    calls = []
-    for input_name in cap.input_names:                     # past.{layer}.{name}
-        if not input_name.startswith("past."):
-            continue
-        _, layer, name = input_name.split(".", 2)
-        if name not in names:
-            continue
-        for axis, dim in dims[name].items():
-            calls.append((by_name[input_name], axis, dim, f"layer {layer} {name}: {dim}"))
     anchor = places[-1]
-    for node, axis, dim, what in calls:
+    for layer, name, axis, dim in cap.state.sized_axes(layers):
+        what = f"layer {layer} {name}: {dim}"
         with graph.graph.inserting_after(anchor):
-            size = graph.graph.call_function(sym_size, (node, axis))
+            size = graph.graph.call_function(sym_size, (by_name[f"past.{layer}.{name}"], axis))
         anchor = size
         if dim not in first:
             first[dim] = size

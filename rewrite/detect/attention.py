@@ -447,10 +447,9 @@ def _through_whole(x: Any) -> Any:
 
 def _whole_slice(node: fx.Node) -> bool:
     """aten.slice.Tensor(x, dim, start, end, step) with start 0 and an end past any size."""
-    start, end, step = (list(node.args[2:5]) + [0, None, 1][len(node.args[2:5]):])[:3]
-    return (start is None or (type(start) is int and start == 0)) and \
-        (step is None or (type(step) is int and step == 1)) and \
-        (end is None or (type(end) is int and end >= 2 ** 62))
+    start, end, step = G.arg(node, "start", 0), G.arg(node, "end"), G.arg(node, "step", 1)
+    return start in (None, 0) and step in (None, 1) and (
+        end is None or (type(end) is int and end >= 2 ** 62))
 
 
 def _repeat_source(x: Any) -> tuple[Any, int | None]:
