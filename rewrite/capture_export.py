@@ -34,6 +34,11 @@ Notes:
 * The dynamic cache uses plain ``DynamicLayer`` s for every layer, sliding or not: the whole past
   is kept and the sliding window is applied by the attention mask (the logits equal those of
   transformers' default trimmed ``DynamicSlidingWindowLayer``; only the returned state is longer).
+  With ``windows=`` (mode "step"), a sliding layer keeps only its last ``window − 1`` tokens,
+  as ``DynamicSlidingWindowLayer`` does (:class:`WindowLayer`): its past is ``[B, Hkv, Pw, D]``
+  with Pw = min(tokens seen, window − 1), its own dim ``window_past`` (``window_past_<W>``
+  when the model has several windows), and the tokens seen are read off the mask
+  (``attention_mask.shape[1] − S``), not off the state.
 * The static cache replaces ``StaticSlidingWindowLayer`` by a full ``StaticLayer(M)`` (same as
   ``transformers.integrations.executorch``: the sliding layer has Python control flow on its
   fill level); the window is again applied by the mask.
@@ -76,6 +81,8 @@ class ExportCapture:
     num_layers: int = 0
     # the exported form of a recipe's KV state (runtime/export_state.py), None: the plain cache
     state: Any = None
+    # per layer: the window a sliding layer's state is trimmed to (``windows=``), else None
+    windows: list = field(default_factory=list)
     _module: Any = field(default=None, repr=False)
 
     def run(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -161,12 +168,76 @@ def _kv_layout(model: torch.nn.Module, device: torch.device) -> _KVLayout:
 # The flat forward
 
 
-def _dynamic_cache(past: list[torch.Tensor]):
+def window_dim(window: int, windows: list[int | None]) -> str:
+    """The name of a sliding layer's past dim: ``window_past``, or ``window_past_<W>`` when the
+    model's sliding layers have more than one window."""
+    return "window_past" if len({w for w in windows if w}) == 1 else f"window_past_{window}"
+
+
+def _window_layer_class():
+    from transformers.cache_utils import DynamicLayer
+
+    class WindowLayer(DynamicLayer):
+        """A sliding layer's state in an exported step: transformers'
+        ``DynamicSlidingWindowLayer`` written without branches on sizes, so that one program
+        serves every fill level. It holds the last Pw = min(seen, window − 1) tokens; ``seen``
+        (tokens before this step, padding included) is a size read off the mask. ``update``
+        returns the past and the step's tokens (what attention reads, as transformers' layer
+        returns) and keeps the last min(Pw + S, window − 1) of them, gathered with
+        ``index_select`` over ``arange(n) + (Pw + S − n)``: a slice with a negative start
+        made torch.export guard on whether the window is full. ``get_mask_sizes`` gives
+        (Pw + S, seen − Pw): stored token j stands at position seen − Pw + j, so the model's
+        sliding mask and padding mask line up, exactly as transformers' (seen − window + 1
+        once full, 0 before)."""
+
+        is_sliding = True
+
+        def __init__(self, keys: torch.Tensor, values: torch.Tensor, window: int, seen):
+            super().__init__()
+            self.sliding_window = int(window)
+            self.dtype, self.device = keys.dtype, keys.device
+            self.keys, self.values = keys, values
+            self.seen = seen
+            self.is_initialized = True
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            full_k = torch.cat([self.keys, key_states], dim=-2)         # [B, Hkv, Pw + S, D]
+            full_v = torch.cat([self.values, value_states], dim=-2)
+            total = full_k.shape[-2]
+            keep = torch.sym_min(total, self.sliding_window - 1)
+            idx = torch.arange(keep, device=full_k.device) + (total - keep)
+            self.keys = full_k.index_select(2, idx)                     # [B, Hkv, keep, D]
+            self.values = full_v.index_select(2, idx)
+            self.seen = self.seen + key_states.shape[-2]
+            return full_k, full_v
+
+        def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+            held = self.keys.shape[-2]
+            return held + query_length, self.seen - held
+
+        def get_seq_length(self):
+            return self.seen
+
+        def get_max_length(self) -> int:
+            return self.sliding_window
+
+    return WindowLayer
+
+
+def _dynamic_cache(past: list[torch.Tensor], windows: list[int | None] | None = None,
+                   seen=None):
+    """A ``DynamicCache`` over the flat past; with ``windows``, the sliding layers are
+    :class:`WindowLayer` s that have seen ``seen`` tokens."""
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer
 
+    window_layer = _window_layer_class() if windows and any(windows) else None
     cache = DynamicCache()
     for i in range(0, len(past), 2):
+        w = windows[i // 2] if windows else None
+        if w:
+            cache.layers.append(window_layer(past[i], past[i + 1], w, seen))
+            continue
         layer = DynamicLayer()
         # Set the state directly (not through update(), which would add a cat(empty, past)).
         layer.dtype, layer.device = past[i].dtype, past[i].device
@@ -206,7 +277,7 @@ def _state_names(num_layers: int, state) -> list[tuple[int, str]]:
 
 
 def _make_forward(model, *, cache: str, num_layers: int, max_cache_len: int, has_past: bool,
-                  state=None):
+                  state=None, windows: list[int | None] | None = None):
     """A forward with named flat parameters (export names placeholders after them)."""
     config = model.config.get_text_config(decoder=True)
     model_forward = type(model).forward
@@ -223,7 +294,8 @@ def _make_forward(model, *, cache: str, num_layers: int, max_cache_len: int, has
             kv = state.cache(past, num_layers)
             position_ids = pos
         else:
-            kv = _dynamic_cache(past)
+            seen = attention_mask.shape[1] - input_ids.shape[1] if windows else None
+            kv = _dynamic_cache(past, windows, seen)
             position_ids = pos
         out = model_forward(self, input_ids=input_ids, attention_mask=attention_mask,
                             position_ids=position_ids, past_key_values=kv, use_cache=True)
@@ -241,6 +313,24 @@ def _make_forward(model, *, cache: str, num_layers: int, max_cache_len: int, has
     scope: dict[str, Any] = {"body": body}
     exec(src, scope)  # noqa: S102 - a fixed template; only the parameter names vary
     return scope["forward"], params
+
+
+@contextlib.contextmanager
+def _no_causal_skip_probe():
+    """transformers' ``_ignore_causal_mask_sdpa`` answers False whenever it runs under
+    ``torch.export`` (its padding mask is a traced tensor), but before answering it selects the
+    padding mask's columns when the mask is longer than the keys, a branch on sizes. With a
+    trimmed sliding layer that comparison is ``seen > Pw``, true once the window is full and
+    false before, and export would keep the traced side as a runtime assert. Answering False
+    at once is the same answer without the branch; restored afterwards."""
+    from transformers import masking_utils
+
+    probe = masking_utils._ignore_causal_mask_sdpa
+    masking_utils._ignore_causal_mask_sdpa = lambda *args, **kwargs: False
+    try:
+        yield
+    finally:
+        masking_utils._ignore_causal_mask_sdpa = probe
 
 
 @contextlib.contextmanager
@@ -264,7 +354,8 @@ def _shadow_forward(model: torch.nn.Module, forward):
 def capture_export(model: torch.nn.Module, *, mode: str = "prefill", cache: str = "dynamic",
                    batch: int = 1, seq_len: int = 8, past_len: int = 8,
                    max_cache_len: int = 64, dynamic: bool = True,
-                   check: bool = True, state: Any = None) -> ExportCapture:
+                   check: bool = True, state: Any = None,
+                   windows: list[int | None] | None = None) -> ExportCapture:
     """Export ``model`` (an HF causal LM) with its KV state as explicit inputs and outputs.
 
     ``mode``: "prefill" (``seq_len`` new tokens, no past / empty static buffers), "decode"
@@ -279,6 +370,9 @@ def capture_export(model: torch.nn.Module, *, mode: str = "prefill", cache: str 
     Its inputs are ``past.{i}.{name}`` for each of its tensor names; the traced past is sized
     by the state (``trace_tokens``), ``past_len`` tokens appended to an empty state are the
     examples.
+    ``windows``: per layer, the window of a sliding layer (``runtime.cache.layer_windows(config,
+    chunked=False)``) or None; those layers keep only their last window − 1 tokens
+    (:class:`WindowLayer`, module docstring). Mode "step" with the plain dynamic cache only.
     """
     if mode not in ("prefill", "decode", "step"):
         raise ValueError(f"mode must be 'prefill', 'decode' or 'step', not {mode!r}")
@@ -293,6 +387,10 @@ def capture_export(model: torch.nn.Module, *, mode: str = "prefill", cache: str 
         raise ValueError("mode='step' takes the dynamic cache")
     if state is not None and not step:
         raise ValueError("a recipe's state (state=...) is captured in mode='step' only")
+    windows = list(windows) if windows and any(windows) else None
+    if windows is not None and (not step or state is not None):
+        raise ValueError("windows=... (trimmed sliding layers) is captured in mode='step' "
+                         "with the plain dynamic cache only")
     seq = 1 if decode else seq_len
     past = past_len if (decode or step) else 0
     if cache == "static" and past + seq > max_cache_len:
@@ -311,7 +409,7 @@ def capture_export(model: torch.nn.Module, *, mode: str = "prefill", cache: str 
             state.check(layout.num_layers)
         forward, params = _make_forward(model, cache=cache, num_layers=layout.num_layers,
                                         max_cache_len=max_cache_len, has_past=has_past,
-                                        state=state)
+                                        state=state, windows=windows)
 
         # Dims marked dynamic are traced at >= 2 (0/1 specialization); examples keep the sizes
         # that were asked for.
@@ -329,14 +427,18 @@ def capture_export(model: torch.nn.Module, *, mode: str = "prefill", cache: str 
             # examples at the traced past; the ONNX export runs the guard-free copy at P = 0
             past = max(past, t_past)
         gen = torch.Generator(device="cpu").manual_seed(0)
+        if windows is not None and len(windows) != layout.num_layers:
+            raise ValueError(f"windows has {len(windows)} entries, the model "
+                             f"{layout.num_layers} layers")
         trace_inputs = _inputs(model, layout, cache, t_batch, t_seq, t_past, max_cache_len,
-                               has_past, device, gen, state)
+                               has_past, device, gen, state, windows)
         examples = _inputs(model, layout, cache, batch, seq, past, max_cache_len, has_past,
-                           device, torch.Generator(device="cpu").manual_seed(0), state)
-        dyn_shapes, dyn_dims = _dynamic_shapes(params, cache, decode, has_past, step, state) \
-            if dynamic else (None, {})
+                           device, torch.Generator(device="cpu").manual_seed(0), state, windows)
+        dyn_shapes, dyn_dims = _dynamic_shapes(params, cache, decode, has_past, step, state,
+                                               windows) if dynamic else (None, {})
 
-        with _shadow_forward(model, forward), torch.no_grad():
+        skip_probe = _no_causal_skip_probe() if windows else contextlib.nullcontext()
+        with _shadow_forward(model, forward), torch.no_grad(), skip_probe:
             try:
                 # Deferred runtime asserts: export's range check cannot simplify the
                 # Min(...) stride guards that cat's contiguity check adds on the past length.
@@ -363,6 +465,8 @@ def capture_export(model: torch.nn.Module, *, mode: str = "prefill", cache: str 
             elif dynamic:
                 axis2 = None if cache == "static" else \
                     ("past+1" if decode else "past+seq" if step else "seq")
+                if windows and windows[i]:              # min(Pw + S, window − 1)
+                    axis2 = window_dim(windows[i], windows)
                 for r in ("key", "value"):
                     dyn_named[f"present.{i}.{r}"] = {0: "batch",
                                                      **({2: axis2} if axis2 else {})}
@@ -373,7 +477,7 @@ def capture_export(model: torch.nn.Module, *, mode: str = "prefill", cache: str 
                             input_names=input_names, output_names=output_names,
                             example_inputs=tuple(examples), mode=mode, cache=cache,
                             dynamic_dims=dyn_named, num_layers=layout.num_layers,
-                            state=state)
+                            state=state, windows=windows or [])
         n_out = len(cap.user_output_nodes())
         if n_out != len(output_names):
             raise CaptureError(f"the program has {n_out} outputs, expected {len(output_names)} "
@@ -395,7 +499,8 @@ def _dotted(param: str) -> str:
 
 
 def _inputs(model, layout: _KVLayout, cache: str, batch: int, seq: int, past: int,
-            max_cache_len: int, has_past: bool, device, gen, state=None) -> list[torch.Tensor]:
+            max_cache_len: int, has_past: bool, device, gen, state=None,
+            windows: list[int | None] | None = None) -> list[torch.Tensor]:
     vocab = int(getattr(model.config.get_text_config(decoder=True), "vocab_size", 0) or 2)
     ids = torch.randint(0, vocab, (batch, seq), generator=gen).to(device)
     total = max_cache_len if cache == "static" else past + seq
@@ -406,27 +511,31 @@ def _inputs(model, layout: _KVLayout, cache: str, batch: int, seq: int, past: in
     if state is not None:                      # `past` random tokens appended to an empty state
         return out + state.example(layout.shapes, layout.dtype, batch, past, device, gen)
     if has_past:
-        length = max_cache_len if cache == "static" else past
-        for hkv, dk, dv in layout.shapes:
+        for i, (hkv, dk, dv) in enumerate(layout.shapes):
+            length = max_cache_len if cache == "static" else past
+            filled = past
+            if windows and windows[i]:    # a trimmed sliding layer holds its last window − 1
+                length = filled = min(past, windows[i] - 1)
             for d in (dk, dv):
                 t = torch.zeros(batch, hkv, length, d, dtype=layout.dtype)
-                if past:   # a filled prefix (static: the first `past` slots, rest zeros)
-                    t[:, :, :past] = torch.randn(batch, hkv, past, d, generator=gen)
+                if filled:   # a filled prefix (static: the first `past` slots, rest zeros)
+                    t[:, :, :filled] = torch.randn(batch, hkv, filled, d, generator=gen)
                 out.append(t.to(device))
     return out
 
 
 def _dynamic_shapes(params: list[str], cache: str, decode: bool, has_past: bool,
-                    step: bool = False, state=None):
+                    step: bool = False, state=None, windows: list[int | None] | None = None):
     """Named dims shared by every input that carries them: ``batch``, ``seq`` (prefill, step)
     and ``past`` (decode with a dynamic cache, the mask's length is then ``past + 1``; step,
-    ``past + seq``)."""
+    ``past + seq``); a trimmed sliding layer's past is ``window_past`` (≤ window − 1)."""
     Dim = torch.export.Dim
     batch, seq, past = Dim("batch", min=1), Dim("seq", min=1), Dim("past", min=0 if step else 1)
     shapes: dict[str, Any] = {}
     names: dict[str, dict[int, str]] = {}
     seq_dyn = not decode
     state_dims = state.export_dims(batch) if state is not None else {}
+    window_dims: dict[str, Any] = {}
     for p in params:
         if p in ("input_ids", "position_ids"):      # [B, S]
             shapes[p] = {0: batch, 1: seq} if seq_dyn else {0: batch}
@@ -446,6 +555,11 @@ def _dynamic_shapes(params: list[str], cache: str, decode: bool, has_past: bool,
         elif state is not None:                     # past.{i}.{name}: the state's own dims
             name = p.split("_", 2)[2]
             shapes[p], names[p] = state_dims[name], state.dims()[name]
+        elif cache == "dynamic" and windows and windows[int(p.split("_")[1])]:
+            w = windows[int(p.split("_")[1])]             # past [B, Hkv, Pw, D], Pw < window
+            name = window_dim(w, windows)
+            shapes[p] = {0: batch, 2: window_dims.setdefault(name, Dim(name, min=0, max=w - 1))}
+            names[p] = {0: "batch", 2: name}
         elif cache == "dynamic":                    # past [B, Hkv, P, D]
             shapes[p], names[p] = {0: batch, 2: past}, {0: "batch", 2: "past"}
         else:                                       # static buffer [B, Hkv, M, D]
@@ -509,4 +623,4 @@ def _check(model, forward, cap: ExportCapture, inputs, mode: str, cache: str) ->
                                f"inputs of shapes {[tuple(x.shape) for x in inputs]}")
 
 
-__all__ = ["CaptureError", "ExportCapture", "capture_export"]
+__all__ = ["CaptureError", "ExportCapture", "capture_export", "window_dim"]

@@ -79,13 +79,14 @@ __all__ = ["QuantizedKVLayer", "QuantizedCache", "GearKVLayer", "GearCache", "DE
 DEFAULT_BLOCK = 256
 
 
-def layer_windows(config) -> list[int | None]:
+def layer_windows(config, chunked: bool = True) -> list[int | None]:
     """Per decoder layer of an HF ``config``: the window its own dynamic cache keeps
     (``sliding_window`` for sliding layers, ``attention_chunk_size`` for chunked ones), or None
     (a full layer); [] without a config. Read from the config fields transformers' own
     ``DynamicCache(config=...)`` reads (``layer_types``, else every layer sliding when
     ``sliding_window`` is set, chunked when ``attention_chunk_size`` is); written out here
-    because the helper transformers uses for it changed its return between 5.17 and 5.23."""
+    because the helper transformers uses for it changed its return between 5.17 and 5.23.
+    ``chunked=False``: chunked layers count as full (None), only sliding layers have a window."""
     if config is None:
         return []
     text = config.get_text_config(decoder=True)
@@ -97,8 +98,8 @@ def layer_windows(config) -> list[int | None]:
         kind = ("sliding_attention" if window is not None else
                 "chunked_attention" if chunk is not None else "full_attention")
         types = [kind] * n
-    return [window if t == "sliding_attention" else chunk if t == "chunked_attention" else None
-            for t in types]
+    return [window if t == "sliding_attention" else
+            chunk if t == "chunked_attention" and chunked else None for t in types]
 
 
 class StateLayer(CacheLayerMixin):

@@ -20,8 +20,11 @@ exactly that way. ``present`` is ``concat(past, new)`` on axis 2: the next step'
 What the recipes change survives: sparse sites become a mask built from the run-time lengths
 (kernels/sparse_attention/onnx.py), RoPE recipes rewrote the frequency table the graph
 computes, and models whose own masks slide (Mistral, Gemma 2/3 local layers) keep them because
-transformers' mask code is in the exported graph. The state is the whole past for every layer
-(sliding windows are applied by the mask, not by trimming the state).
+transformers' mask code is in the exported graph. A sliding layer's state holds only its last
+window − 1 tokens, as transformers' own ``DynamicSlidingWindowLayer`` does
+(``past.{i}.key`` [B, Hkv_i, Pw, D_i] with Pw = min(tokens seen, window − 1), dim
+``window_past``; rewrite/capture_export.py ``WindowLayer``): on Gemma 3, 5 of every 6 layers stop
+growing with the context. Full and chunked layers keep the whole past.
 
 With ``kv_quant(...)`` in the recipe the state is the quantized one instead
 (runtime/export_state.py, kernels/kv_quant/concat_state.py): per layer packed codes, scales, a
@@ -135,6 +138,7 @@ def export_onnx(model: torch.nn.Module, path: str | os.PathLike, recipe: Any = "
     from longfx.api import _pipeline, model_facts
     from longfx.rewrite.capture_export import CaptureError, capture_export
     from longfx.rewrite.engine import rewrite_graph
+    from longfx.runtime.cache import layer_windows
     from longfx.runtime.export_state import state_for
 
     t_all = time.perf_counter()
@@ -150,8 +154,12 @@ def export_onnx(model: torch.nn.Module, path: str | os.PathLike, recipe: Any = "
     # 1. capture: S new tokens after P past ones, both dynamic
     t0 = time.perf_counter()
     try:
+        # the plain state trims sliding layers to their window; a recipe's state keeps them whole
+        windows = layer_windows(getattr(model, "config", None), chunked=False) \
+            if state is None else None
         cap = capture_export(model, mode="step", cache="dynamic", batch=TRACE_BATCH,
-                             seq_len=TRACE_SEQ, past_len=TRACE_PAST, check=check, state=state)
+                             seq_len=TRACE_SEQ, past_len=TRACE_PAST, check=check, state=state,
+                             windows=windows)
     except (CaptureError, ValueError) as e:
         raise OnnxExportError(f"capture failed: {e}") from e
     timings["capture_s"] = time.perf_counter() - t0
@@ -301,9 +309,12 @@ def _tie_state_sizes(graph: fx.GraphModule, cap) -> None:
 def _dynamic_shapes(cap) -> list[dict[int, Any]]:
     """Dims of the flat inputs, in order: batch, seq, past (min 0); the mask's P+S is AUTO.
     A recipe's state (``cap.state``) has its own dims (runtime/export_state.py)."""
+    from longfx.rewrite.capture_export import window_dim
+
     Dim = torch.export.Dim
     batch, seq, past = Dim("batch", min=1), Dim("seq", min=1), Dim("past", min=0)
     state_dims = cap.state.export_dims(batch) if cap.state is not None else {}
+    windowed: dict[str, Any] = {}
     shapes = []
     for name in cap.input_names:
         if name in ("input_ids", "position_ids"):
@@ -312,6 +323,10 @@ def _dynamic_shapes(cap) -> list[dict[int, Any]]:
             shapes.append({0: batch, 1: Dim.AUTO})
         elif cap.state is not None:
             shapes.append(state_dims[name.split(".", 2)[2]])
+        elif cap.windows and cap.windows[int(name.split(".")[1])]:
+            w = cap.windows[int(name.split(".")[1])]
+            dim = window_dim(w, cap.windows)
+            shapes.append({0: batch, 2: windowed.setdefault(dim, Dim(dim, min=0, max=w - 1))})
         else:
             shapes.append({0: batch, 2: past})
     return shapes
@@ -398,12 +413,16 @@ def _rename_dims(model, cap) -> None:
     (the exporter names them after torch's symbols, s0, s70...)."""
     import onnx_ir as ir
 
+    from longfx.rewrite.capture_export import window_dim
+
     rename: dict[str, str] = {}
     want = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {1: "past_seq"}}
     state_axes = cap.state.dims() if cap.state is not None else {}
     for v in model.graph.inputs:
         if v.name.startswith("past.") and cap.state is not None:
             axes = {a: d for a, d in state_axes[v.name.split(".", 2)[2]].items() if a != 0}
+        elif v.name.startswith("past.") and cap.windows and cap.windows[int(v.name.split(".")[1])]:
+            axes = {2: window_dim(cap.windows[int(v.name.split(".")[1])], cap.windows)}
         else:
             axes = want.get(v.name, {2: "past"} if v.name.startswith("past.") else {})
         for axis, name in axes.items():
@@ -440,6 +459,7 @@ def _meta(model, cap, graph, report, pipeline, target: str, onnx_name: str,
     import transformers
 
     import longfx
+    from longfx.rewrite.capture_export import window_dim
 
     config = model.config.get_text_config(decoder=True)
     gen = getattr(model, "generation_config", None)
@@ -448,15 +468,19 @@ def _meta(model, cap, graph, report, pipeline, target: str, onnx_name: str,
     vals = dict(zip(cap.input_names, cap.example_inputs))
     for i in range(cap.num_layers if cap.state is None else 0):
         k, v = vals[f"past.{i}.key"], vals[f"past.{i}.value"]
+        w = cap.windows[i] if cap.windows else None
+        held = window_dim(w, cap.windows) if w else "past"
         layers.append({
             "layer": i,
+            "window": w,
             "key": {"input": f"past.{i}.key", "output": f"present.{i}.key",
-                    "shape": ["batch", int(k.shape[1]), "past", int(k.shape[3])],
+                    "shape": ["batch", int(k.shape[1]), held, int(k.shape[3])],
                     "dtype": str(k.dtype).replace("torch.", "")},
             "value": {"input": f"past.{i}.value", "output": f"present.{i}.value",
-                      "shape": ["batch", int(v.shape[1]), "past", int(v.shape[3])],
+                      "shape": ["batch", int(v.shape[1]), held, int(v.shape[3])],
                       "dtype": str(v.dtype).replace("torch.", "")},
         })
+    full = [layer["layer"] for layer in layers if not layer["window"]]
     dtype = str(cap.example_inputs[len(cap.input_names) - len(kv_inputs)].dtype)
     inputs = [{"name": "input_ids", "dtype": "int64", "shape": ["batch", "seq"]},
               {"name": "attention_mask", "dtype": "int64", "shape": ["batch", "past_seq"]},
@@ -472,15 +496,21 @@ def _meta(model, cap, graph, report, pipeline, target: str, onnx_name: str,
             "layout": "concat",
             "description": "present.{i}.* = concat(past.{i}.*, new) on axis 2; feed it back as "
                            "the next step's past. Prefill: past of length 0. attention_mask "
-                           "covers past + new tokens (1 = real, 0 = padding); position_ids "
-                           "are the new tokens' positions.",
+                           "covers every token seen + new tokens (1 = real, 0 = padding); "
+                           "position_ids are the new tokens' positions. A layer with a "
+                           "`window` keeps only the last window - 1 of those (its dim "
+                           "window_past = min(tokens seen, window - 1)).",
             "seq_axis": 2,
-            "length": [{"input": "past.0.key", "axis": 2}],
+            # tokens seen: a full layer's past; with none (every layer sliding) the state does
+            # not hold it and the attention_mask must be given
+            "length": [{"input": f"past.{full[0]}.key", "axis": 2}] if full else [],
             "layers": layers,
         }
         tensors = [{"input": layer[r]["input"], "output": layer[r]["output"],
                     "dtype": layer[r]["dtype"], "shape": layer[r]["shape"],
-                    "out_shape": [*layer[r]["shape"][:2], "past_seq", layer[r]["shape"][3]]}
+                    "out_shape": [*layer[r]["shape"][:2],
+                                  layer[r]["shape"][2] if layer["window"] else "past_seq",
+                                  layer[r]["shape"][3]]}
                    for layer in layers for r in ("key", "value")]
     outputs = [{"name": "logits", "dtype": dtype.replace("torch.", ""),
                 "shape": ["batch", "seq", int(getattr(config, "vocab_size", 0) or 0)]}]

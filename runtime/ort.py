@@ -103,7 +103,11 @@ class ORTModel:
         """Tokens a state holds: the sum of the axes ``longfx_onnx.json`` names for it
         (``past.0.key`` axis 2; a quantized state's packed + tail)."""
         names = self.input_names[3:]
-        where = self.meta["state"].get("length") or [{"input": names[0], "axis": 2}]
+        where = self.meta["state"].get("length", [{"input": names[0], "axis": 2}])
+        if not where:
+            raise ValueError("this export's state does not hold how many tokens were seen "
+                             "(every layer keeps only its sliding window): pass the "
+                             "attention_mask of every token seen plus the new ones")
         return sum(int(state[names.index(w["input"])].shape()[w["axis"]]) for w in where)
 
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
@@ -130,10 +134,13 @@ class ORTModel:
         """Logits of ``input_ids`` (numpy [B, S, V]) and the state after them."""
         ids = np.asarray(_to_numpy(input_ids), dtype=np.int64)
         b, s = ids.shape
-        state = state if state is not None else self.empty_state(b)
-        p = self.past_length(state) if state else 0
-        mask = np.ones((b, p + s), np.int64) if attention_mask is None \
-            else np.asarray(_to_numpy(attention_mask), dtype=np.int64)
+        fresh = state is None
+        state = self.empty_state(b) if fresh else state
+        if attention_mask is None:
+            p = 0 if fresh or not state else self.past_length(state)
+            mask = np.ones((b, p + s), np.int64)
+        else:
+            mask = np.asarray(_to_numpy(attention_mask), dtype=np.int64)
         if position_ids is None:
             position_ids = _positions(mask)[:, -s:]
         return self.step(ids, mask, _to_numpy(position_ids), state)

@@ -82,6 +82,39 @@ def test_gqa_keys_reach_attention_unrepeated(zoo_export):
             assert "Expand" not in ops_above(kv), (n.name, ops_above(kv))
 
 
+@pytest.mark.parametrize("name,attn", [("mistral", "sdpa"), ("gemma2", "eager")])
+def test_sliding_layers_hold_only_their_window(zoo_export, parity, name, attn):
+    """A sliding layer's state stops growing at window − 1 tokens, as transformers' own
+    ``DynamicSlidingWindowLayer`` keeps it, and the file's logits are the model's with its own
+    cache: prefill, a chunk and decode steps past the window (4), left-padded batch."""
+    from transformers import DynamicCache
+
+    model, exp = zoo_export(name, "", attn)
+    ort_model = ORTModel.from_dir(exp.path)
+    windows = [layer["window"] for layer in ort_model.meta["state"]["layers"]]
+    assert windows[0] == model.config.sliding_window == 4
+    ids, mask = _batch(ort_model.meta["model"]["vocab_size"], length=11)
+    cache, state = DynamicCache(config=model.config), ort_model.empty_state(2)
+    worst, seen = 0.0, 0
+    for n in (5, 3, 1, 1, 1):
+        step, seen = ids[:, seen:seen + n], seen + n
+        pos = parity.positions(mask[:, :seen])[:, -n:]
+        logits, state = ort_model.step(step, mask[:, :seen], pos, state)
+        with torch.no_grad():
+            ref = model(input_ids=torch.from_numpy(step), attention_mask=torch.from_numpy(
+                mask[:, :seen]), position_ids=torch.from_numpy(pos), past_key_values=cache,
+                use_cache=True).logits.numpy()
+        real = mask[:, seen - n:seen] == 1
+        worst = max(worst, parity.rel(logits[real], ref[real]))
+        for i, w in enumerate(windows):
+            held = state[2 * i].shape()[2]
+            assert held == (min(seen, w - 1) if w else seen), (i, seen, held)
+    assert worst <= 1e-4
+    if all(windows):        # no layer holds the count of tokens seen: the mask must be given
+        with pytest.raises(ValueError, match="attention_mask"):
+            ort_model(ids[:, :1], state=state)
+
+
 def test_recipe_is_in_the_graph(zoo_export, parity):
     """The sparse export is not the dense one: past the window the logits move."""
     _, dense = zoo_export("llama", "")
@@ -127,10 +160,14 @@ def test_meta_describes_the_state(zoo_export):
     assert names[:3] == ["input_ids", "attention_mask", "position_ids"]
     assert names[3:7] == ["past.0.key", "past.0.value", "past.1.key", "past.1.value"]
     assert [o["name"] for o in meta["outputs"]][:2] == ["logits", "present.0.key"]
-    layer = meta["state"]["layers"][0]
-    assert layer["key"]["shape"] == ["batch", model.config.num_key_value_heads, "past",
-                                     model.config.head_dim]
-    assert layer["key"]["dtype"] == "float32"
+    local, full = meta["state"]["layers"][:2]
+    hkv, d = model.config.num_key_value_heads, model.config.head_dim
+    # the local layer holds its window (4 here) less one; the global one every token seen
+    assert (local["window"], full["window"]) == (model.config.sliding_window, None)
+    assert local["key"]["shape"] == ["batch", hkv, "window_past", d]
+    assert full["key"]["shape"] == ["batch", hkv, "past", d]
+    assert full["key"]["dtype"] == "float32"
+    assert meta["state"]["length"] == [{"input": "past.1.key", "axis": 2}]
     # Gemma 3's local layer keeps its own window (narrower than... equal here) and no sinks;
     # the global layer takes the recipe's sinks + window.
     assert [(a["layer"], a["sink"], a["window"]) for a in meta["attention"]] == \
@@ -145,6 +182,7 @@ def test_meta_describes_the_state(zoo_export):
     assert dims["input_ids"] == ["batch", "seq"]
     assert dims["attention_mask"] == ["batch", "past_seq"]
     assert dims["past.1.value"][2] == "past" and dims["present.1.value"][2] == "past_seq"
+    assert dims["past.0.value"][2] == "window_past"
 
 
 def test_missing_translation_is_a_clear_error_and_writes_nothing(tmp_path, monkeypatch):
