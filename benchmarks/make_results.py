@@ -474,6 +474,27 @@ def onnx_cpu(rows: list[dict]) -> str:
     return "\n".join(out) + "\n"
 
 
+def onnx_sliding(rows: list[dict]) -> str:
+    """Gemma 3's sliding layers trimmed to their window in the ONNX state, against the same
+    export keeping every token (``benchmarks/bench_onnx_sliding_cpu.py``)."""
+    if not rows:
+        return ""
+    out = ["## ONNX state of sliding layers on CPU (trimmed to the window vs every token kept)",
+           "", "| model | tokens | threads | state MB (ratio) | decode ms/token | prefill s | "
+           "last logits rel. diff | greedy equal | versions | date |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        t, w = r["trimmed"], r["whole"]
+        out.append(f"| {r['model']} | {r['length']} ({r['chunk']}-token calls) | {r['threads']} | "
+                   f"{t['state_bytes'] / 1e6:.1f} vs {w['state_bytes'] / 1e6:.1f} "
+                   f"({r['state_ratio']:.3f}) | {t['decode_ms']:.1f} vs {w['decode_ms']:.1f} "
+                   f"({r['decode_speedup']:.2f}× faster) | {t['prefill_s']:.1f} vs "
+                   f"{w['prefill_s']:.1f} | {r['last_logits_rel_diff']:.1e} | "
+                   f"{r['greedy_tokens_equal']} | torch {r['torch']}, onnxruntime "
+                   f"{r['onnxruntime']}, {r['hardware']} | {r['date']} |")
+    return "\n".join(out) + "\n"
+
+
 def block_density(rows: list[dict]) -> str:
     """Measured block densities of the CPU sparse-prefill runs (tables counted per call)."""
     out = ["## Measured block density of sparse prefill (CPU runs)", "",
@@ -527,6 +548,9 @@ def main(argv=None) -> int:
     onnx = onnx_cpu([r for r in benches if r["bench"] == "onnx_cpu"])
     if onnx:
         text = text + "\n" + onnx.rstrip() + "\n"
+    sliding = onnx_sliding([r for r in benches if r["bench"] == "onnx_sliding_cpu"])
+    if sliding:
+        text = text + "\n" + sliding.rstrip() + "\n"
     ind = independent(Path(a.results), [r for r in rows if "bench" not in r and "device" in r])
     if ind:
         text = text + "\n" + ind.rstrip() + "\n"

@@ -52,8 +52,6 @@ Notes:
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
