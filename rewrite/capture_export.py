@@ -172,6 +172,18 @@ def window_dim(window: int, windows: list[int | None]) -> str:
     return "window_past" if len({w for w in windows if w}) == 1 else f"window_past_{window}"
 
 
+def window_export_dims(windows: list[int | None] | None) -> dict[int, Any]:
+    """Per trimmed sliding layer (its index): the ``torch.export.Dim`` of its past, named by
+    :func:`window_dim`, 0 .. window − 1; layers with one window share one Dim."""
+    made: dict[str, Any] = {}
+    out = {}
+    for i, w in enumerate(windows or []):
+        if w:
+            name = window_dim(w, windows)
+            out[i] = made.setdefault(name, torch.export.Dim(name, min=0, max=w - 1))
+    return out
+
+
 def _window_layer_class():
     from transformers.cache_utils import DynamicLayer
 
@@ -533,7 +545,7 @@ def _dynamic_shapes(params: list[str], cache: str, decode: bool, has_past: bool,
     names: dict[str, dict[int, str]] = {}
     seq_dyn = not decode
     state_dims = state.export_dims(batch) if state is not None else {}
-    window_dims: dict[str, Any] = {}
+    window_dims = window_export_dims(windows)
     for p in params:
         if p in ("input_ids", "position_ids"):      # [B, S]
             shapes[p] = {0: batch, 1: seq} if seq_dyn else {0: batch}
@@ -553,11 +565,9 @@ def _dynamic_shapes(params: list[str], cache: str, decode: bool, has_past: bool,
         elif state is not None:                     # past.{i}.{name}: the state's own dims
             name = p.split("_", 2)[2]
             shapes[p], names[p] = state_dims[name], state.dims()[name]
-        elif cache == "dynamic" and windows and windows[int(p.split("_")[1])]:
-            w = windows[int(p.split("_")[1])]             # past [B, Hkv, Pw, D], Pw < window
-            name = window_dim(w, windows)
-            shapes[p] = {0: batch, 2: window_dims.setdefault(name, Dim(name, min=0, max=w - 1))}
-            names[p] = {0: "batch", 2: name}
+        elif cache == "dynamic" and int(p.split("_")[1]) in window_dims:
+            dim = window_dims[int(p.split("_")[1])]         # past [B, Hkv, Pw, D], Pw < window
+            shapes[p], names[p] = {0: batch, 2: dim}, {0: "batch", 2: dim.__name__}
         elif cache == "dynamic":                    # past [B, Hkv, P, D]
             shapes[p], names[p] = {0: batch, 2: past}, {0: "batch", 2: "past"}
         else:                                       # static buffer [B, Hkv, M, D]
@@ -621,4 +631,5 @@ def _check(model, forward, cap: ExportCapture, inputs, mode: str, cache: str) ->
                                f"inputs of shapes {[tuple(x.shape) for x in inputs]}")
 
 
-__all__ = ["CaptureError", "ExportCapture", "capture_export", "window_dim"]
+__all__ = ["CaptureError", "ExportCapture", "capture_export", "window_dim",
+           "window_export_dims"]

@@ -309,12 +309,12 @@ def _tie_state_sizes(graph: fx.GraphModule, cap) -> None:
 def _dynamic_shapes(cap) -> list[dict[int, Any]]:
     """Dims of the flat inputs, in order: batch, seq, past (min 0); the mask's P+S is AUTO.
     A recipe's state (``cap.state``) has its own dims (runtime/export_state.py)."""
-    from longfx.rewrite.capture_export import window_dim
+    from longfx.rewrite.capture_export import window_export_dims
 
     Dim = torch.export.Dim
     batch, seq, past = Dim("batch", min=1), Dim("seq", min=1), Dim("past", min=0)
     state_dims = cap.state.export_dims(batch) if cap.state is not None else {}
-    windowed: dict[str, Any] = {}
+    windowed = window_export_dims(cap.windows)        # layer -> its trimmed past's Dim
     shapes = []
     for name in cap.input_names:
         if name in ("input_ids", "position_ids"):
@@ -323,10 +323,8 @@ def _dynamic_shapes(cap) -> list[dict[int, Any]]:
             shapes.append({0: batch, 1: Dim.AUTO})
         elif cap.state is not None:
             shapes.append(state_dims[name.split(".", 2)[2]])
-        elif cap.windows and cap.windows[int(name.split(".")[1])]:
-            w = cap.windows[int(name.split(".")[1])]
-            dim = window_dim(w, cap.windows)
-            shapes.append({0: batch, 2: windowed.setdefault(dim, Dim(dim, min=0, max=w - 1))})
+        elif int(name.split(".")[1]) in windowed:
+            shapes.append({0: batch, 2: windowed[int(name.split(".")[1])]})
         else:
             shapes.append({0: batch, 2: past})
     return shapes
